@@ -1,0 +1,497 @@
+"""Random-weight GLM-Image checkpoints in the exact official (diffusers-style) layout.
+
+Writes ``model_index.json`` and the seven subfolders with the official file names, config
+keys and tensor names, so the same folder loads in this pack and in the reference
+``diffusers.GlmImagePipeline``. Used by the tests (``tiny``), the demo (``tiny``) and the
+benchmarks (``medium``). Plain PyTorch + ``tokenizers``; nothing is downloaded.
+
+The AR tokenizer is a byte-level BPE with no merges whose byte tokens sit at ``16512 + byte``
+(the text-id range of the real tokenizer) and whose special tokens have GLM-Image's real ids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, Dict, Iterator, Tuple
+
+import torch
+from safetensors.torch import save_file
+
+# --------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------
+
+# Real GLM-Image VAE latent statistics (vae/config.json of zai-org/GLM-Image, via FastVideo).
+# The test checkpoints use them too, so the per-channel normalisation is never an identity.
+GLM_LATENTS_MEAN = [-0.2080078125, 1.875, -0.470703125, -1.265625, -1.421875, 0.77734375, -0.3671875,
+                    -0.9453125, 0.318359375, 0.7734375, -0.1884765625, -0.022216796875, -0.220703125,
+                    -1.59375, -0.81640625, -0.255859375]
+GLM_LATENTS_STD = [3.0625, 2.203125, 2.265625, 4.84375, 2.5, 3.9375, 2.203125, 3.03125, 2.1875, 2.046875,
+                   2.71875, 2.390625, 2.390625, 2.453125, 2.25, 2.15625]
+
+TEXT_VOCAB_SIZE = 168064       # real GLM-Image AR input vocabulary (keeps the real special-token ids)
+VISION_VOCAB_SIZE = 16512      # real lm_head width
+CODEBOOK_SIZE = 16384          # real VQ codebook / DiT prior embedding rows
+
+SPECIAL_TOKENS = {             # real ids (reference-oracle.md §3.1)
+    "<|dit_token_16384|>": 16384,
+    "<|dit_token_16385|>": 16385,
+    "<|endoftext|>": 167841,
+    "[gMASK]": 167843,
+    "<sop>": 167845,
+    "<eop>": 167846,
+    "<|image|>": 167855,
+}
+
+# size name -> (AR text, AR vision, VQ, DiT, T5, VAE) settings
+SIZES: Dict[str, dict] = {
+    "tiny": dict(
+        text=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, mrope_section=[2, 1, 1]),
+        vision=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=48, image_size=64),
+        vq=dict(embed_dim=24, num_embeddings=CODEBOOK_SIZE),
+        dit=dict(num_layers=2, attention_head_dim=8, num_attention_heads=2, time_embed_dim=16, condition_dim=8),
+        t5=dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+        vae=dict(block_out_channels=[8, 16, 32, 32], layers_per_block=1, norm_num_groups=4),
+    ),
+    "medium": dict(
+        text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, mrope_section=[4, 6, 6]),
+        vision=dict(depth=4, hidden_size=256, num_heads=4, intermediate_size=1024, image_size=64),
+        vq=dict(embed_dim=256, num_embeddings=CODEBOOK_SIZE),
+        dit=dict(num_layers=8, attention_head_dim=64, num_attention_heads=8, time_embed_dim=256, condition_dim=128),
+        t5=dict(d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4),
+        vae=dict(block_out_channels=[32, 64, 128, 128], layers_per_block=2, norm_num_groups=32),
+    ),
+}
+
+
+def configs_for(size: str) -> Dict[str, dict]:
+    """All config files (relative path -> dict) of a checkpoint of the given size."""
+    if size not in SIZES:
+        raise ValueError(f"unknown checkpoint size {size!r}; choose one of {sorted(SIZES)}")
+    s = SIZES[size]
+    t, v, q, d, e, a = s["text"], s["vision"], s["vq"], s["dit"], s["t5"], s["vae"]
+    ar = {
+        "architectures": ["GlmImageForConditionalGeneration"],
+        "dtype": "float32",
+        "image_end_token_id": 16385,
+        "image_start_token_id": 16384,
+        "image_token_id": SPECIAL_TOKENS["<|image|>"],
+        "model_type": "glm_image",
+        "text_config": {
+            "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 16385, "hidden_act": "silu",
+            "hidden_size": t["hidden_size"], "initializer_range": 0.02,
+            "intermediate_size": t["intermediate_size"], "max_position_embeddings": 8192,
+            "model_type": "glm_image_text", "num_attention_heads": t["num_attention_heads"],
+            "num_hidden_layers": t["num_hidden_layers"], "num_key_value_heads": t["num_key_value_heads"],
+            "pad_token_id": SPECIAL_TOKENS["<|endoftext|>"], "rms_norm_eps": 1e-05,
+            "rope_parameters": {"mrope_section": t["mrope_section"], "partial_rotary_factor": 0.5,
+                                "rope_theta": 10000.0, "rope_type": "default"},
+            "use_cache": True, "vision_vocab_size": VISION_VOCAB_SIZE, "vocab_size": TEXT_VOCAB_SIZE,
+        },
+        "tie_word_embeddings": False,
+        "transformers_version": "5.17.0",
+        "vision_config": {
+            "attention_bias": True, "attention_dropout": 0.0, "depth": v["depth"], "hidden_act": "gelu",
+            "hidden_size": v["hidden_size"], "image_size": v["image_size"], "in_channels": 3,
+            "initializer_range": 0.02, "intermediate_size": v["intermediate_size"], "layer_norm_eps": 1e-06,
+            "model_type": "glm_image_vision", "num_heads": v["num_heads"], "patch_size": 16,
+            "spatial_merge_size": 1,
+        },
+        "vq_config": {
+            "embed_dim": q["embed_dim"], "in_channels": 3, "initializer_range": 0.02,
+            "latent_channels": v["hidden_size"], "model_type": "glm_image_vqmodel",
+            "num_embeddings": q["num_embeddings"],
+        },
+    }
+    generation = {"bos_token_id": 16384, "do_sample": True, "eos_token_id": 16385,
+                  "pad_token_id": SPECIAL_TOKENS["<|endoftext|>"], "temperature": 0.9,
+                  "top_k": VISION_VOCAB_SIZE, "top_p": 0.75, "transformers_version": "5.17.0"}
+    dit = {"_class_name": "GlmImageTransformer2DModel", "_diffusers_version": "0.42.1",
+           "attention_head_dim": d["attention_head_dim"], "condition_dim": d["condition_dim"],
+           "in_channels": 16, "num_attention_heads": d["num_attention_heads"], "num_layers": d["num_layers"],
+           "out_channels": 16, "patch_size": 2, "prior_vq_quantizer_codebook_size": q["num_embeddings"],
+           "text_embed_dim": e["d_model"], "time_embed_dim": d["time_embed_dim"]}
+    t5 = {"architectures": ["T5EncoderModel"], "classifier_dropout": 0.0, "d_ff": e["d_ff"], "d_kv": e["d_kv"],
+          "d_model": e["d_model"], "dense_act_fn": "gelu_new", "dropout_rate": 0.0, "dtype": "float32",
+          "eos_token_id": 1, "feed_forward_proj": "gated-gelu", "initializer_factor": 1.0, "is_decoder": False,
+          "is_encoder_decoder": False, "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5",
+          "num_decoder_layers": e["num_layers"], "num_heads": e["num_heads"], "num_layers": e["num_layers"],
+          "pad_token_id": 0, "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
+          "scale_decoder_outputs": True, "tie_word_embeddings": True, "transformers_version": "5.17.0",
+          "use_cache": False, "vocab_size": 384}
+    vae = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "act_fn": "silu",
+           "block_out_channels": a["block_out_channels"], "down_block_types": ["DownEncoderBlock2D"] * 4,
+           "force_upcast": True, "in_channels": 3, "latent_channels": 16, "latents_mean": GLM_LATENTS_MEAN,
+           "latents_std": GLM_LATENTS_STD, "layers_per_block": a["layers_per_block"],
+           "mid_block_add_attention": False, "norm_num_groups": a["norm_num_groups"], "out_channels": 3,
+           "sample_size": 1024, "scaling_factor": 0.18215, "shift_factor": None,
+           "up_block_types": ["UpDecoderBlock2D"] * 4, "use_post_quant_conv": False, "use_quant_conv": False}
+    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.42.1",
+                 "base_image_seq_len": 256, "base_shift": 0.25, "invert_sigmas": False, "max_image_seq_len": 4096,
+                 "max_shift": 0.75, "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": None,
+                 "stochastic_sampling": False, "time_shift_type": "linear", "use_beta_sigmas": False,
+                 "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False}
+    processor = {"image_processor": {
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "GlmImageImageProcessor",
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "merge_size": 1, "patch_size": 16, "resample": 3,
+        "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 2048 * 2048, "shortest_edge": 32 * 32},
+        "temporal_patch_size": 1}, "processor_class": "GlmImageProcessor"}
+    model_index = {"_class_name": "GlmImagePipeline", "_diffusers_version": "0.42.1",
+                   "processor": ["glm_image", "GlmImageProcessor"],
+                   "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                   "text_encoder": ["transformers", "T5EncoderModel"],
+                   "tokenizer": ["transformers", "ByT5Tokenizer"],
+                   "transformer": ["diffusers", "GlmImageTransformer2DModel"],
+                   "vae": ["diffusers", "AutoencoderKL"],
+                   "vision_language_encoder": ["glm_image", "GlmImageForConditionalGeneration"]}
+    return {
+        "model_index.json": model_index,
+        "vision_language_encoder/config.json": ar,
+        "vision_language_encoder/generation_config.json": generation,
+        "transformer/config.json": dit,
+        "text_encoder/config.json": t5,
+        "vae/config.json": vae,
+        "scheduler/scheduler_config.json": scheduler,
+        "processor/processor_config.json": processor,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Tensor names and shapes, derived from the configs
+# --------------------------------------------------------------------------------------
+
+Shape = Tuple[int, ...]
+
+
+def _linear(name: str, out_f: int, in_f: int, bias: bool = True) -> Iterator[Tuple[str, Shape]]:
+    yield f"{name}.weight", (out_f, in_f)
+    if bias:
+        yield f"{name}.bias", (out_f,)
+
+
+def ar_shapes(cfg: dict) -> Iterator[Tuple[str, Shape]]:
+    t, v, q = cfg["text_config"], cfg["vision_config"], cfg["vq_config"]
+    h, inter = t["hidden_size"], t["intermediate_size"]
+    hd = t.get("head_dim") or h // t["num_attention_heads"]
+    nq, nkv = t["num_attention_heads"], t["num_key_value_heads"]
+    yield from _linear("lm_head", t["vision_vocab_size"], h, bias=False)
+    lm = "model.language_model"
+    yield f"{lm}.embed_tokens.weight", (t["vocab_size"], h)
+    for i in range(t["num_hidden_layers"]):
+        p = f"{lm}.layers.{i}"
+        for n in ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"):
+            yield f"{p}.{n}.weight", (h,)
+        yield from _linear(f"{p}.self_attn.q_proj", nq * hd, h)
+        yield from _linear(f"{p}.self_attn.k_proj", nkv * hd, h)
+        yield from _linear(f"{p}.self_attn.v_proj", nkv * hd, h)
+        yield from _linear(f"{p}.self_attn.o_proj", h, nq * hd, bias=False)
+        yield from _linear(f"{p}.mlp.gate_up_proj", 2 * inter, h, bias=False)
+        yield from _linear(f"{p}.mlp.down_proj", h, inter, bias=False)
+    yield f"{lm}.norm.weight", (h,)
+    vh, ps = v["hidden_size"], v["patch_size"]
+    yield "model.visual.patch_embed.proj.weight", (vh, v["in_channels"], ps, ps)
+    yield "model.visual.patch_embed.proj.bias", (vh,)
+    yield "model.visual.embeddings.position_embedding.weight", ((v["image_size"] // ps) ** 2, vh)
+    for i in range(v["depth"]):
+        p = f"model.visual.blocks.{i}"
+        for n in ("norm1", "norm2"):
+            yield f"{p}.{n}.weight", (vh,)
+            yield f"{p}.{n}.bias", (vh,)
+        yield from _linear(f"{p}.attn.qkv", 3 * vh, vh)
+        yield from _linear(f"{p}.attn.proj", vh, vh)
+        yield from _linear(f"{p}.mlp.fc1", v["intermediate_size"], vh)
+        yield from _linear(f"{p}.mlp.fc2", vh, v["intermediate_size"])
+    yield "model.vqmodel.quantize.embedding.weight", (q["num_embeddings"], q["embed_dim"])
+    yield "model.vqmodel.quant_conv.weight", (q["embed_dim"], q["latent_channels"], 1, 1)
+    yield "model.vqmodel.quant_conv.bias", (q["embed_dim"],)
+    yield "model.vqmodel.post_quant_conv.weight", (q["latent_channels"], q["embed_dim"], 1, 1)
+    yield "model.vqmodel.post_quant_conv.bias", (q["latent_channels"],)
+
+
+def dit_shapes(cfg: dict) -> Iterator[Tuple[str, Shape]]:
+    D = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    p, te, cd = cfg["patch_size"], cfg["time_embed_dim"], cfg["condition_dim"]
+    yield from _linear("image_projector.proj", D, cfg["in_channels"] * p * p)
+    yield from _linear("glyph_projector.net.0.proj", D, cfg["text_embed_dim"])
+    yield from _linear("glyph_projector.net.2", D, D)
+    yield "prior_token_embedding.weight", (cfg["prior_vq_quantizer_codebook_size"], D)
+    yield from _linear("prior_projector.net.0.proj", D, D)
+    yield from _linear("prior_projector.net.2", D, D)
+    yield from _linear("time_condition_embed.timestep_embedder.linear_1", te, te)
+    yield from _linear("time_condition_embed.timestep_embedder.linear_2", te, te)
+    yield from _linear("time_condition_embed.condition_embedder.linear_1", te, 4 * cd)
+    yield from _linear("time_condition_embed.condition_embedder.linear_2", te, te)
+    for i in range(cfg["num_layers"]):
+        b = f"transformer_blocks.{i}"
+        yield from _linear(f"{b}.norm1.linear", 12 * D, te)
+        for n in ("to_q", "to_k", "to_v", "to_out.0"):
+            yield from _linear(f"{b}.attn1.{n}", D, D)
+        yield from _linear(f"{b}.ff.net.0.proj", 4 * D, D)
+        yield from _linear(f"{b}.ff.net.2", D, 4 * D)
+    yield from _linear("norm_out.linear", 2 * D, te)
+    yield from _linear("proj_out", p * p * cfg["out_channels"], D)
+
+
+def t5_shapes(cfg: dict) -> Iterator[Tuple[str, Shape]]:
+    d, inner, ff = cfg["d_model"], cfg["num_heads"] * cfg["d_kv"], cfg["d_ff"]
+    yield "shared.weight", (cfg["vocab_size"], d)
+    for i in range(cfg["num_layers"]):
+        p = f"encoder.block.{i}.layer"
+        for n in ("q", "k", "v"):
+            yield f"{p}.0.SelfAttention.{n}.weight", (inner, d)
+        yield f"{p}.0.SelfAttention.o.weight", (d, inner)
+        if i == 0:
+            yield f"{p}.0.SelfAttention.relative_attention_bias.weight", (cfg["relative_attention_num_buckets"],
+                                                                          cfg["num_heads"])
+        yield f"{p}.0.layer_norm.weight", (d,)
+        yield f"{p}.1.DenseReluDense.wi_0.weight", (ff, d)
+        yield f"{p}.1.DenseReluDense.wi_1.weight", (ff, d)
+        yield f"{p}.1.DenseReluDense.wo.weight", (d, ff)
+        yield f"{p}.1.layer_norm.weight", (d,)
+    yield "encoder.final_layer_norm.weight", (d,)
+
+
+def vae_shapes(cfg: dict) -> Iterator[Tuple[str, Shape]]:
+    ch, L, z = cfg["block_out_channels"], cfg["layers_per_block"], cfg["latent_channels"]
+
+    def conv(name, o, i, k=3):
+        yield f"{name}.weight", (o, i, k, k)
+        yield f"{name}.bias", (o,)
+
+    def norm(name, c):
+        yield f"{name}.weight", (c,)
+        yield f"{name}.bias", (c,)
+
+    def resnet(name, i, o):
+        yield from norm(f"{name}.norm1", i)
+        yield from conv(f"{name}.conv1", o, i)
+        yield from norm(f"{name}.norm2", o)
+        yield from conv(f"{name}.conv2", o, o)
+        if i != o:
+            yield from conv(f"{name}.conv_shortcut", o, i, 1)
+
+    def mid(prefix, c):
+        for r in range(2):
+            yield from resnet(f"{prefix}.mid_block.resnets.{r}", c, c)
+        if cfg.get("mid_block_add_attention", True):
+            a = f"{prefix}.mid_block.attentions.0"
+            yield from norm(f"{a}.group_norm", c)
+            for n in ("to_q", "to_k", "to_v", "to_out.0"):
+                yield from _linear(f"{a}.{n}", c, c)
+
+    yield from conv("encoder.conv_in", ch[0], cfg["in_channels"])
+    prev = ch[0]
+    for b, c in enumerate(ch):
+        for r in range(L):
+            yield from resnet(f"encoder.down_blocks.{b}.resnets.{r}", prev if r == 0 else c, c)
+        prev = c
+        if b < len(ch) - 1:
+            yield from conv(f"encoder.down_blocks.{b}.downsamplers.0.conv", c, c)
+    yield from mid("encoder", ch[-1])
+    yield from norm("encoder.conv_norm_out", ch[-1])
+    yield from conv("encoder.conv_out", 2 * z, ch[-1])
+    if cfg.get("use_quant_conv", True):
+        yield from conv("quant_conv", 2 * z, 2 * z, 1)
+    if cfg.get("use_post_quant_conv", True):
+        yield from conv("post_quant_conv", z, z, 1)
+    rch = list(reversed(ch))
+    yield from conv("decoder.conv_in", rch[0], z)
+    yield from mid("decoder", rch[0])
+    prev = rch[0]
+    for b, c in enumerate(rch):
+        for r in range(L + 1):
+            yield from resnet(f"decoder.up_blocks.{b}.resnets.{r}", prev if r == 0 else c, c)
+        prev = c
+        if b < len(ch) - 1:
+            yield from conv(f"decoder.up_blocks.{b}.upsamplers.0.conv", c, c)
+    yield from norm("decoder.conv_norm_out", rch[-1])
+    yield from conv("decoder.conv_out", cfg["out_channels"], rch[-1])
+
+
+# --------------------------------------------------------------------------------------
+# Random values
+# --------------------------------------------------------------------------------------
+
+def _init_tensor(name: str, shape: Shape, gen: torch.Generator) -> torch.Tensor:
+    """A random value that keeps activations O(1) through a deep random network."""
+    leaf = name.rsplit(".", 1)[-1]
+    if len(shape) == 1:
+        is_norm = any(k in name for k in ("norm", "layernorm", "layer_norm"))
+        if leaf == "weight" and is_norm:
+            return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        return 0.02 * torch.randn(shape, generator=gen)
+    if "embed_tokens" in name or "shared.weight" in name or "prior_token_embedding" in name \
+            or "position_embedding" in name or "quantize.embedding" in name:
+        return torch.randn(shape, generator=gen)
+    if "relative_attention_bias" in name:
+        return 0.5 * torch.randn(shape, generator=gen)
+    fan_in = math.prod(shape[1:])
+    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+
+
+def random_state_dict(shapes: Iterator[Tuple[str, Shape]], seed: int) -> Dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {name: _init_tensor(name, shape, gen).float().contiguous() for name, shape in shapes}
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------
+
+def _bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2 byte-to-unicode table (what the ByteLevel pre-tokenizer emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def glm_tokenizer_json() -> dict:
+    """processor/tokenizer.json: byte-level BPE without merges, real special-token ids."""
+    vocab = {"<|dit_token_16384|>": 16384, "<|dit_token_16385|>": 16385}
+    for b, ch in sorted(_bytes_to_unicode().items()):
+        vocab[ch] = 16512 + b
+    for tok, i in SPECIAL_TOKENS.items():
+        vocab.setdefault(tok, i)
+    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for tok, i in sorted(SPECIAL_TOKENS.items(), key=lambda kv: kv[1])]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {}},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": []},
+    }
+
+
+GLM_TOKENIZER_CONFIG = {
+    "backend": "tokenizers", "bos_token": "<|dit_token_16384|>", "eos_token": "<|dit_token_16385|>",
+    "extra_special_tokens": [], "grid_bos_token": "<sop>", "grid_eos_token": "<eop>", "image_token": "<|image|>",
+    "model_max_length": 1000000000000000019884624838656, "pad_token": "<|endoftext|>", "padding_side": "left",
+    "processor_class": "GlmImageProcessor", "tokenizer_class": "TokenizersBackend",
+}
+
+CHAT_TEMPLATE = ("{%- for m in messages -%}{%- if m.content is string -%}{{ m.content }}{%- else -%}"
+                 "{%- for item in m.content -%}{%- if item.type == 'image' -%}"
+                 "<|dit_token_16384|><|image|><|dit_token_16385|>{%- elif item.type == 'text' -%}"
+                 "{{ item.text }}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endfor -%}")
+
+
+def byt5_tokenizer_files() -> Dict[str, dict]:
+    """tokenizer/ (ByT5Tokenizer): no vocab file, 125 extra ids after the 3 specials + 256 bytes."""
+    def tok(content, special, strip):
+        return {"content": content, "lstrip": strip, "normalized": strip, "rstrip": strip,
+                "single_word": False, "special": special}
+    decoder = {"0": tok("<pad>", False, True), "1": tok("</s>", False, True), "2": tok("<unk>", False, True)}
+    extra = {}
+    for i in range(125):
+        decoder[str(259 + i)] = tok(f"<extra_id_{i}>", True, False)
+        extra[f"<extra_id_{i}>"] = 259 + i
+    cfg = {"added_tokens_decoder": decoder, "eos_token": "</s>", "extra_ids": 0,
+           "extra_special_tokens": [f"<extra_id_{i}>" for i in range(125)], "model_max_length": 1000000000000000019884624838656,
+           "pad_token": "<pad>", "tokenizer_class": "ByT5Tokenizer", "unk_token": "<unk>"}
+    return {"tokenizer/tokenizer_config.json": cfg,
+            "tokenizer/added_tokens.json": dict(sorted(extra.items()))}
+
+
+# --------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------
+
+COMPONENT_WEIGHTS: Dict[str, Tuple[str, str, Callable[[dict], Iterator[Tuple[str, Shape]]], int]] = {
+    # component: (config file, weights file, shape function, seed offset)
+    "text_encoder": ("text_encoder/config.json", "text_encoder/model.safetensors", t5_shapes, 1),
+    "vision_language_encoder": ("vision_language_encoder/config.json",
+                                "vision_language_encoder/model.safetensors", ar_shapes, 2),
+    "transformer": ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors", dit_shapes, 3),
+    "vae": ("vae/config.json", "vae/diffusion_pytorch_model.safetensors", vae_shapes, 4),
+}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_checkpoint(folder: str, size: str = "tiny", seed: int = 0, max_shard_bytes: int | None = None) -> str:
+    """Write a complete random GLM-Image folder. Deterministic for a given (size, seed).
+
+    ``max_shard_bytes`` splits the AR and DiT weights into ``model-0000i-of-0000n`` shards with a
+    ``*.safetensors.index.json`` (the layout of the official checkpoint); None writes one file each.
+    Returns ``folder``.
+    """
+    cfgs = configs_for(size)
+    for rel, obj in cfgs.items():
+        _write_json(os.path.join(folder, rel), obj)
+    _write_json(os.path.join(folder, "processor/tokenizer.json"), glm_tokenizer_json())
+    _write_json(os.path.join(folder, "processor/tokenizer_config.json"), GLM_TOKENIZER_CONFIG)
+    with open(os.path.join(folder, "processor/chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(CHAT_TEMPLATE)
+    for rel, obj in byt5_tokenizer_files().items():
+        _write_json(os.path.join(folder, rel), obj)
+    for comp, (cfg_rel, w_rel, shapes_fn, offset) in COMPONENT_WEIGHTS.items():
+        sd = random_state_dict(shapes_fn(cfgs[cfg_rel]), seed * 100 + offset)
+        path = os.path.join(folder, w_rel)
+        if max_shard_bytes and comp in ("vision_language_encoder", "transformer"):
+            save_sharded(sd, path, max_shard_bytes)
+        else:
+            save_file(sd, path, metadata={"format": "pt"})
+    return folder
+
+
+def save_sharded(sd: Dict[str, torch.Tensor], single_path: str, max_shard_bytes: int) -> None:
+    """Save like transformers/diffusers ``save_pretrained(max_shard_size=...)``: shards + index json."""
+    base, ext = os.path.splitext(os.path.basename(single_path))   # e.g. "model", ".safetensors"
+    folder = os.path.dirname(single_path)
+    shards, cur, cur_bytes = [], {}, 0
+    for k in sorted(sd):
+        nbytes = sd[k].numel() * sd[k].element_size()
+        if cur and cur_bytes + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[k] = sd[k]
+        cur_bytes += nbytes
+    shards.append(cur)
+    weight_map = {}
+    n = len(shards)
+    for i, shard in enumerate(shards, 1):
+        name = f"{base}-{i:05d}-of-{n:05d}{ext}"
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    _write_json(os.path.join(folder, f"{base}{ext}.index.json"),
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description="Write a random-weight GLM-Image folder in the official layout.")
+    ap.add_argument("folder")
+    ap.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard-bytes", type=int, default=None, help="split AR and DiT weights into shards")
+    a = ap.parse_args(argv)
+    write_checkpoint(a.folder, a.size, a.seed, a.shard_bytes)
+    print(a.folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

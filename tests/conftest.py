@@ -1,0 +1,49 @@
+"""Shared fixtures for every test tier.
+
+Tiers (pytest markers, all run by `make test`): core (plain PyTorch), parity (vs the
+diffusers/transformers oracle), host (real ComfyUI in-process), server (real ComfyUI over
+HTTP on loopback), browser (real ComfyUI frontend in headless Chromium).
+"""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)           # `import glm_image_core` as a plain package
+SUPPORT = os.path.join(ROOT, "tests", "_support")
+if SUPPORT not in sys.path:
+    sys.path.insert(0, SUPPORT)        # test helper modules (glmtest_*.py)
+
+# Deterministic CPU numerics for parity: fixed thread count (see reference-oracle.md §8).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _tier(path: str) -> str | None:
+    for t in ("core", "parity", "host", "server", "browser"):
+        if f"{os.sep}tests{os.sep}{t}{os.sep}" in path:
+            return t
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        t = _tier(str(item.fspath))
+        if t:
+            item.add_marker(getattr(pytest.mark, t))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> str:
+    """A complete random-weight GLM-Image folder in the official layout (tiny size)."""
+    from glm_image_core.tiny_checkpoint import write_checkpoint
+    return write_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "GLM-Image-tiny"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_sharded(tmp_path_factory) -> str:
+    """Same weights as tiny_ckpt, with AR and DiT split into shards + index json (official layout)."""
+    from glm_image_core.tiny_checkpoint import write_checkpoint
+    return write_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "GLM-Image-tiny-sharded"), "tiny", seed=0,
+                            max_shard_bytes=4 * 1024 * 1024)

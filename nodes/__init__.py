@@ -1,0 +1,24 @@
+"""The pack's V3 extension: one ComfyExtension listing every GLM-Image node."""
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .ar import GLMImageTextToTokens
+from .decoder import GLMImageTokensToLatent
+from .glyph import GLMImageGlyphText
+from .loader import GLMImageLoader
+from .reference import GLMImageReferenceEdit
+from .tokens_io import GLMImageLoadTokens, GLMImageSaveTokens
+
+NODES = [GLMImageLoader, GLMImageTextToTokens, GLMImageGlyphText, GLMImageReferenceEdit,
+         GLMImageTokensToLatent, GLMImageSaveTokens, GLMImageLoadTokens]
+
+
+class GLMImageExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> GLMImageExtension:
+    return GLMImageExtension()

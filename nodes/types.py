@@ -1,0 +1,11 @@
+"""Socket types. Standard ComfyUI types (LATENT, VAE, IMAGE) are used wherever they exist;
+custom types carry only what is GLM-only."""
+from comfy_api.latest import io
+
+GlmAR = io.Custom("GLM_AR")                # the AR model (GLM-4 decoder + ViT + VQ) and its tokenizer
+GlmDecoder = io.Custom("GLM_DECODER")      # DiT + glyph encoder + latent statistics + schedule settings
+GlmTokens = io.Custom("GLM_TOKENS")        # glm_image_core.tokens.GLMTokens
+GlmGlyph = io.Custom("GLM_GLYPH")          # nodes.glyph.GlyphConditioning
+GlmReference = io.Custom("GLM_REFERENCE")  # nodes.reference.References
+
+CATEGORY = "GLM-Image"

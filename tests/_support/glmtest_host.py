@@ -1,0 +1,107 @@
+"""The real ComfyUI 0.3.75 host, driven in-process (no server): import it once per test run,
+load this pack through ComfyUI's own custom-node loader, and run API-format prompts through
+`execution.validate_prompt` + `execution.PromptExecutor`. Nothing of ComfyUI is faked; only the
+object the executor reports progress to (normally the aiohttp PromptServer) is a small recorder.
+See shared/spec/comfyui-host.md §4.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COMFY_DIR = os.environ.get("COMFYUI_DIR", os.path.join(ROOT, ".host", "ComfyUI"))
+PACK_DIR = os.path.join(COMFY_DIR, "custom_nodes", "ComfyUI-GLM-Image")
+PACK_NODE_IDS = (
+    "GLMImageLoader", "GLMImageTextToTokens", "GLMImageGlyphText", "GLMImageReferenceEdit",
+    "GLMImageTokensToLatent", "GLMImageSaveTokens", "GLMImageLoadTokens",
+)
+
+
+class ProgressRecorder:
+    """Stands in for server.PromptServer: records what the executor sends to the frontend."""
+
+    def __init__(self):
+        self.client_id = self.last_node_id = self.last_prompt_id = None
+        self.sockets_metadata, self.events = {}, []
+
+    def send_sync(self, event, data, sid=None):
+        self.events.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+class Host:
+    """A live in-process ComfyUI with this pack loaded."""
+
+    def __init__(self, base_dir: str):
+        if not os.path.isfile(os.path.join(COMFY_DIR, "main.py")):
+            raise RuntimeError(f"ComfyUI host not found at {COMFY_DIR}: run `make host` first")
+        if COMFY_DIR not in sys.path:
+            sys.path.insert(0, COMFY_DIR)
+        from comfy.cli_args import args
+        args.cpu = True                      # must precede the first import of comfy.model_management
+        import folder_paths
+        self.base_dir = base_dir
+        for sub in ("output", "input", "temp", "models/diffusers", "models/upscale_models"):
+            os.makedirs(os.path.join(base_dir, sub), exist_ok=True)
+        folder_paths.set_output_directory(os.path.join(base_dir, "output"))
+        folder_paths.set_input_directory(os.path.join(base_dir, "input"))
+        folder_paths.set_temp_directory(os.path.join(base_dir, "temp"))
+        folder_paths.add_model_folder_path("diffusers", os.path.join(base_dir, "models", "diffusers"), is_default=True)
+        folder_paths.add_model_folder_path("upscale_models", os.path.join(base_dir, "models", "upscale_models"), is_default=True)
+        import nodes
+        import execution
+        self.folder_paths, self.nodes, self.execution = folder_paths, nodes, execution
+
+        async def load():
+            await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+            ok = await nodes.load_custom_node(PACK_DIR, module_parent="custom_nodes")
+            if not ok:
+                raise RuntimeError("IMPORT FAILED: ComfyUI could not load the GLM-Image pack (see log above)")
+        asyncio.run(load())
+        self.server = ProgressRecorder()
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0})
+
+    @property
+    def models_dir(self) -> str:
+        return os.path.join(self.base_dir, "models")
+
+    def node_class(self, node_id: str):
+        return self.nodes.NODE_CLASS_MAPPINGS[node_id]
+
+    def validate(self, prompt: dict):
+        pid = str(uuid.uuid4())
+        return asyncio.run(self.execution.validate_prompt(pid, prompt, None)), pid
+
+    def run(self, prompt: dict):
+        """Validate and execute an API-format prompt. Returns (success, result) where result is the
+        executor's history_result ({"outputs": ...}) or, on validation failure, the errors."""
+        (ok, err, outs, node_errors), pid = self.validate(prompt)
+        if not ok:
+            return False, {"error": err, "node_errors": node_errors}
+        self.server.events.clear()
+        self.executor.execute(prompt, pid, {"client_id": "pytest"}, outs)
+        return self.executor.success, self.executor.history_result
+
+    def run_ok(self, prompt: dict) -> dict:
+        ok, res = self.run(prompt)
+        if not ok:
+            errs = [d for e, d in self.server.events if e == "execution_error"]
+            raise AssertionError(f"prompt failed: {res if not errs else errs[-1].get('exception_message')}\n"
+                                 f"{errs[-1].get('traceback') if errs else ''}")
+        return res
+
+    def execution_error(self) -> dict | None:
+        errs = [d for e, d in self.server.events if e == "execution_error"]
+        return errs[-1] if errs else None
+
+    def output_images(self, result: dict, node_id: str):
+        """Paths of the images a SaveImage/PreviewImage node wrote."""
+        imgs = result["outputs"][node_id]["images"]
+        return [os.path.join(self.folder_paths.get_directory_by_type(i["type"]), i.get("subfolder", ""), i["filename"])
+                for i in imgs]

@@ -134,12 +134,13 @@ class SpatialSelfAttention(nn.Module):
         self.to_out = nn.ModuleList([ops.Linear(c, c, bias=True, **kw)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same operation order and tensor layouts as diffusers' AttnProcessor2_0, so results match bitwise.
         b, c, h, w = x.shape
-        t = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)            # [B, HW, C]
-        q, k, v = (m(t).unsqueeze(1) for m in (self.to_q, self.to_k, self.to_v))   # [B, 1, HW, C]
-        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        o = self.to_out[0](o)
-        return x + o.transpose(1, 2).reshape(b, c, h, w)
+        t = self.group_norm(x.reshape(b, c, h * w)).transpose(1, 2)               # [B, HW, C]
+        q, k, v = (m(t).view(b, -1, 1, c).transpose(1, 2) for m in (self.to_q, self.to_k, self.to_v))
+        o = F.scaled_dot_product_attention(q, k, v)                            # [B, 1, HW, C]
+        o = self.to_out[0](o.transpose(1, 2).reshape(b, -1, c))
+        return o.transpose(-1, -2).reshape(b, c, h, w) + x
 
 
 class MidBlock(nn.Module):
@@ -266,7 +267,10 @@ class GlmImageVAE(nn.Module):
 
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         """Posterior parameters [B, 2C, H/8, W/8]: mean then log-variance (diffusers' order)."""
-        h = self.encoder(x)
+        # ComfyUI hands images over as a channels-last view (IMAGE is [B,H,W,C]); convolving that
+        # picks other kernels than the NCHW reference and, on flat images, GroupNorm amplifies the
+        # rounding difference. One contiguous copy of the input keeps results layout-independent.
+        h = self.encoder(x.contiguous())
         if self.quant_conv is not None:
             h = self.quant_conv(h)
         return h
@@ -277,6 +281,7 @@ class GlmImageVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, **_unused) -> torch.Tensor:
         """Raw latent [B, C, h, w] -> pixels in about [-1, 1] [B, 3, 8h, 8w]."""
+        z = z.contiguous()
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

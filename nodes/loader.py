@@ -126,10 +126,12 @@ class GLMImageLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, weight_dtype) -> io.NodeOutput:
-        from .vae_adapter import load_glm_vae
+        from .vae_adapter import load_glm_vae, preview_fit_for
         folder = resolve_folder(model)
         ckpt.check_glm_image_folder(folder)
         ar = load_ar_handle(folder, weight_dtype)
         decoder = load_decoder_handle(folder, weight_dtype)
         vae = load_glm_vae(os.path.join(folder, "vae"))
+        # Latent previews: fitted from this VAE the first time the decoder node asks for a previewer.
+        decoder.preview_fit = preview_fit_for(vae, decoder.latents_mean, decoder.latents_std)
         return io.NodeOutput(ar, decoder, vae)

@@ -132,9 +132,21 @@ class GLMDecoderModel:
     latents_mean: torch.Tensor         # [C]
     latents_std: torch.Tensor          # [C]
     preview_factors: Optional[tuple] = None   # (rgb factors [C][3], bias [3]) fitted on normalised latents
+    preview_fit: Optional[Callable[[], tuple]] = field(default=None, repr=False)   # computes preview_factors once
 
     def previewer(self):
-        """A ComfyUI Latent2RGB previewer for latents in the DiT's normalised space, if factors are known."""
+        """A ComfyUI Latent2RGB previewer for latents in the DiT's normalised space, or None when
+        previews are off (``--preview-method none``, ComfyUI's default) or no factors can be had.
+        Factors not yet known are fitted once, on first use, from the VAE (``preview_fit``)."""
+        from comfy.cli_args import LatentPreviewMethod, args
+        if args.preview_method == LatentPreviewMethod.NoPreviews:
+            return None
+        if self.preview_factors is None and self.preview_fit is not None:
+            fit, self.preview_fit = self.preview_fit, None      # one attempt only
+            try:
+                self.preview_factors = fit()
+            except Exception as e:  # a preview must never break sampling
+                log.warning("GLM-Image: could not fit latent preview factors (%s); previews disabled", e)
         if self.preview_factors is None:
             return None
         import latent_preview

@@ -1,5 +1,227 @@
-"""GLM-Image's VAE as a stock ComfyUI VAE (placeholder until the VAE stage lands)."""
+"""GLM-Image's VAE as a stock ComfyUI ``VAE``.
+
+``load_glm_vae`` returns a real ``comfy.sd.VAE`` (a small subclass that only replaces the
+constructor): its ``first_stage_model`` is ``glm_image_core.vae.GlmImageVAE`` built with
+``comfy.ops`` layers and wrapped in a ``ModelPatcher``. Everything else, ``decode``,
+``decode_tiled``, ``encode``, ``encode_tiled``, batching, OOM fallback to tiling and loading /
+offloading through ``comfy.model_management``, is ComfyUI's own code, so the stock ``VAEDecode``,
+``VAEDecodeTiled``, ``VAEEncode`` and ``VAEEncodeTiled`` nodes work unchanged.
+
+Latent convention: RAW VAE space (posterior mode), ``[B, 16, H/8, W/8]``, as every ComfyUI VAE;
+the DiT node de-normalises its output (``z * latents_std + latents_mean``) before handing it out.
+
+GLM-Image's VAE overflows in fp16 (NaN / black images), so the working dtypes are bf16 and fp32
+only; an fp16 request (``--fp16-vae`` or ``weight_dtype="fp16"``) falls back with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.sd
+
+from ..glm_image_core.vae import GlmImageVAE, VaeConfig, load_vae
+
+log = logging.getLogger("GLM-Image")
+
+WORKING_DTYPES = [torch.bfloat16, torch.float32]
+_EXPLICIT = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+# The SD/SDXL KL-VAE ComfyUI's memory constants were measured on (ch 128, mult 1,2,4,4).
+_SD_BLOCKS = (128, 256, 512, 512)
 
 
-def load_glm_vae(vae_dir: str, weight_dtype: str = "default"):
-    raise NotImplementedError("GLM-Image VAE loading is not implemented yet")
+def _decoder_activation_cells(blocks: Sequence[int]) -> float:
+    """Channels × (pixels per latent cell) summed over the decoder's resolution levels."""
+    rev = list(reversed(blocks))
+    return float(sum(c * 4 ** i for i, c in enumerate(rev)))
+
+
+def _encoder_activation_cells(blocks: Sequence[int]) -> float:
+    """Channels × (cells per input pixel) summed over the encoder's resolution levels."""
+    return float(sum(c / 4 ** i for i, c in enumerate(blocks)))
+
+
+def choose_vae_dtype(device: torch.device, weight_dtype: str = "default") -> torch.dtype:
+    """bf16 or fp32 for this device: ComfyUI's ``vae_dtype`` policy restricted to bf16/fp32."""
+    if weight_dtype not in ("default",) + tuple(_EXPLICIT):
+        raise ValueError(f"weight_dtype must be one of default, bf16, fp16, fp32; got {weight_dtype!r}")
+    dtype = _EXPLICIT.get(weight_dtype) or mm.vae_dtype(device, WORKING_DTYPES)
+    if dtype == torch.float16:
+        dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+        log.warning("GLM-Image: the VAE overflows in fp16 (NaN/black images); using %s instead", dtype)
+    if dtype == torch.bfloat16 and not mm.is_device_cpu(device) and not mm.should_use_bf16(device):
+        dtype = torch.float32
+    return dtype
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet(text: str):
+    root = logging.getLogger()
+    f = _DropMessage(text)
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
+class GlmImageComfyVAE(comfy.sd.VAE):
+    """``comfy.sd.VAE`` around a loaded ``GlmImageVAE``. Only ``__init__`` differs from the base class."""
+
+    def __init__(self, model: GlmImageVAE, vae_dtype: torch.dtype, device: torch.device,
+                 offload_device: torch.device):
+        # Let the host's own constructor set every default attribute its methods read (whatever the
+        # ComfyUI version): with an empty state dict it stops at "No VAE weights detected". Then
+        # set what describes our network. The empty-sd warning is not shown to users.
+        try:
+            with _quiet("No VAE weights detected"):
+                super().__init__(sd={})
+        except Exception:      # a future constructor that refuses an empty state dict: set all below
+            pass
+        cfg: VaeConfig = model.config
+        ratio = cfg.scale_factor
+        dec_scale = _decoder_activation_cells(cfg.block_out_channels) / _decoder_activation_cells(_SD_BLOCKS)
+        enc_scale = _encoder_activation_cells(cfg.block_out_channels) / _encoder_activation_cells(_SD_BLOCKS)
+        # ComfyUI's AutoencoderKL estimates (comfy/sd.py), scaled by this config's activation widths.
+        self.memory_used_encode = lambda shape, dtype: (1767 * shape[2] * shape[3]) * mm.dtype_size(dtype) * enc_scale
+        self.memory_used_decode = lambda shape, dtype: (2178 * shape[2] * shape[3] * 64) * mm.dtype_size(dtype) * dec_scale
+        self.downscale_ratio = ratio
+        self.upscale_ratio = ratio
+        self.latent_channels = cfg.latent_channels
+        self.latent_dim = 2
+        self.output_channels = cfg.out_channels
+        self.process_input = lambda image: image * 2.0 - 1.0
+        self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
+        self.working_dtypes = list(WORKING_DTYPES)
+        self.disable_offload = False
+        self.not_video = False
+        self.size = None
+        self.downscale_index_formula = None
+        self.upscale_index_formula = None
+        self.extra_1d_channel = None
+        self.crop_input = True
+
+        self.first_stage_model = model.eval()
+        self.device = device
+        self.vae_dtype = vae_dtype
+        self.output_device = mm.intermediate_device()
+        self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=device,
+                                                        offload_device=offload_device)
+        self.glm_config = cfg
+        log.info("GLM-Image VAE load device: %s, offload device: %s, dtype: %s", device, offload_device, vae_dtype)
+        self.model_size()
+
+
+def load_glm_vae(vae_dir: str, weight_dtype: str = "default") -> comfy.sd.VAE:
+    """Load ``vae_dir`` (diffusers AutoencoderKL layout: config.json + safetensors) as a ComfyUI VAE.
+
+    Weights are read now (like the stock VAELoader), stored in the VAE working dtype (bf16 where
+    the load device supports it, else fp32) on ComfyUI's VAE offload device.
+    """
+    device = mm.vae_device()
+    offload = mm.vae_offload_device()
+    dtype = choose_vae_dtype(device, weight_dtype)
+    model = load_vae(vae_dir, dtype=dtype, device=offload, operations=comfy.ops.disable_weight_init)
+    return GlmImageComfyVAE(model, dtype, device, offload)
+
+
+# --------------------------------------------------------------------------------------
+# Latent → RGB preview factors
+# --------------------------------------------------------------------------------------
+
+def _sample_normalised_latents(channels: int, batch: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Unit-variance latents in the DiT's normalised space: smooth structure plus some fine detail
+    (what the sampler's intermediate latents look like), half of the batch at each mix."""
+    coarse = torch.randn(batch, channels, max(2, size // 4), max(2, size // 4), generator=gen)
+    smooth = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    smooth = smooth / smooth.flatten(2).std(dim=2).clamp_min(1e-6)[..., None, None]
+    white = torch.randn(batch, channels, size, size, generator=gen)
+    w = torch.linspace(0.2, 0.8, batch).view(batch, 1, 1, 1)
+    return (1 - w) ** 0.5 * smooth + w ** 0.5 * white
+
+
+@torch.no_grad()
+def _decode_raw(vae_model, raw: torch.Tensor) -> torch.Tensor:
+    """Decode raw latents to unclamped [-1, 1]-convention pixels (float32, CPU)."""
+    if isinstance(vae_model, comfy.sd.VAE):
+        mm.load_models_gpu([vae_model.patcher],
+                           memory_required=vae_model.memory_used_decode(raw.shape, vae_model.vae_dtype),
+                           force_full_load=vae_model.disable_offload)
+        out = vae_model.first_stage_model.decode(raw.to(vae_model.device, vae_model.vae_dtype))
+    else:
+        p = next(vae_model.parameters())
+        out = vae_model.decode(raw.to(p.device, p.dtype))
+    return out.float().cpu()
+
+
+@torch.no_grad()
+def fit_preview_factors(vae_model, latents_mean, latents_std, size: int = 12, batch: int = 4,
+                        seed: int = 0) -> Tuple[list, list]:
+    """Least-squares linear map from NORMALISED latents (the DiT's space) to preview RGB.
+
+    Returns ``(factors [C][3], bias [3])`` for ``latent_preview.Latent2RGBPreviewer``, which computes
+    ``rgb = x0 @ factors + bias`` per latent cell and shows it as ``(rgb + 1) / 2``, i.e. RGB in the
+    [-1, 1] convention. The fit uses a few random normalised latents (fixed generator), de-normalised
+    with ``latents_mean``/``latents_std`` and decoded by the real VAE at ``8 * size`` pixels; each
+    latent cell is paired with the mean colour of its 8×8 pixel block (border cells, where zero
+    padding dominates, are left out).
+
+    ``vae_model``: a ``comfy.sd.VAE`` (then the decode goes through ComfyUI's model management)
+    or a ``GlmImageVAE`` (run where its weights are).
+    """
+    first = vae_model.first_stage_model if isinstance(vae_model, comfy.sd.VAE) else vae_model
+    c = int(first.config.latent_channels)
+    ratio = int(first.config.scale_factor)
+    mean = torch.as_tensor(latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(latents_std, dtype=torch.float32).view(1, -1, 1, 1)
+    if mean.shape[1] != c or std.shape[1] != c:
+        raise ValueError(f"latents_mean/std have {mean.shape[1]}/{std.shape[1]} values for a {c}-channel VAE")
+    gen = torch.Generator().manual_seed(seed)
+    zn = _sample_normalised_latents(c, batch, size, gen)
+    rgb = _decode_raw(vae_model, zn * std + mean)                       # [B, 3, 8s, 8s]
+    cells = F.avg_pool2d(rgb, kernel_size=ratio)                       # [B, 3, s, s]
+    inner = slice(1, size - 1) if size > 4 else slice(None)
+    x = zn[:, :, inner, inner].permute(0, 2, 3, 1).reshape(-1, c).double()
+    y = cells[:, :, inner, inner].permute(0, 2, 3, 1).reshape(-1, 3).double()
+    ok = torch.isfinite(y).all(dim=1)
+    if int(ok.sum()) <= c + 1:
+        raise ValueError("GLM-Image preview fit: the VAE decoded too few finite pixels")
+    x, y = x[ok], y[ok]
+    a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    # Tiny ridge: keeps the solve well-posed; negligible next to the data term.
+    lam = 1e-6 * a.shape[0]
+    reg = lam * torch.eye(c + 1, dtype=a.dtype)
+    reg[-1, -1] = 0.0
+    w = torch.linalg.solve(a.T @ a + reg, a.T @ y)                     # [C+1, 3]
+    factors = w[:c].float().tolist()
+    bias = w[c].float().tolist()
+    return factors, bias
+
+
+def preview_fit_for(vae: comfy.sd.VAE, latents_mean: torch.Tensor, latents_std: torch.Tensor):
+    """A zero-argument callable that fits preview factors for ``vae`` when first needed."""
+    def fit():
+        import time
+        t0 = time.perf_counter()
+        out = fit_preview_factors(vae, latents_mean, latents_std)
+        log.info("GLM-Image: fitted latent preview factors in %.2f s", time.perf_counter() - t0)
+        return out
+    return fit

@@ -1,0 +1,89 @@
+# ComfyUI-GLM-Image: build, test, demo. Everything is installed explicitly into this checkout
+# (.venv, .host, .cache, tests/browser/node_modules); Debian chromium is the only system package.
+#
+#   make test       the whole suite (core, parity, host, server, browser): what CI runs (.ci/run)
+#   make demo       tiny checkpoint -> real ComfyUI server -> workflows/glm_image_t2i_api.json -> demo-output/
+#   make help       all targets
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+.NOTPARALLEL:
+.DELETE_ON_ERROR:
+
+PY       := .venv/bin/python
+TINY     := .cache/models/diffusers/GLM-Image-tiny
+ART      := test-artifacts
+# Per-test timeout in seconds (pytest-timeout; fixture setup counts, e.g. a server start).
+TIMEOUT  ?= 600
+PYTEST_ARGS ?=
+PYTEST   := OMP_NUM_THREADS=1 $(PY) -m pytest
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
+
+.PHONY: help host tiny browser-deps test test-core test-fast test-host test-server test-browser \
+        workflows-check demo bench clean distclean
+
+help:
+	@echo "make host          install the ComfyUI 0.3.75 test host + venv (scripts/install_host.sh; idempotent)"
+	@echo "make tiny          write the tiny random-weight checkpoint to $(TINY) (when missing or stale)"
+	@echo "make browser-deps  Debian chromium + playwright-core for the browser tier (scripts/install_browser.sh)"
+	@echo "make test          host + browser deps, then the WHOLE suite (per-test timeout $(TIMEOUT)s)"
+	@echo "make test-core     core tier only (plain PyTorch)"
+	@echo "make test-fast     everything except the server and browser tiers"
+	@echo "make test-host | test-server | test-browser   one tier"
+	@echo "make workflows-check  committed workflows/*_api.json == conversion of their UI twins"
+	@echo "make demo          run workflows/glm_image_t2i_api.json on the tiny checkpoint; PNG -> demo-output/"
+	@echo "make bench         benchmarks (bench/run.py, else bench/bench_*.py)"
+	@echo "make clean         remove caches, artifacts, demo output, node_modules (keeps .venv/.host)"
+	@echo "make distclean     clean + remove .venv and .host"
+
+host:
+	bash scripts/install_host.sh
+
+tiny: host $(TINY)/model_index.json
+
+# Rewritten when the writer changes; written to a temporary folder first so a half-written
+# checkpoint is never picked up.
+$(TINY)/model_index.json: glm_image_core/tiny_checkpoint.py
+	rm -rf $(TINY).tmp
+	OMP_NUM_THREADS=1 $(PY) -m glm_image_core.tiny_checkpoint $(TINY).tmp --size tiny
+	rm -rf $(TINY) && mv $(TINY).tmp $(TINY) && touch $@
+
+browser-deps:
+	bash scripts/install_browser.sh
+
+# The whole suite. pytest's exit code is kept in $(ART)/pytest-exit-code for .ci/run.
+test: host browser-deps
+	@mkdir -p $(ART); rm -f $(ART)/pytest-exit-code
+	$(PYTEST) tests -q -rfEsx --timeout=$(TIMEOUT) --junitxml=$(ART)/junit.xml $(PYTEST_ARGS); \
+	  rc=$$?; echo $$rc > $(ART)/pytest-exit-code; exit $$rc
+
+test-core: host
+	$(PYTEST) tests -q -rfEsx -m core --timeout=$(TIMEOUT) $(PYTEST_ARGS)
+
+test-fast: host
+	$(PYTEST) tests -q -rfEsx -m "not server and not browser" --timeout=$(TIMEOUT) $(PYTEST_ARGS)
+
+test-host: host
+	$(PYTEST) tests -q -rfEsx -m host --timeout=$(TIMEOUT) $(PYTEST_ARGS)
+
+test-server: host
+	$(PYTEST) tests -q -rfEsx -m server --timeout=$(TIMEOUT) $(PYTEST_ARGS)
+
+test-browser: host browser-deps
+	$(PYTEST) tests -q -rfEsx -m browser --timeout=$(TIMEOUT) $(PYTEST_ARGS)
+
+workflows-check: host tiny
+	$(PY) scripts/workflow_to_api.py --all --check
+
+demo: host tiny
+	$(PY) scripts/run_demo.py
+
+bench: host tiny
+	if [ -f bench/run.py ]; then $(PY) bench/run.py; else for f in bench/bench_*.py; do [ -e "$$f" ] || { echo "no benchmarks in bench/"; break; }; OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) "$$f" || exit 1; done; fi
+
+clean:
+	rm -rf .cache $(ART) demo-output bench/results tests/browser/node_modules
+	find . -path ./.venv -prune -o -path ./.host -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf .venv .host

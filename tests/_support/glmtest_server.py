@@ -1,0 +1,71 @@
+"""Test-side access to scripts/comfy_server.py: the real ComfyUI server (main.py --cpu) on loopback
+with this pack linked under <base>/custom_nodes and the tiny checkpoint as
+models/diffusers/GLM-Image-tiny. Used by the server and browser tiers."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = os.path.join(ROOT, "scripts")
+WORKFLOWS = os.path.join(ROOT, "workflows")
+ARTIFACTS = os.path.join(ROOT, "test-artifacts")
+if SCRIPTS not in sys.path:
+    sys.path.insert(0, SCRIPTS)
+
+import comfy_server  # noqa: E402
+import workflow_to_api  # noqa: E402
+
+from comfy_server import (ComfyServer, ExecutionFailed, PromptRejected, ServerError,  # noqa: E402,F401
+                          PACK_NAME, PACK_NODE_IDS, PACK_NODES, stage_not_built)
+
+TINY_NAME = "GLM-Image-tiny"
+
+
+def start(base_dir: str, tiny_ckpt: str, name: str) -> ComfyServer:
+    """Start a server for a test module; fails the module (not skips) when it does not come up.
+    `name` names the server log copied to test-artifacts/ when it stops."""
+    server = ComfyServer(str(base_dir), diffusers={TINY_NAME: tiny_ckpt})
+    server.artifact_name = name
+    try:
+        server.start(timeout=300)
+    except ServerError as e:
+        stop(server)
+        pytest.fail(f"ComfyUI server did not start: {e}", pytrace=False)
+    return server
+
+
+def stop(server: ComfyServer) -> None:
+    server.stop()
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    # Keep the server log next to the other artifacts for CI post-mortems.
+    name = getattr(server, "artifact_name", "server")
+    try:
+        with open(os.path.join(ARTIFACTS, f"comfyui-{name}.log"), "w", encoding="utf-8") as f:
+            f.write(server.log_text())
+    except OSError:
+        pass
+
+
+def ui_workflow_paths() -> list[str]:
+    return workflow_to_api.ui_workflows(WORKFLOWS)
+
+
+def load_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def run_or_skip_unbuilt(server: ComfyServer, prompt: dict, timeout: float = 600.0) -> dict:
+    """Run a prompt; skip (with the stage and message) only when the failure says that a pack stage
+    is not written yet. Any other failure fails the test."""
+    try:
+        return server.run(prompt, timeout=timeout)
+    except ExecutionFailed as e:
+        reason = stage_not_built(e)
+        if reason:
+            pytest.skip(f"stage not built yet: {reason}")
+        raise AssertionError(f"{e}\n{e.traceback}\n{server.log_tail(40)}") from None

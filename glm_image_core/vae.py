@@ -22,7 +22,7 @@ This module never imports ComfyUI or diffusers.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -303,3 +303,77 @@ def load_vae(component_dir: str, dtype: Optional[torch.dtype] = None, device=Non
     sd = ckpt.load_safetensors(ckpt.weight_files(component_dir), device="cpu", dtype=dtype)
     ckpt.load_state_dict_strict(model, sd, "GLM-Image VAE (vae/config.json)")
     return model.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------
+# Latent -> RGB linear preview fit
+# --------------------------------------------------------------------------------------
+
+def sample_normalised_latents(channels: int, batch: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Unit-variance latents in the DiT's normalised space: smooth structure plus fine detail (the
+    look of a sampler's intermediate latents), with a different mix for each batch item."""
+    coarse = torch.randn(batch, channels, max(2, size // 4), max(2, size // 4), generator=gen)
+    smooth = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    smooth = smooth / smooth.flatten(2).std(dim=2).clamp_min(1e-6)[..., None, None]
+    white = torch.randn(batch, channels, size, size, generator=gen)
+    w = torch.linspace(0.2, 0.8, batch).view(batch, 1, 1, 1)
+    return (1 - w) ** 0.5 * smooth + w ** 0.5 * white
+
+
+def _ridge(a: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
+    """argmin |a w - y|² + lam |w[:-1]|² (the last column of ``a`` is the unpenalised bias)."""
+    reg = lam * torch.eye(a.shape[1], dtype=a.dtype)
+    reg[-1, -1] = 0.0
+    return torch.linalg.solve(a.T @ a + reg, a.T @ y)
+
+
+RIDGE_GRID = (1e-6, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)   # × number of samples
+
+
+@torch.no_grad()
+def fit_latent_to_rgb(decode: Callable[[torch.Tensor], torch.Tensor], latent_channels: int, scale_factor: int,
+                      latents_mean: Sequence[float], latents_std: Sequence[float], size: int = 12,
+                      batch: int = 4, seed: int = 0) -> Tuple[list, list]:
+    """Least-squares ``rgb ≈ z_norm @ factors + bias`` per latent cell.
+
+    A few random normalised latents (fixed generator) are de-normalised with ``latents_mean`` /
+    ``latents_std``, decoded by ``decode`` (raw latent -> pixels in [-1, 1], NCHW) at
+    ``scale_factor * size`` pixels, and each latent cell is paired with the mean colour of its
+    pixel block. Border cells, where zero padding dominates, are left out. The ridge strength is
+    picked by leave-one-image-out cross-validation, so a VAE whose colours are barely linear in
+    the latent (e.g. random test weights) gets shrunk factors instead of an over-fitted map; a real
+    VAE picks the smallest. Returns ``(factors [C][3], bias [3])`` as lists, RGB in the [-1, 1]
+    convention.
+    """
+    c, ratio = int(latent_channels), int(scale_factor)
+    mean = torch.as_tensor(latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(latents_std, dtype=torch.float32).view(1, -1, 1, 1)
+    if mean.shape[1] != c or std.shape[1] != c:
+        raise ValueError(f"latents_mean/std have {mean.shape[1]}/{std.shape[1]} values for a {c}-channel VAE")
+    zn = sample_normalised_latents(c, batch, size, torch.Generator().manual_seed(seed))
+    rgb = decode(zn * std + mean).float().cpu()                           # [B, 3, r*s, r*s]
+    cells = F.avg_pool2d(rgb[:, :3], kernel_size=ratio)                   # [B, 3, s, s]
+    inner = slice(1, size - 1) if size > 4 else slice(None)
+    x = zn[:, :, inner, inner].permute(0, 2, 3, 1).reshape(-1, c).double()
+    y = cells[:, :, inner, inner].permute(0, 2, 3, 1).reshape(-1, 3).double()
+    image = torch.arange(batch).repeat_interleave(x.shape[0] // batch)
+    ok = torch.isfinite(y).all(dim=1)
+    if int(ok.sum()) <= c + 1:
+        raise ValueError("preview fit: the VAE decoded too few finite pixels")
+    x, y, image = x[ok], y[ok], image[ok]
+    a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    n = a.shape[0]
+    best_lam, best_err = RIDGE_GRID[0] * n, float("inf")
+    if batch > 1:
+        for r in RIDGE_GRID:
+            err = 0.0
+            for i in range(batch):
+                tr, te = image != i, image == i
+                if int(te.sum()) == 0 or int(tr.sum()) <= c + 1:
+                    continue
+                w = _ridge(a[tr], y[tr], r * int(tr.sum()))
+                err += float(((a[te] @ w - y[te]) ** 2).sum())
+            if err < best_err * (1 - 1e-9):
+                best_lam, best_err = r * n, err
+    w = _ridge(a, y, best_lam)                                            # [C+1, 3]
+    return w[:c].float().tolist(), w[c].float().tolist()

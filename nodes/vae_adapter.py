@@ -21,14 +21,13 @@ import logging
 from typing import Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
 import comfy.sd
 
-from ..glm_image_core.vae import GlmImageVAE, VaeConfig, load_vae
+from ..glm_image_core.vae import GlmImageVAE, VaeConfig, fit_latent_to_rgb, load_vae
 
 log = logging.getLogger("GLM-Image")
 
@@ -147,17 +146,6 @@ def load_glm_vae(vae_dir: str, weight_dtype: str = "default") -> comfy.sd.VAE:
 # Latent → RGB preview factors
 # --------------------------------------------------------------------------------------
 
-def _sample_normalised_latents(channels: int, batch: int, size: int, gen: torch.Generator) -> torch.Tensor:
-    """Unit-variance latents in the DiT's normalised space: smooth structure plus some fine detail
-    (what the sampler's intermediate latents look like), half of the batch at each mix."""
-    coarse = torch.randn(batch, channels, max(2, size // 4), max(2, size // 4), generator=gen)
-    smooth = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-    smooth = smooth / smooth.flatten(2).std(dim=2).clamp_min(1e-6)[..., None, None]
-    white = torch.randn(batch, channels, size, size, generator=gen)
-    w = torch.linspace(0.2, 0.8, batch).view(batch, 1, 1, 1)
-    return (1 - w) ** 0.5 * smooth + w ** 0.5 * white
-
-
 @torch.no_grad()
 def _decode_raw(vae_model, raw: torch.Tensor) -> torch.Tensor:
     """Decode raw latents to unclamped [-1, 1]-convention pixels (float32, CPU)."""
@@ -172,48 +160,21 @@ def _decode_raw(vae_model, raw: torch.Tensor) -> torch.Tensor:
     return out.float().cpu()
 
 
-@torch.no_grad()
 def fit_preview_factors(vae_model, latents_mean, latents_std, size: int = 12, batch: int = 4,
                         seed: int = 0) -> Tuple[list, list]:
     """Least-squares linear map from NORMALISED latents (the DiT's space) to preview RGB.
 
     Returns ``(factors [C][3], bias [3])`` for ``latent_preview.Latent2RGBPreviewer``, which computes
     ``rgb = x0 @ factors + bias`` per latent cell and shows it as ``(rgb + 1) / 2``, i.e. RGB in the
-    [-1, 1] convention. The fit uses a few random normalised latents (fixed generator), de-normalised
-    with ``latents_mean``/``latents_std`` and decoded by the real VAE at ``8 * size`` pixels; each
-    latent cell is paired with the mean colour of its 8×8 pixel block (border cells, where zero
-    padding dominates, are left out).
+    [-1, 1] convention. See ``glm_image_core.vae.fit_latent_to_rgb`` for the fit itself.
 
-    ``vae_model``: a ``comfy.sd.VAE`` (then the decode goes through ComfyUI's model management)
-    or a ``GlmImageVAE`` (run where its weights are).
+    ``vae_model``: a ``comfy.sd.VAE`` (the decode then goes through ComfyUI's model management:
+    the VAE is loaded on its load device like for VAEDecode) or a ``GlmImageVAE`` (run where its
+    weights are).
     """
     first = vae_model.first_stage_model if isinstance(vae_model, comfy.sd.VAE) else vae_model
-    c = int(first.config.latent_channels)
-    ratio = int(first.config.scale_factor)
-    mean = torch.as_tensor(latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.as_tensor(latents_std, dtype=torch.float32).view(1, -1, 1, 1)
-    if mean.shape[1] != c or std.shape[1] != c:
-        raise ValueError(f"latents_mean/std have {mean.shape[1]}/{std.shape[1]} values for a {c}-channel VAE")
-    gen = torch.Generator().manual_seed(seed)
-    zn = _sample_normalised_latents(c, batch, size, gen)
-    rgb = _decode_raw(vae_model, zn * std + mean)                       # [B, 3, 8s, 8s]
-    cells = F.avg_pool2d(rgb, kernel_size=ratio)                       # [B, 3, s, s]
-    inner = slice(1, size - 1) if size > 4 else slice(None)
-    x = zn[:, :, inner, inner].permute(0, 2, 3, 1).reshape(-1, c).double()
-    y = cells[:, :, inner, inner].permute(0, 2, 3, 1).reshape(-1, 3).double()
-    ok = torch.isfinite(y).all(dim=1)
-    if int(ok.sum()) <= c + 1:
-        raise ValueError("GLM-Image preview fit: the VAE decoded too few finite pixels")
-    x, y = x[ok], y[ok]
-    a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-    # Tiny ridge: keeps the solve well-posed; negligible next to the data term.
-    lam = 1e-6 * a.shape[0]
-    reg = lam * torch.eye(c + 1, dtype=a.dtype)
-    reg[-1, -1] = 0.0
-    w = torch.linalg.solve(a.T @ a + reg, a.T @ y)                     # [C+1, 3]
-    factors = w[:c].float().tolist()
-    bias = w[c].float().tolist()
-    return factors, bias
+    return fit_latent_to_rgb(lambda raw: _decode_raw(vae_model, raw), first.config.latent_channels,
+                             first.config.scale_factor, latents_mean, latents_std, size=size, batch=batch, seed=seed)
 
 
 def preview_fit_for(vae: comfy.sd.VAE, latents_mean: torch.Tensor, latents_std: torch.Tensor):

@@ -142,3 +142,21 @@ def test_bf16_decode_is_close_to_fp32(tiny_ckpt):
     with torch.no_grad():
         a, b = m32.decode(z), m16.decode(z.bfloat16()).float()
     assert torch.isfinite(b).all() and (a - b).abs().max().item() < 0.1
+
+
+def test_preview_fit_recovers_a_linear_decoder():
+    """fit_latent_to_rgb works in the DiT's normalised space and returns factors as [C][3]."""
+    from glm_image_core.tiny_checkpoint import GLM_LATENTS_MEAN, GLM_LATENTS_STD
+    from glm_image_core.vae import fit_latent_to_rgb
+    g = torch.Generator().manual_seed(11)
+    true_f, true_b = torch.randn(16, 3, generator=g) * 0.2, torch.randn(3, generator=g) * 0.1
+    mean = torch.tensor(GLM_LATENTS_MEAN).view(1, -1, 1, 1)
+    std = torch.tensor(GLM_LATENTS_STD).view(1, -1, 1, 1)
+
+    def decode(raw):                      # a "VAE" that is exactly linear in normalised latents, ×8 nearest
+        rgb = torch.einsum("bchw,cd->bdhw", (raw - mean) / std, true_f) + true_b.view(1, 3, 1, 1)
+        return torch.nn.functional.interpolate(rgb, scale_factor=8, mode="nearest")
+
+    f, b = fit_latent_to_rgb(decode, 16, 8, GLM_LATENTS_MEAN, GLM_LATENTS_STD)
+    assert torch.tensor(f).shape == (16, 3) and torch.tensor(b).shape == (3,)
+    assert torch.allclose(torch.tensor(f), true_f, atol=1e-4) and torch.allclose(torch.tensor(b), true_b, atol=1e-4)

@@ -73,10 +73,10 @@ class GLMImageTokensToLatent(io.ComfyNode):
         C = decoder.latent_channels
         noise = comfy.sample.prepare_noise(torch.zeros(B, C, H // 8, W // 8, dtype=torch.float32), seed)
 
+        previewer = decoder.previewer()      # before the DiT loads: fitting it may use the VAE once
         dit = decoder.dit.load()
         device, dtype = decoder.dit.load_device, decoder.dit.compute_dtype
         pbar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id)
-        previewer = decoder.previewer()
 
         def on_step(i: int, total: int, latents: torch.Tensor) -> None:
             mm.throw_exception_if_processing_interrupted()
@@ -89,6 +89,6 @@ class GLMImageTokensToLatent(io.ComfyNode):
         latents = dn.denoise(
             dit, noise.to(device), upsample_grid(tokens.grid).to(device),
             glyph.embeds.to(device, dtype).expand(B, -1, -1), negative_glyph.embeds.to(device, dtype).expand(B, -1, -1),
-            (H, W), steps, cfg, decoder.scheduler_config, reference=refs, callback=on_step)
+            (H, W), steps, cfg, decoder.scheduler_config, reference=refs, callback=on_step, compute_dtype=dtype)
         raw = decoder.denormalize(latents.float())
         return io.NodeOutput({"samples": raw.to(mm.intermediate_device(), torch.float32)})

@@ -1,0 +1,270 @@
+"""GLM-Image AR sampling: the semantic-token grid for text-to-image and edits, seed-compatible with
+the official pipeline.
+
+Seed parity
+-----------
+``diffusers.GlmImagePipeline`` seeds the *global* torch RNG with ``torch.manual_seed(seed)`` and calls
+``generate(do_sample=True)``, which per step applies temperature → top-k → top-p (transformers'
+warpers, on the full ``lm_head`` width) → softmax → ``torch.multinomial(probs, 1)``. We never touch the
+global RNG: a private ``torch.Generator(device).manual_seed(seed)`` gives the same stream.
+
+``torch.multinomial(p, 1)`` is implemented (CPU and CUDA, ATen ``multinomial_out`` fast path) as
+``argmax(p / q)`` with ``q = torch.empty_like(p).exponential_(1, generator)``: exactly one exponential
+draw per vocabulary entry per step. We sample that way explicitly (``tests/parity`` checks the
+identity on the installed torch) and take the argmax over the **codebook ids only** (``< codebook
+size``). Consequences:
+
+* the random stream is the pipeline's: one ``[B, V]`` exponential draw per step, nothing else;
+* whenever the unrestricted winner is a codebook id the token is *identical* to the pipeline's;
+* the end marker (EOS, 16385), the image-start id and the other non-codebook visual ids are never
+  emitted: where the pipeline would pick one, we pick the codebook id with the largest ``p/q``
+  (the pipeline would stop early on EOS and then crash on the short grid, or crash on an id that
+  is not a row of the DiT's prior embedding). Later tokens then follow our (valid) choice;
+* a complete grid is always produced (no early stop): exactly ``preview + grid`` tokens for t2i and
+  ``grid`` tokens for an edit; the pipeline's final extra token (the end marker) is not sampled;
+* if top-k/top-p leave no codebook id with probability > 0 (possible only with extreme settings), the
+  codebook id with the largest logit is taken (deterministic, no extra draw).
+
+Batches: ``batch_size=B`` samples B grids of one prompt from one generator, one ``[B, V]`` draw per
+step: the same tokens as the pipeline given the prompt repeated B times (``prompt=[p]*B``).
+
+Fast decode
+-----------
+Pre-allocated static KV cache, one prefill, then one-token steps; all decode MRoPE cos/sin are
+computed once; logits only for the last position; top-k skipped when 0 or ≥ vocab (the official
+16512 is a no-op), top-p sorts once per step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from . import ar_prompt, image_proc
+
+PHASE_PREVIEW = "preview"
+PHASE_GRID = "grid"
+
+
+@dataclass
+class ARResult:
+    """Output of :func:`generate_tokens`.
+
+    grid: [B, H/32, W/32] int64 codebook ids. preview: [B, ph, pw] (t2i) or None (edit).
+    replaced: per sample, the steps where the unrestricted sampler's winner was not a codebook id
+    (the pipeline would have emitted EOS / a non-codebook id there).
+    """
+    grid: torch.Tensor
+    preview: Optional[torch.Tensor]
+    input_ids: torch.Tensor
+    num_prompt_tokens: int
+    num_generated: int
+    replaced: List[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        t = self.prefill_seconds + self.decode_seconds
+        return self.num_generated / t if t > 0 else 0.0
+
+
+class CodebookSampler:
+    """Temperature → top-k → top-p → softmax → exponential-race sampling restricted to codebook ids.
+
+    Mirrors transformers' ``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper`` and
+    ``torch.multinomial(probs, 1)`` (see the module docstring). ``restrict=False`` returns the
+    unrestricted winner (the pipeline's token) instead: for tests only.
+    """
+
+    def __init__(self, temperature: float, top_p: float, top_k: int, vocab_size: int, codebook_size: int,
+                 generator: torch.Generator, restrict: bool = True):
+        if not (temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not (0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.top_k = int(top_k)
+        self.vocab_size = vocab_size
+        self.codebook_size = min(codebook_size, vocab_size)
+        self.generator = generator
+        self.restrict = restrict
+        self._q = None
+
+    def __call__(self, logits: torch.Tensor):
+        """tokens [B] int64 and a bool mask [B] of rows where the restriction changed the winner."""
+        scores = logits
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if 0 < self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k)[0][..., -1, None]
+            scores = scores.masked_fill(scores < kth, -float("inf"))
+        if self.top_p < 1.0:
+            sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            remove = cum <= (1 - self.top_p)
+            remove[..., -1:] = 0
+            remove = remove.scatter(1, sorted_idx, remove)
+            scores = scores.masked_fill(remove, -float("inf"))
+        probs = torch.nn.functional.softmax(scores, dim=-1)
+        if self._q is None or self._q.shape != probs.shape or self._q.device != probs.device:
+            self._q = torch.empty_like(probs)
+        q = self._q.exponential_(1, generator=self.generator)
+        race = probs / q
+        full = race.argmax(dim=-1)
+        if not self.restrict:
+            return full, torch.zeros_like(full, dtype=torch.bool)
+        cb = race[:, :self.codebook_size]
+        best, tok = cb.max(dim=-1)
+        # no codebook id left with p > 0: take the most likely codebook id (no extra draw)
+        tok = torch.where(best > 0, tok, logits[:, :self.codebook_size].argmax(dim=-1))
+        return tok, tok != full
+
+
+def _generator(seed: int, device) -> torch.Generator:
+    dev = torch.device(device)
+    g = torch.Generator(device=dev.type if dev.type != "cuda" else dev)
+    g.manual_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    return g
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(p.device for p in model.parameters() if p.device.type != "meta")
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed: int,
+                    temperature: float = 0.9, top_p: float = 0.75, top_k: int = 0, batch_size: int = 1,
+                    reference_grids: Optional[Sequence[torch.Tensor]] = None,
+                    callback: Optional[Callable[[int, int, str], None]] = None, compile: bool = False,
+                    device=None, dtype: Optional[torch.dtype] = None, restrict_to_codebook: bool = True,
+                    return_logits: bool = False) -> ARResult:
+    """Sample the semantic-token grid(s) of ``prompt`` at ``width``×``height`` (multiples of 32).
+
+    ``model``: :class:`glm_image_core.ar_model.GlmImageAR`; ``tokenizer``:
+    :class:`glm_image_core.ar_prompt.GlmTokenizer`. ``reference_grids``: VQ id grids ``[gh, gw]`` of
+    the reference images (from :func:`tokenize_reference`), in order; None/empty = text-to-image.
+    ``top_k=0`` (or ≥ the lm_head size) disables top-k. ``callback(done, total, phase)`` is called
+    after every sampled token (phase ``"preview"`` or ``"grid"``); an exception raised there stops
+    generation and propagates (nothing is left behind: the cache and generator are local).
+    ``device``/``dtype``: where and in which dtype to compute (default: the model's device and
+    ``model.compute_dtype``). ``compile=True`` runs the decode step through ``torch.compile``.
+    ``restrict_to_codebook=False`` / ``return_logits`` are for parity tests only.
+    See the module docstring for the exact sampling semantics.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for name, v in (("width", width), ("height", height)):
+        if v % ar_prompt.GRID_FACTOR or v < ar_prompt.GRID_FACTOR:
+            raise ValueError(f"{name} must be a positive multiple of {ar_prompt.GRID_FACTOR}, got {v}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    dtype = dtype or getattr(model, "compute_dtype", torch.float32)
+    refs = list(reference_grids or [])
+    layout = ar_prompt.build_prompt(tokenizer, prompt, width, height, references=refs or None,
+                                    image_start_id=model.image_start_token_id,
+                                    image_end_id=model.image_end_token_id)
+    ids = layout.filled_ids()
+    if int(ids.max()) >= model.text_config.vocab_size:
+        raise ValueError(f"prompt token id {int(ids.max())} is outside the AR vocabulary "
+                         f"({model.text_config.vocab_size}); tokenizer and model do not match")
+    pre_pos, dec_pos = ar_prompt.layout_positions(layout, model.image_start_token_id, model.image_end_token_id)
+    n_gen = layout.num_generate
+    n_preview = layout.preview_h * layout.preview_w
+    L = ids.numel()
+    B = int(batch_size)
+    lm = model.language_model
+    sampler = CodebookSampler(temperature, top_p, top_k, model.text_config.vision_vocab_size,
+                              model.codebook_size, _generator(seed, device), restrict=restrict_to_codebook)
+    out = torch.empty(B, n_gen, dtype=torch.long, device=device)
+    replaced = torch.zeros(B, dtype=torch.long, device=device)
+    logits_log = [] if return_logits else None
+
+    with torch.inference_mode():
+        cache = model.new_cache(B, L + n_gen, dtype=dtype, device=device)
+        t0 = time.perf_counter()
+        inp = ids.to(device)[None].expand(B, L)
+        logits = model(inp, pre_pos.to(device), cache=cache, start=0, last_only=True, dtype=dtype)
+        # every decode step's rotary table at once: token k is fed back at decode column k
+        cos_all, sin_all = lm.rope(dec_pos[:, :max(n_gen - 1, 1)].to(device), dtype)   # [1, n, rot]
+        step = _make_step(model, cache, compile)
+        t1 = time.perf_counter()
+        for i in range(n_gen):
+            if i > 0:
+                logits = step(out[:, i - 1:i], cos_all[:, i - 1:i], sin_all[:, i - 1:i], L + i - 1)
+            last = logits[:, -1].to(torch.float32)
+            if logits_log is not None:
+                logits_log.append(last.clone())
+            tok, rep = sampler(last)
+            out[:, i] = tok
+            replaced += rep
+            if callback is not None:
+                callback(i + 1, n_gen, PHASE_PREVIEW if i < n_preview else PHASE_GRID)
+        t2 = time.perf_counter()
+
+    grid = out[:, n_preview:].reshape(B, layout.token_h, layout.token_w)
+    preview = out[:, :n_preview].reshape(B, layout.preview_h, layout.preview_w) if n_preview else None
+    res = ARResult(grid=grid, preview=preview, input_ids=ids, num_prompt_tokens=L, num_generated=n_gen,
+                   replaced=[int(x) for x in replaced.tolist()], prefill_seconds=t1 - t0, decode_seconds=t2 - t1)
+    if logits_log is not None:
+        res.logits = torch.stack(logits_log, dim=1)         # [B, n_gen, V] raw logits (float32)
+    return res
+
+
+def _make_step(model, cache, compile: bool):
+    lm = model.language_model
+    lm_head = model.lm_head
+
+    def step(tok, cos, sin, start: int):
+        x = lm.embed(tok, cos.dtype, tok.device)
+        h = lm(x, cos, sin, cache, start, last_only=True)
+        return lm_head(h)
+
+    if compile:
+        return torch.compile(step, dynamic=True)
+    return step
+
+
+# --------------------------------------------------------------------------------------
+# Reference images
+# --------------------------------------------------------------------------------------
+
+def _check_patch(model, processor_cfg: dict) -> None:
+    p = int(processor_cfg["patch_size"])
+    vp = int(model.config["vision_config"]["patch_size"])
+    if p != vp:
+        raise ValueError(f"image processor patch_size {p} differs from the vision tower's {vp}")
+
+
+def tokenize_references(model, images: Sequence[torch.Tensor], processor_cfg: dict, device=None,
+                        dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+    """VQ id grids [gh, gw] (int64) of several reference images, run through the vision tower together
+    (packed, attention within each image) exactly like transformers' ``get_image_features`` +
+    ``get_image_tokens``. Images: float 0..1 or uint8, [H,W,3] / [1,H,W,3] / [3,H,W]."""
+    _check_patch(model, processor_cfg)
+    device = torch.device(device) if device is not None else _model_device(model)
+    dtype = dtype or getattr(model, "compute_dtype", torch.float32)
+    rows, grids = [], []
+    for img in images:
+        r, g = image_proc.preprocess_reference(img, processor_cfg)
+        rows.append(r)
+        grids.append(g)
+    with torch.inference_mode():
+        feats = model.image_features(torch.cat(rows).to(device), grids, dtype=dtype)
+        return [t.to(torch.long) for t in model.image_tokens(feats, grids)]
+
+
+def tokenize_reference(model, image: torch.Tensor, processor_cfg: dict, device=None,
+                       dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """VQ id grid [gh, gw] (int64) of one reference image (vision tower + VQ codebook).
+
+    The grid is ``smart_resize``'s size / patch: (H/32, W/32) for a reference fitted with
+    :func:`glm_image_core.image_proc.fit_reference_size`."""
+    return tokenize_references(model, [image], processor_cfg, device=device, dtype=dtype)[0]

@@ -25,8 +25,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workflow", default=os.path.join(ROOT, "workflows", "glm_image_t2i_api.json"))
     ap.add_argument("--model", default=cs.TINY_CKPT, help="folder linked as models/diffusers/GLM-Image-tiny")
     ap.add_argument("--out", default=os.path.join(ROOT, "demo-output"))
-    ap.add_argument("--base-dir", default=os.path.join(ROOT, ".cache", "demo-server"),
-                    help="ComfyUI --base-directory (output/, user/, the server log)")
+    ap.add_argument("--base-dir", default=None,
+                    help="ComfyUI --base-directory (output/, user/, the server log); default: a temporary "
+                         "folder outside the checkout (its custom_nodes/ links back to this checkout)")
     ap.add_argument("--timeout", type=float, default=1800.0)
     a = ap.parse_args(argv)
 
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
 
     server = cs.ComfyServer(a.base_dir, diffusers={"GLM-Image-tiny": a.model})
     t0 = time.monotonic()
-    print(f"[demo] starting ComfyUI 0.3.75 on {server.url} (log: {server.log_path})", flush=True)
+    print(f"[demo] starting ComfyUI 0.3.75 on {server.url} (server log -> "
+          f"{os.path.relpath(os.path.join(a.out, 'comfyui.log'), ROOT)})", flush=True)
     try:
         server.start()
         server.check_pack()
@@ -75,6 +77,11 @@ def main(argv=None) -> int:
         return 1
     finally:
         server.stop()
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "comfyui.log"), "w", encoding="utf-8") as f:
+            f.write(server.log_text())
+        if a.base_dir is None:
+            server.cleanup()
 
 
 if __name__ == "__main__":

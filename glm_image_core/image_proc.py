@@ -78,8 +78,8 @@ def to_uint8_chw(image: torch.Tensor) -> torch.Tensor:
         x = x[0]
     if x.dim() != 3:
         raise ValueError(f"expected an image [H,W,C] or [C,H,W], got shape {tuple(image.shape)}")
-    if x.shape[-1] in (1, 3, 4) and not (x.shape[0] in (1, 3, 4) and x.shape[-1] > 4):
-        x = x.permute(2, 0, 1)            # HWC -> CHW
+    if x.shape[-1] in (1, 3, 4):           # HWC (ComfyUI, numpy, PIL) -> CHW
+        x = x.permute(2, 0, 1)
     c = x.shape[0]
     if c == 4:
         x = x[:3]

@@ -81,10 +81,9 @@ function setupSizeWidgets(node) {
       return r;
     };
   }
-  // Move the preset above width/height so it reads top-down.
-  const ws = node.widgets;
-  ws.splice(ws.indexOf(preset), 1);
-  ws.splice(ws.indexOf(w), 0, preset);
+  // The extra widgets stay after the node's own ones: frontend 1.32.9 restores widgets_values
+  // positionally over the serialised widgets only, so an unserialised widget in between would
+  // shift every saved value after it.
   refresh();
 }
 

@@ -464,6 +464,12 @@ class GlmImageAR(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    @device.setter
+    def device(self, value) -> None:
+        # ComfyUI's ModelPatcher records where it moved the model by assigning `model.device`;
+        # the real device is always read off the weights.
+        pass
+
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
         c = self.text_config
         return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim,

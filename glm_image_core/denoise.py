@@ -16,6 +16,15 @@ from .schedule import calculate_mu, glm_sigmas, glm_timesteps, image_seq_len
 Reference = Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]
 
 
+def upsample_token_grid(grid_ids: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """AR token grid [B, gh, gw] (or [gh, gw]) -> DiT prior ids [B, (factor*gh)*(factor*gw)] by nearest
+    neighbour, exactly the pipeline's ``_upsample_token_ids`` (interpolate on float, back to long)."""
+    g = grid_ids if grid_ids.dim() == 3 else grid_ids.reshape(1, *grid_ids.shape[-2:])
+    b, gh, gw = g.shape
+    up = torch.nn.functional.interpolate(g.view(b, 1, gh, gw).float(), scale_factor=factor, mode="nearest")
+    return up.to(torch.long).view(b, -1)
+
+
 def _batch(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
     if t.shape[0] == b:
         return t
@@ -70,7 +79,7 @@ def denoise(dit: GlmImageDiT, latents: torch.Tensor, prior_token_ids: torch.Tens
             callback: Optional[Callable[[int, int, torch.Tensor], None]] = None, *,
             crop_coords: Tuple[int, int] = (0, 0), compute_dtype: Optional[torch.dtype] = None,
             packed_cfg: bool = True, sigmas: Optional[torch.Tensor] = None,
-            timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
+            timesteps: Optional[torch.Tensor] = None, callback_x0: bool = False) -> torch.Tensor:
     """Denoise normalised latents with the GLM-Image DiT; returns normalised float32 latents.
 
     ``latents`` [B, C, h, w] (initial noise, normalised space); ``prior_token_ids`` [B, N] (or [1, N])
@@ -78,8 +87,13 @@ def denoise(dit: GlmImageDiT, latents: torch.Tensor, prior_token_ids: torch.Tens
     empty-text glyph [B or 1, L', text_dim] (needed when ``cfg > 1``); ``target_hw`` (H, W) pixels;
     ``reference``: list of (latent, ids, (H, W)) as in ``build_reference_cache``, or a prebuilt
     ``ReferenceKVCache``. ``cfg <= 1`` runs the conditional pass only (the pipeline's rule).
-    ``callback(step_index, total_steps, latents)`` runs after every step; exceptions propagate.
-    ``packed_cfg`` runs the cond and uncond passes in one sweep (same numerics, faster).
+    ``callback(step_index, total_steps, latents)`` runs after every step; exceptions propagate (use it
+    for progress / interrupts). With ``callback_x0=True`` it gets a 4th argument, the step's clean-image
+    prediction ``x0 = x - sigma * v`` (normalised, float32) for previews.
+    ``packed_cfg`` runs the cond and uncond passes in one sweep (same numerics, faster on CPU; holds
+    both passes' activations at once, so ``False`` lowers peak memory). ``timesteps`` / ``sigmas``
+    override the schedule (DiT timesteps before the ``- 1``; sigmas with the terminal value).
+    Returns the final normalised latents (float32, on the latents' device).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -99,6 +113,8 @@ def denoise(dit: GlmImageDiT, latents: torch.Tensor, prior_token_ids: torch.Tens
     ids = prior_token_ids.to(device).long()
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
+    elif ids.dim() > 2:
+        ids = ids.reshape(ids.shape[0], -1)
     if ids.shape[-1] != N:
         raise ValueError(f"prior_token_ids have {ids.shape[-1]} tokens per sample, the {h}x{w} latent needs {N} "
                          "(height and width must be multiples of 32 pixels)")
@@ -155,7 +171,11 @@ def denoise(dit: GlmImageDiT, latents: torch.Tensor, prior_token_ids: torch.Tens
             vc, vu = vc.float(), vu.float()
             v = vu + cfg * (vc - vu)
         dt = sigmas[i + 1] - sigmas[i]
+        x0 = latents - sigmas[i] * v if (callback is not None and callback_x0) else None
         latents = latents + dt * v
         if callback is not None:
-            callback(i, n_steps, latents)
+            if callback_x0:
+                callback(i, n_steps, latents, x0)
+            else:
+                callback(i, n_steps, latents)
     return latents

@@ -95,6 +95,18 @@ def _loading_ops(operations):
     return no_init_ops if operations is torch.nn else operations
 
 
+def _assign_strict(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, ignore_unexpected=()) -> None:
+    """Strict-load ``sd`` into ``model`` built on the meta device, without a second copy of the
+    weights: validate with ``load_state_dict_strict`` (copying into meta tensors is a no-op),
+    then assign the loaded tensors as the parameters."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        load_state_dict_strict(model, sd, what, ignore_unexpected=ignore_unexpected)
+    own = model.state_dict()
+    model.load_state_dict({k: sd[k] for k in own}, strict=True, assign=True)
+
+
 # --------------------------------------------------------------------------------------
 # Reference-image KV cache
 # --------------------------------------------------------------------------------------
@@ -149,6 +161,12 @@ class ReferenceKVCache:
                 raise ValueError(f"cannot match {bc} cached reference sample(s) to batch size {b}")
             ck, cv = ck.repeat_interleave(b // bc, dim=0), cv.repeat_interleave(b // bc, dim=0)
         return torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+
+    def to(self, device=None, dtype=None) -> "ReferenceKVCache":
+        """Move/cast the cached tensors in place; returns self."""
+        self.k = [None if t is None else t.to(device=device, dtype=dtype) for t in self.k]
+        self.v = [None if t is None else t.to(device=device, dtype=dtype) for t in self.v]
+        return self
 
     def clear(self) -> None:
         self.k = [None] * self.num_layers
@@ -482,15 +500,18 @@ class GlmImageDiT(nn.Module):
             raise ValueError(f"latent size {h}x{w} is not a multiple of the DiT patch size {p}")
         hp, wp = h // p, w // p
         N = hp * wp
+        pri = list(priors.unbind(0)) if isinstance(priors, torch.Tensor) and priors.dim() == 4 else priors
+        if isinstance(pri, torch.Tensor) or len(pri) != P:
+            raise ValueError(f"priors must be [P, B, N, D] or a list of {P} tensors (one per pass)")
+        for pr in pri:
+            if pr.shape[-2] != N:
+                raise ValueError(f"{pr.shape[-2]} prior tokens for a {h}x{w} latent (needs {N}); GLM-Image sizes "
+                                 "must be multiples of 32 pixels")
         img = self.image_projector(x)                                     # [B, N, D]
-        if isinstance(priors, torch.Tensor):
-            X = img + priors
+        if isinstance(priors, torch.Tensor) and priors.dim() == 4 and priors.shape[1] == B:
+            X = img.unsqueeze(0) + priors.to(dtype)
         else:
-            X = torch.stack([img + pr for pr in priors])
-        if X.dim() == 3:
-            X = X.unsqueeze(0)
-        X = X.expand(P, B, N, self.inner_dim) if X.shape[:2] != (P, B) else X
-        X = X.contiguous()
+            X = torch.stack([(img + pr.to(dtype)).expand(B, N, self.inner_dim) for pr in pri])
         ctxs = [c.to(dtype).expand(B, -1, -1) if c.shape[0] != B else c.to(dtype) for c in contexts]
         rope = self.rope(hp, wp, x.device)
         nb = len(self.transformer_blocks)
@@ -522,8 +543,9 @@ class GlmImageDiT(nn.Module):
 def load_dit(component_dir: str, dtype=torch.float32, device="cpu", operations=torch.nn) -> GlmImageDiT:
     """Build ``GlmImageDiT`` from ``transformer/config.json`` and (sharded) safetensors, strict load."""
     cfg = read_json(os.path.join(component_dir, "config.json"))
-    model = GlmImageDiT(cfg, dtype=dtype, device=device, operations=_loading_ops(operations))
-    sd = load_safetensors(weight_files(component_dir), device=device, dtype=dtype)
-    load_state_dict_strict(model, sd, "GLM-Image DiT (transformer/)")
+    files = weight_files(component_dir)
+    model = GlmImageDiT(cfg, dtype=dtype, device="meta", operations=_loading_ops(operations))
+    sd = load_safetensors(files, device=device, dtype=dtype)
+    _assign_strict(model, sd, "GLM-Image DiT (transformer/)")
     model.eval().requires_grad_(False)
     return model

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_safetensors, load_state_dict_strict, read_json, weight_files
-from .dit import _loading_ops
+from .checkpoint import CheckpointError, load_safetensors, read_json, weight_files
+from .dit import _assign_strict, _loading_ops
 
 MAX_GLYPH_TOKENS = 2048  # the pipeline's max_sequence_length default
 
@@ -392,12 +392,13 @@ def load_glyph_encoder(component_dir: str, dtype=torch.float32, device="cpu", op
     """Build ``GlyphT5Encoder`` from ``text_encoder/config.json`` + safetensors (strict; the tied
     ``encoder.embed_tokens.weight`` may be present or absent)."""
     cfg = read_json(os.path.join(component_dir, "config.json"))
-    model = GlyphT5Encoder(cfg, dtype=dtype, device=device, operations=_loading_ops(operations))
-    sd = load_safetensors(weight_files(component_dir), device=device, dtype=dtype)
+    files = weight_files(component_dir)
+    model = GlyphT5Encoder(cfg, dtype=dtype, device="meta", operations=_loading_ops(operations))
+    sd = load_safetensors(files, device=device, dtype=dtype)
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")
-    load_state_dict_strict(model, sd, "GLM-Image glyph encoder (text_encoder/)",
-                           ignore_unexpected=("encoder.embed_tokens.weight",))
+    _assign_strict(model, sd, "GLM-Image glyph encoder (text_encoder/)",
+                   ignore_unexpected=("encoder.embed_tokens.weight",))
     model.eval().requires_grad_(False)
     return model
 

@@ -166,3 +166,30 @@ def test_schedule_matches_diffusers_scheduler(tiny_ckpt, steps, cfg_over, hw):
     assert torch.equal(glm_timesteps(steps, cfg), sch.timesteps)
     assert torch.equal(glm_sigmas(steps, cfg, mu=mu), sch.sigmas)
     assert torch.equal(glm_sigmas(steps, cfg, image_seq_len=seq), sch.sigmas)
+
+
+def test_upsample_token_grid_matches_pipeline():
+    from diffusers import GlmImagePipeline
+    from glm_image_core.denoise import upsample_token_grid
+    g = torch.Generator().manual_seed(2)
+    grid = torch.randint(0, 16384, (2, 3, 5), generator=g)
+    ours = upsample_token_grid(grid)
+    assert ours.shape == (2, 60) and ours.dtype == torch.long
+    for b in range(2):
+        ref = GlmImagePipeline._upsample_token_ids(grid[b].reshape(-1), 3, 5)
+        assert torch.equal(ours[b:b + 1], ref)
+    assert torch.equal(upsample_token_grid(grid[0]), ours[:1])
+
+
+def test_callback_x0_is_flow_prediction(ours):
+    latents, ids = _fixed_inputs()
+    got = []
+    _ours(ours, latents, ids, 1.5, steps=2, callback=lambda i, n, x, x0: got.append((x.clone(), x0.clone())),
+          callback_x0=True)
+    sig = glm_sigmas(2, ours["sched"], image_seq_len=(H // 16) * (W // 16))
+    # Euler: x_{i+1} = x_i + (s_{i+1} - s_i) v ; flow prediction x0 = x_i - s_i v
+    x1, x0_0 = got[0]
+    v = (x1 - latents) / (sig[1] - sig[0])
+    assert torch.allclose(x0_0, latents - sig[0] * v, atol=1e-4)
+    x2, x0_1 = got[1]
+    assert torch.allclose(x0_1, x2, atol=1e-5)         # final sigma is 0: x0 of the last step = result

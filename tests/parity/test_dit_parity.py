@@ -193,3 +193,10 @@ def test_bf16_compute_close_to_reference_bf16(models):
     a = ref16.eval()(x.bfloat16(), ehs.bfloat16(), ids, drop, **kw16).sample.float()
     b = o16(x.bfloat16(), ehs.bfloat16(), ids, drop, **kw16).float()
     assert b.dtype == torch.float32 and _diff(a, b) <= 0.05 * a.abs().max().item()
+
+
+def test_load_dit_dtype_and_no_meta(tiny_ckpt):
+    m = load_dit(f"{tiny_ckpt}/transformer", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters())
+    assert not any(p.requires_grad for p in m.parameters())
+    assert m.compute_dtype == torch.bfloat16

@@ -80,10 +80,9 @@ class ByT5Tokenizer:
             added_tokens = {259 + i: {"content": f"<extra_id_{i}>"} for i in range(int(extra_ids))}
         for i, t in added_tokens.items():
             i = int(i)
-            if i in (0, 1, 2):
-                continue   # ByT5Tokenizer fixes ids 0-2 to pad/eos/unk (always stripped)
-            tokens[i] = {"content": t["content"], "lstrip": bool(t.get("lstrip", False)),
-                         "rstrip": bool(t.get("rstrip", False))}
+            strip = i in tokens   # pad/eos/unk strip surrounding whitespace unless the config says otherwise
+            tokens[i] = {"content": t.get("content", tokens.get(i, {}).get("content")),
+                         "lstrip": bool(t.get("lstrip", strip)), "rstrip": bool(t.get("rstrip", strip))}
         self.added_tokens_decoder = tokens
         self.added_tokens_encoder = {t["content"]: i for i, t in tokens.items()}
         alts = sorted(self.added_tokens_encoder, key=len, reverse=True)

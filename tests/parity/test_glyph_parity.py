@@ -109,3 +109,22 @@ def test_batch_left_padding_matches_pipeline(pipe, ours):
 def test_texts_api_and_dtype(ours):
     e = encode_glyph_texts(*ours, ["Hi", "Yo"], "cpu", torch.bfloat16)
     assert e.dtype == torch.bfloat16 and e.shape[:2] == (1, 8)
+
+
+def test_tokenizer_honours_folder_strip_flags(tmp_path, tiny_ckpt):
+    """Added-token lstrip/rstrip come from tokenizer_config.json (transformers does the same)."""
+    import json
+    import shutil
+    from transformers import ByT5Tokenizer as HFByT5
+    d = tmp_path / "tokenizer"
+    shutil.copytree(f"{tiny_ckpt}/tokenizer", d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    for k in ("0", "1", "2"):
+        cfg["added_tokens_decoder"][k].update(lstrip=False, rstrip=False)
+    cfg["added_tokens_decoder"]["259"].update(lstrip=True, rstrip=True)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ref, ours = HFByT5.from_pretrained(str(d)), load_glyph_tokenizer(str(d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for text in ["x </s> y", " <pad> a", "a  <extra_id_0>  b", "q <unk>", "<extra_id_0> x"]:
+            assert ours.encode(text) == ref([text]).input_ids[0], text

@@ -54,7 +54,7 @@ def test_state_dict_keys(pipe, ours):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("lengths", [[5], [4, 4], [3, 9, 1], [17, 2]])
+@pytest.mark.parametrize("lengths", [[5], [4, 4], [3, 9, 1], [17, 2], [300, 150]])
 def test_t5_encoder_matches_transformers(pipe, ours, lengths):
     g = torch.Generator().manual_seed(sum(lengths))
     n = max(lengths)

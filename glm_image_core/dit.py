@@ -179,26 +179,21 @@ class ReferenceKVCache:
 # Building blocks (module paths mirror diffusers so the state-dict keys match)
 # --------------------------------------------------------------------------------------
 
-def _act(name: str):
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_tanh":
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "silu":
-        return F.silu
-    raise ValueError(name)
-
-
 class _ActProj(nn.Module):
     """diffusers ``GELU`` / ``LinearActivation``: ``act(proj(x))``."""
 
     def __init__(self, din, dout, act, ops, dtype, device):
         super().__init__()
+        if act not in ("gelu", "gelu_tanh", "silu"):
+            raise ValueError(act)
         self.proj = ops.Linear(din, dout, bias=True, dtype=dtype, device=device)
-        self._act = _act(act)
+        self.act = act
 
     def forward(self, x):
-        return self._act(self.proj(x))
+        x = self.proj(x)
+        if self.act == "gelu_tanh":
+            return F.gelu(x, approximate="tanh")
+        return F.gelu(x) if self.act == "gelu" else F.silu(x)
 
 
 class _FeedForward(nn.Module):

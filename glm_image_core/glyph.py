@@ -189,9 +189,13 @@ def _gelu_new(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
 _T5_ACTS = {
     "gelu_new": _gelu_new,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": _gelu_tanh,
     "gelu": F.gelu,
     "relu": F.relu,
     "silu": F.silu,

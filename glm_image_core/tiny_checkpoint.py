@@ -423,6 +423,19 @@ COMPONENT_WEIGHTS: Dict[str, Tuple[str, str, Callable[[dict], Iterator[Tuple[str
 }
 
 
+def _keep_sampling_in_codebook(sd: Dict[str, torch.Tensor], ar_cfg: dict, scale: float = 3.0) -> None:
+    """Make the random AR behave like the trained one in the image phase: the lm_head rows past the
+    codebook (EOS 16385 and the other non-image ids) get logit 0 and the codebook rows are scaled up,
+    so top-p (0.75) never keeps a non-codebook id. The official pipeline would otherwise sample such
+    an id now and then and crash (a short grid / out-of-range prior id), and no seed-parity test
+    could be run against it. Tests of the pack's never-short-grid guarantee build adversarial heads
+    of their own."""
+    n = int(ar_cfg["vq_config"]["num_embeddings"])
+    w = sd["lm_head.weight"]
+    w[n:] = 0.0
+    w[:n] *= scale
+
+
 def _write_json(path: str, obj: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -448,6 +461,8 @@ def write_checkpoint(folder: str, size: str = "tiny", seed: int = 0, max_shard_b
         _write_json(os.path.join(folder, rel), obj)
     for comp, (cfg_rel, w_rel, shapes_fn, offset) in COMPONENT_WEIGHTS.items():
         sd = random_state_dict(shapes_fn(cfgs[cfg_rel]), seed * 100 + offset)
+        if comp == "vision_language_encoder":
+            _keep_sampling_in_codebook(sd, cfgs[cfg_rel])
         path = os.path.join(folder, w_rel)
         if max_shard_bytes and comp in ("vision_language_encoder", "transformer"):
             save_sharded(sd, path, max_shard_bytes)

@@ -105,3 +105,13 @@ class Host:
         imgs = result["outputs"][node_id]["images"]
         return [os.path.join(self.folder_paths.get_directory_by_type(i["type"]), i.get("subfolder", ""), i["filename"])
                 for i in imgs]
+
+
+def node_output(host: "Host", node_id: str, index: int = 0):
+    """The value a node produced in the last run (read from the executor's output cache)."""
+    entry = host.executor.caches.outputs.get(node_id)
+    if entry is None:
+        raise KeyError(f"node {node_id} has no cached output")
+    outs = entry.outputs if hasattr(entry, "outputs") else entry
+    val = outs[index]
+    return val[0] if isinstance(val, list) and len(val) == 1 else val

@@ -91,6 +91,15 @@ class no_init_ops:
     GroupNorm = _NoInitGroupNorm
 
 
+def default_compute_dtype(storage_dtype) -> torch.dtype:
+    """Activations dtype for a given weight storage dtype: the same for fp32/fp16/bf16 (and fp64),
+    float32 otherwise (e.g. fp8 storage cast per forward by ComfyUI's ops). Override with the
+    model's ``compute_dtype`` attribute."""
+    if storage_dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return storage_dtype
+    return torch.float32
+
+
 def _loading_ops(operations):
     return no_init_ops if operations is torch.nn else operations
 
@@ -366,7 +375,7 @@ class GlmImageDiT(nn.Module):
     target_size, crop_coords, kv_cache=None)`` returns the flow velocity [B, C, h, w].
     """
 
-    def __init__(self, config: dict, dtype=None, device=None, operations=torch.nn):
+    def __init__(self, config: dict, dtype=None, device=None, operations=torch.nn, compute_dtype=None):
         super().__init__()
         cfg = dict(DEFAULT_DIT_CONFIG)
         cfg.update({k: v for k, v in (config or {}).items() if not str(k).startswith("_") and v is not None})
@@ -385,7 +394,7 @@ class GlmImageDiT(nn.Module):
         self.eps = float(cfg["norm_eps"])
         self.rope_theta = float(cfg["rope_theta"])
         self.max_period = cfg["timestep_max_period"]
-        self.compute_dtype = dtype if dtype is not None else torch.float32
+        self.compute_dtype = default_compute_dtype(dtype) if compute_dtype is None else compute_dtype
 
         self.image_projector = _ImageProjector(self.in_channels, D, p, ops, dtype, device)
         self.glyph_projector = _FeedForward(self.text_embed_dim, D, D, "gelu", ops, dtype, device)
@@ -535,11 +544,13 @@ class GlmImageDiT(nn.Module):
         return ReferenceKVCache(self.num_layers)
 
 
-def load_dit(component_dir: str, dtype=torch.float32, device="cpu", operations=torch.nn) -> GlmImageDiT:
+def load_dit(component_dir: str, dtype=torch.float32, device="cpu", operations=torch.nn,
+             compute_dtype=None) -> GlmImageDiT:
     """Build ``GlmImageDiT`` from ``transformer/config.json`` and (sharded) safetensors, strict load."""
     cfg = read_json(os.path.join(component_dir, "config.json"))
     files = weight_files(component_dir)
-    model = GlmImageDiT(cfg, dtype=dtype, device="meta", operations=_loading_ops(operations))
+    model = GlmImageDiT(cfg, dtype=dtype, device="meta", operations=_loading_ops(operations),
+                        compute_dtype=compute_dtype)
     sd = load_safetensors(files, device=device, dtype=dtype)
     _assign_strict(model, sd, "GLM-Image DiT (transformer/)")
     model.eval().requires_grad_(False)

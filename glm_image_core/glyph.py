@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_safetensors, read_json, weight_files
-from .dit import _assign_strict, _loading_ops
+from .dit import _assign_strict, _loading_ops, default_compute_dtype
 
 MAX_GLYPH_TOKENS = 2048  # the pipeline's max_sequence_length default
 
@@ -355,13 +355,13 @@ def _t5_act(c: dict):
 class GlyphT5Encoder(nn.Module):
     """ByT5 ``T5EncoderModel``: ``forward(input_ids [B, S], attention_mask [B, S]) -> [B, S, d_model]``."""
 
-    def __init__(self, config: dict, dtype=None, device=None, operations=torch.nn):
+    def __init__(self, config: dict, dtype=None, device=None, operations=torch.nn, compute_dtype=None):
         super().__init__()
         c = dict(DEFAULT_T5_CONFIG)
         c.update({k: v for k, v in (config or {}).items() if v is not None})
         self.config = c
         self.d_model = int(c["d_model"])
-        self.compute_dtype = dtype if dtype is not None else torch.float32
+        self.compute_dtype = default_compute_dtype(dtype) if compute_dtype is None else compute_dtype
         gated, act = _t5_act(c)
         self.shared = operations.Embedding(c["vocab_size"], c["d_model"], dtype=dtype, device=device)
         self.encoder = _T5Stack(c, gated, act, operations, dtype, device)
@@ -391,12 +391,14 @@ class GlyphT5Encoder(nn.Module):
         return self.encoder.final_layer_norm(h)
 
 
-def load_glyph_encoder(component_dir: str, dtype=torch.float32, device="cpu", operations=torch.nn) -> GlyphT5Encoder:
+def load_glyph_encoder(component_dir: str, dtype=torch.float32, device="cpu", operations=torch.nn,
+                       compute_dtype=None) -> GlyphT5Encoder:
     """Build ``GlyphT5Encoder`` from ``text_encoder/config.json`` + safetensors (strict; the tied
     ``encoder.embed_tokens.weight`` may be present or absent)."""
     cfg = read_json(os.path.join(component_dir, "config.json"))
     files = weight_files(component_dir)
-    model = GlyphT5Encoder(cfg, dtype=dtype, device="meta", operations=_loading_ops(operations))
+    model = GlyphT5Encoder(cfg, dtype=dtype, device="meta", operations=_loading_ops(operations),
+                   compute_dtype=compute_dtype)
     sd = load_safetensors(files, device=device, dtype=dtype)
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")

@@ -346,16 +346,25 @@ class GlmImageBlock(nn.Module):
         o = outs[0] if P == 1 else torch.cat(outs, dim=1)
         a = attn.to_out[0](o.flatten(2, 3).to(q.dtype))                # [B, T, D]
 
-        new_ctxs, off = [], 0
+        inplace = not (torch.is_grad_enabled() and (X.requires_grad or a.requires_grad))
+        new_ctxs, xs, off = [], [], 0
         for p in range(P):
             L = ctxs[p].shape[1]
-            X[p] += a[:, off + L:off + L + N] * g
+            if inplace:
+                X[p] += a[:, off + L:off + L + N] * g
+            else:
+                xs.append(X[p] + a[:, off + L:off + L + N] * g)
             new_ctxs.append(None if last else ctxs[p] + a[:, off:off + L] * cg)
             off += L + N
+        if not inplace:
+            X = torch.stack(xs)
 
         # 2. Feed-forward: image streams of all passes in one GEMM, context per pass
         nx = F.layer_norm(X, (D,), eps=eps) * (1 + sc2) + sh2
-        X += self.ff(nx) * g2
+        if inplace:
+            X += self.ff(nx) * g2
+        else:
+            X = X + self.ff(nx) * g2
         if not last:   # the context stream after the last block is never used
             for p in range(P):
                 c = new_ctxs[p]

@@ -200,3 +200,16 @@ def test_load_dit_dtype_and_no_meta(tiny_ckpt):
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters())
     assert not any(p.requires_grad for p in m.parameters())
     assert m.compute_dtype == torch.bfloat16
+
+
+def test_forward_with_autograd(models):
+    """Grad-enabled forward (e.g. for training tools) gives the same output and backpropagates."""
+    _, ours = models
+    x, ehs, ids, kw = _inputs(models[0].config, B=1)
+    with torch.no_grad():
+        ref = ours(x, ehs, ids, False, **kw)
+    xg = x.clone().requires_grad_(True)
+    out = ours(xg, ehs, ids, False, **kw)
+    assert torch.equal(out.detach(), ref)
+    out.square().mean().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0

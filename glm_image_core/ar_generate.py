@@ -65,6 +65,7 @@ class ARResult:
     replaced: List[int] = field(default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    logits: Optional[torch.Tensor] = None     # [B, n, V] raw float32 logits (return_logits=True only)
 
     @property
     def tokens_per_second(self) -> float:
@@ -128,8 +129,8 @@ class CodebookSampler:
 
 
 def _generator(seed: int, device) -> torch.Generator:
-    dev = torch.device(device)
-    g = torch.Generator(device=dev.type if dev.type != "cuda" else dev)
+    """A private generator on ``device`` seeded like ``torch.manual_seed(seed)`` seeds the default one."""
+    g = torch.Generator(device=torch.device(device))
     g.manual_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
     return g
 

@@ -1,0 +1,179 @@
+"""AR decode benchmark: glm_image_core's sampler vs transformers' ``generate`` (the official pipeline's
+AR call), same weights, same prompt, same settings, in one process, alternating runs.
+
+Standalone (no ComfyUI). Writes the "medium" random checkpoint (reference-oracle.md §4) to a temp
+folder, then times a 256×256 text-to-image AR pass (256 preview + 64 grid tokens; transformers also
+samples the final end marker: 321 tokens) with do_sample, temperature 0.9, top_p 0.75,
+top_k 16512 (the official generation_config). Prints a Markdown table.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_ar.py [--reps 5] [--size 256] [--threads 1]
+
+Rows: ``ours`` (default loader: bit-exact with transformers), ``ours+cpu-layout`` (``load_ar(...,
+cpu_gemv_layout=True)``: big weights stored column-major for MKL's one-row GEMM; float-rounding-level
+logit differences), ``transformers``. Peak RSS is measured per side in a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "_support"))
+
+PROMPT = "A photo of a cat holding a sign that says \"hello\""
+
+
+def _load(folder: str, which: str):
+    import torch
+    from glm_image_core import ar_model, ar_prompt
+    vle = os.path.join(folder, "vision_language_encoder")
+    if which == "hf":
+        import glmtest_oracle
+        from transformers import GlmImageForConditionalGeneration, GlmImageProcessor
+        m = glmtest_oracle.realign(GlmImageForConditionalGeneration.from_pretrained(vle, torch_dtype=torch.float32)).eval()
+        proc = GlmImageProcessor.from_pretrained(os.path.join(folder, "processor"))
+        return m, proc
+    tok = ar_prompt.GlmTokenizer.from_folder(os.path.join(folder, "processor"))
+    return ar_model.load_ar(vle, cpu_gemv_layout=(which == "ours+cpu-layout")), tok
+
+
+def _run(which: str, obj, size: int, seed: int):
+    """(seconds, tokens sampled, grid tokens)"""
+    import torch
+    from glm_image_core import ar_generate, ar_prompt
+    if which == "hf":
+        m, proc = obj
+        inputs = proc.apply_chat_template([[{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]],
+                                          tokenize=True, target_h=size, target_w=size, return_dict=True,
+                                          return_tensors="pt")
+        n = ar_prompt.max_new_tokens(size, size)
+        torch.manual_seed(seed)
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = m.generate(**inputs, max_new_tokens=n, do_sample=True)
+        dt = time.perf_counter() - t
+        gen = out[0, inputs["input_ids"].shape[1]:]
+        return dt, int(gen.numel()), gen
+    m, tok = obj
+    t = time.perf_counter()
+    r = ar_generate.generate_tokens(m, tok, PROMPT, size, size, seed)
+    dt = time.perf_counter() - t
+    return dt, r.num_generated, torch.cat([r.preview.reshape(-1), r.grid.reshape(-1)])
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would include the forking parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_child(folder: str, which: str, size: int) -> None:
+    import torch  # noqa: F401  (baseline: torch imported)
+    base = _peak_rss_mb()
+    obj = _load(folder, which)
+    _run(which, obj, size, 0)
+    print(json.dumps({"rss_mb": _peak_rss_mb(), "torch_import_mb": base}))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+    ap.add_argument("--folder", default=None, help="an existing medium checkpoint (default: write one)")
+    ap.add_argument("--no-rss", action="store_true", help="skip the per-side peak-RSS subprocesses")
+    ap.add_argument("--_rss-child", nargs=2, metavar=("FOLDER", "WHICH"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(a.threads)
+    if a._rss_child:
+        _rss_child(a._rss_child[0], a._rss_child[1], a.size)
+        return 0
+
+    tmp = None
+    folder = a.folder
+    if folder is None:
+        from glm_image_core.tiny_checkpoint import write_checkpoint
+        tmp = tempfile.TemporaryDirectory(prefix="glm-bench-ar-")
+        folder = write_checkpoint(os.path.join(tmp.name, "GLM-Image-medium"), "medium", seed=0)
+    sides = ["ours", "ours+cpu-layout", "hf"]
+    objs = {s: _load(folder, s) for s in sides}
+    for s in sides:                       # warm-up (first-call allocations, lazy inits)
+        _run(s, objs[s], 64, 123)
+    times = {s: [] for s in sides}
+    counts = {}
+    toks = {}
+    for rep in range(a.reps):
+        order = sides if rep % 2 == 0 else sides[::-1]
+        for s in order:
+            dt, n, gen = _run(s, objs[s], a.size, rep)
+            times[s].append(dt)
+            counts[s] = n
+            if rep == 0:
+                toks[s] = gen
+    # sanity: same seed, same tokens (ours stops before the end marker; unrestricted = the pipeline's choice)
+    from glm_image_core import ar_generate
+    m, tok = objs["ours"]
+    ru = ar_generate.generate_tokens(m, tok, PROMPT, a.size, a.size, 0, restrict_to_codebook=False)
+    unres = torch.cat([ru.preview.reshape(-1), ru.grid.reshape(-1)])
+    same_unres = bool(torch.equal(unres, toks["hf"][:unres.numel()]))
+    same_restricted = bool(torch.equal(toks["ours"], toks["hf"][:toks["ours"].numel()]))
+    same_layout = bool(torch.equal(toks["ours"], toks["ours+cpu-layout"]))
+
+    rss, base = {}, {}
+    if not a.no_rss:
+        for s in sides:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--size", str(a.size), "--threads",
+                                  str(a.threads), "--_rss-child", folder, s], capture_output=True, text=True,
+                                 env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
+            try:
+                d = json.loads(out.stdout.strip().splitlines()[-1])
+                rss[s], base[s] = d["rss_mb"], d["torch_import_mb"]
+            except Exception:
+                rss[s] = base[s] = float("nan")
+
+    hf_med = statistics.median(times["hf"]) / counts["hf"]
+    hf_min = min(times["hf"]) / counts["hf"]
+    print(f"\n### AR decode, medium checkpoint, {a.size}x{a.size} t2i, CPU fp32, {a.threads} thread(s), "
+          f"{a.reps} alternating reps\n")
+    print("| implementation | tokens | median s | min s | median ms/token | min ms/token | tokens/s (median) "
+          "| speed-up vs transformers (median / min) | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s in sides:
+        med, mn = statistics.median(times[s]), min(times[s])
+        n = counts[s]
+        per_med, per_min = med / n, mn / n
+        ratio = f"{hf_med / per_med:.2f}x / {hf_min / per_min:.2f}x"
+        name = "transformers generate" if s == "hf" else s
+        print(f"| {name} | {n} | {med:.2f} | {mn:.2f} | {per_med * 1e3:.2f} | {per_min * 1e3:.2f} | "
+              f"{1 / per_med:.1f} | {ratio} | {rss.get(s, float('nan')):.0f} |")
+    print(f"\nall times (s): " + "; ".join(f"{s}: " + ", ".join(f"{t:.2f}" for t in times[s]) for s in sides))
+    if base:
+        print(f"peak RSS is per side in a fresh process (model load + one run); `import torch` alone: "
+              f"{min(base.values()):.0f} MB")
+    print(f"tokens, seed 0: ours (unrestricted) == transformers: {same_unres}; ours (codebook-restricted) == "
+          f"transformers: {same_restricted}; ours == ours+cpu-layout: {same_layout}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -31,6 +31,7 @@ ROOT = os.path.dirname(HERE)
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 VIRTUAL = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+UPLOAD_FLAGS = {"image_upload": "image", "video_upload": "video", "audio_upload": "audio"}
 
 
 class ConversionError(ValueError):
@@ -42,7 +43,9 @@ def is_ui_workflow(obj) -> bool:
 
 
 def _widget_inputs(info: dict):
-    """(name, has_control) for each input of a node definition that the frontend draws as a widget."""
+    """(name, has_control) for each input of a node definition that the frontend draws as a widget.
+    has_control is True (a seed's control value follows), False, or the value of the upload button
+    the frontend adds after a combo flagged image_upload (LoadImage saves ["x.png", "image"])."""
     order = info.get("input_order") or {k: list(v) for k, v in info.get("input", {}).items()}
     for section in ("required", "optional"):
         specs = info.get("input", {}).get(section, {}) or {}
@@ -59,6 +62,10 @@ def _widget_inputs(info: dict):
                     control = ctrl if ctrl is not None else name in ("seed", "noise_seed")
                 else:
                     control = bool(opts.get("control_after_generate"))
+                    upload = next((v for k, v in UPLOAD_FLAGS.items() if opts.get(k)), None)
+                    if upload is not None:
+                        yield name, upload
+                        continue
                 yield name, bool(control)
 
 
@@ -119,7 +126,10 @@ def convert(ui: dict, object_info: dict) -> dict:
                                       f"(widgets_values has {len(values)})")
             inputs[name] = values[pos]
             pos += 1
-            if control:
+            if isinstance(control, str):          # the upload button's value
+                if pos < len(values) and values[pos] == control:
+                    pos += 1
+            elif control:
                 if pos < len(values) and values[pos] in CONTROL_VALUES:
                     pos += 1
         if pos != len(values):

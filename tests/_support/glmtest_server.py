@@ -29,6 +29,7 @@ def start(base_dir: str, tiny_ckpt: str, name: str) -> ComfyServer:
     """Start a server for a test module; fails the module (not skips) when it does not come up.
     `name` names the server log copied to test-artifacts/ when it stops."""
     server = ComfyServer(str(base_dir), diffusers={TINY_NAME: tiny_ckpt})
+    copy_example_inputs(os.path.join(str(base_dir), "input"))
     server.artifact_name = name
     try:
         server.start(timeout=300)
@@ -36,6 +37,16 @@ def start(base_dir: str, tiny_ckpt: str, name: str) -> ComfyServer:
         stop(server)
         pytest.fail(f"ComfyUI server did not start: {e}", pytrace=False)
     return server
+
+
+def copy_example_inputs(input_dir: str) -> list[str]:
+    """The example images the committed workflows load (LoadImage reads the input folder)."""
+    import shutil
+    os.makedirs(input_dir, exist_ok=True)
+    names = sorted(f for f in os.listdir(WORKFLOWS) if f.lower().endswith(".png"))
+    for f in names:
+        shutil.copyfile(os.path.join(WORKFLOWS, f), os.path.join(input_dir, f))
+    return names
 
 
 def stop(server: ComfyServer) -> None:

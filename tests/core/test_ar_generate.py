@@ -116,7 +116,7 @@ def test_ar_built_through_operations(tiny_ckpt):
     pos = torch.arange(5).expand(3, 5)
     a = m(ids, pos, dtype=torch.float32)
     b = ref(ids, pos)
-    assert a.dtype == torch.float32 and (a - b).abs().max().item() < 0.1
+    assert a.dtype == torch.float32 and (a - b).abs().max().item() < 0.03 * b.abs().max().item()
 
 
 def test_ar_generate_shapes_and_callback(model, tok):

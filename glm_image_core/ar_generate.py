@@ -188,7 +188,7 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
     replaced = torch.zeros(B, dtype=torch.long, device=device)
     logits_log = [] if return_logits else None
 
-    with torch.inference_mode():
+    with torch.no_grad():
         cache = model.new_cache(B, L + n_gen, dtype=dtype, device=device)
         t0 = time.perf_counter()
         inp = ids.to(device)[None].expand(B, L)
@@ -210,8 +210,8 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
                 callback(i + 1, n_gen, PHASE_PREVIEW if i < n_preview else PHASE_GRID)
         t2 = time.perf_counter()
 
-    grid = out[:, n_preview:].reshape(B, layout.token_h, layout.token_w)
-    preview = out[:, :n_preview].reshape(B, layout.preview_h, layout.preview_w) if n_preview else None
+    grid = out[:, n_preview:].reshape(B, layout.token_h, layout.token_w).contiguous()
+    preview = out[:, :n_preview].reshape(B, layout.preview_h, layout.preview_w).contiguous() if n_preview else None
     res = ARResult(grid=grid, preview=preview, input_ids=ids, num_prompt_tokens=L, num_generated=n_gen,
                    replaced=[int(x) for x in replaced.tolist()], prefill_seconds=t1 - t0, decode_seconds=t2 - t1)
     if logits_log is not None:
@@ -257,7 +257,7 @@ def tokenize_references(model, images: Sequence[torch.Tensor], processor_cfg: di
         r, g = image_proc.preprocess_reference(img, processor_cfg)
         rows.append(r)
         grids.append(g)
-    with torch.inference_mode():
+    with torch.no_grad():
         feats = model.image_features(torch.cat(rows).to(device), grids, dtype=dtype)
         return [t.to(torch.long) for t in model.image_tokens(feats, grids)]
 

@@ -141,7 +141,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Partial rotary (first ``cos.shape[-1]`` dims, rotate-half) of q, k [B, heads, L, D];
-    cos/sin [B, L, rot]."""
+    cos/sin [B, L, rot]. transformers' formula, kept for reference and tests."""
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
     rot = cos.shape[-1]
@@ -150,6 +150,23 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     q_embed = (q_rot * cos) + (rotate_half(q_rot) * sin)
     k_embed = (k_rot * cos) + (rotate_half(k_rot) * sin)
     return torch.cat([q_embed, q_pass], dim=-1), torch.cat([k_embed, k_pass], dim=-1)
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``[-sin_lo, sin_hi]``: with it, ``rotate_half(x) * sin == roll_half(x) * signed_sin`` exactly
+    (negation is exact), saving the negation kernel."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def rotary_fused(x: torch.Tensor, cos: torch.Tensor, sin_s: torch.Tensor) -> torch.Tensor:
+    """Partial rotary of x [B, heads, L, D] (q and k concatenated on the head axis) with cos and
+    :func:`signed_sin` [B, 1, L, rot]; bit-identical to :func:`apply_rotary`, fewer kernels."""
+    rot = cos.shape[-1]
+    half = rot // 2
+    xr = x[..., :rot]
+    rolled = torch.cat([xr[..., half:], xr[..., :half]], dim=-1)
+    return torch.cat([xr * cos + rolled * sin_s, x[..., rot:]], dim=-1)
 
 
 class KVCache:
@@ -182,7 +199,9 @@ class TextAttention(nn.Module):
         q = self.q_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, k, cos, sin)
+        # q and k rotated together (cos / signed sin are [B, 1, L, rot], prepared once per forward)
+        qk = rotary_fused(torch.cat([q, k], dim=1), cos, sin)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         gqa = self.num_heads != self.num_kv_heads
         if cache is not None:
             cache.k[self.layer_idx, :, :, start:start + L] = k
@@ -269,6 +288,10 @@ class TextModel(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[KVCache] = None, start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Decoder stack on embeddings x [B, L, H] with rotary tables cos/sin [B or 1, L, rot]
+        (from :meth:`rope`); returns the final-normed hidden states (last position only if asked)."""
+        cos = cos.unsqueeze(1)
+        sin = signed_sin(sin).unsqueeze(1)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, start)
         if last_only:

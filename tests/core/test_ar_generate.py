@@ -200,3 +200,15 @@ def test_ar_compile_same_tokens(model, tok):
     a = ar_generate.generate_tokens(model, tok, PROMPT, 64, 64, 0)
     b = ar_generate.generate_tokens(model, tok, PROMPT, 64, 64, 0, compile=True)
     assert torch.equal(a.grid, b.grid) and torch.equal(a.preview, b.preview)
+
+
+def test_ar_rotary_fused_is_bit_identical():
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(2, 4, 5, 16, generator=g).to(dtype)
+        k = torch.randn(2, 2, 5, 16, generator=g).to(dtype)
+        ang = torch.randn(2, 5, 8, generator=g)
+        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+        rq, rk = ar_model.apply_rotary(q, k, cos, sin)
+        qk = ar_model.rotary_fused(torch.cat([q, k], 1), cos.unsqueeze(1), ar_model.signed_sin(sin).unsqueeze(1))
+        assert torch.equal(qk[:, :4], rq) and torch.equal(qk[:, 4:], rk)

@@ -562,5 +562,5 @@ def load_dit(component_dir: str, dtype=torch.float32, device="cpu", operations=t
                         compute_dtype=compute_dtype)
     sd = load_safetensors(files, device=device, dtype=dtype)
     _assign_strict(model, sd, "GLM-Image DiT (transformer/)")
-    model.eval().requires_grad_(False)
+    model.train(False).requires_grad_(False)
     return model

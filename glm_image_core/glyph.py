@@ -404,7 +404,7 @@ def load_glyph_encoder(component_dir: str, dtype=torch.float32, device="cpu", op
         sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")
     _assign_strict(model, sd, "GLM-Image glyph encoder (text_encoder/)",
                    ignore_unexpected=("encoder.embed_tokens.weight",))
-    model.eval().requires_grad_(False)
+    model.train(False).requires_grad_(False)
     return model
 
 

@@ -302,7 +302,7 @@ def load_vae(component_dir: str, dtype: Optional[torch.dtype] = None, device=Non
     model = GlmImageVAE(config, dtype=dtype, device=device, operations=operations)
     sd = ckpt.load_safetensors(ckpt.weight_files(component_dir), device="cpu", dtype=dtype)
     ckpt.load_state_dict_strict(model, sd, "GLM-Image VAE (vae/config.json)")
-    return model.eval().requires_grad_(False)
+    return model.train(False).requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class LazyComponent:
                 log.info("GLM-Image: loading %s (%s weights, %s compute) from %s",
                          self.spec.name, weight, compute, self.spec.component_dir)
                 model = self.spec.build(weight, self.offload_device, ops)
-                model.eval().requires_grad_(False)
+                model.train(False).requires_grad_(False)
                 self._patcher = comfy.model_patcher.ModelPatcher(
                     model, load_device=self.load_device, offload_device=self.offload_device)
                 self._patcher.glm_compute_dtype = compute

@@ -118,7 +118,7 @@ class GlmImageComfyVAE(comfy.sd.VAE):
         self.extra_1d_channel = None
         self.crop_input = True
 
-        self.first_stage_model = model.eval()
+        self.first_stage_model = model.train(False)
         self.device = device
         self.vae_dtype = vae_dtype
         self.output_device = mm.intermediate_device()

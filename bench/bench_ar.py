@@ -11,6 +11,11 @@ top_k 16512 (the official generation_config). Prints a Markdown table.
 Rows: ``ours`` (default loader: bit-exact with transformers), ``ours+cpu-layout`` (``load_ar(...,
 cpu_gemv_layout=True)``: big weights stored column-major for MKL's one-row GEMM; float-rounding-level
 logit differences), ``transformers``. Peak RSS is measured per side in a fresh subprocess.
+
+Reading the numbers: a one-row decode step must stream every decoder weight and the lm_head once
+(130 MB at fp32 for the medium config), so on a CPU it is memory-bandwidth bound. The table's
+"weight GB/s" column shows how close each implementation gets; the footer gives this machine's
+streaming bandwidth and the resulting upper bound on any speed-up over transformers.
 """
 
 from __future__ import annotations
@@ -83,6 +88,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def _rss_child(folder: str, which: str, size: int) -> None:
     import torch  # noqa: F401  (baseline: torch imported)
     base = _peak_rss_mb()
@@ -149,13 +160,21 @@ def main(argv=None) -> int:
             except Exception:
                 rss[s] = base[s] = float("nan")
 
+    # bytes of weights one decode step must read (decoder linears + lm_head): the memory-bandwidth floor
+    m0 = objs["ours"][0]
+    step_bytes = sum(mod.weight.numel() * mod.weight.element_size() for name, mod in m0.named_modules()
+                     if isinstance(mod, torch.nn.Linear) and (name.startswith("model.language_model")
+                                                              or name == "lm_head"))
+    big = torch.ones(64 * 1024 * 1024)          # 256 MB: streaming-read bandwidth of this machine
+    bw = max(big.numel() * 4 / _timed(lambda: big.sum()) for _ in range(5))
+    del big
     hf_med = statistics.median(times["hf"]) / counts["hf"]
     hf_min = min(times["hf"]) / counts["hf"]
     print(f"\n### AR decode, medium checkpoint, {a.size}x{a.size} t2i, CPU fp32, {a.threads} thread(s), "
           f"{a.reps} alternating reps\n")
     print("| implementation | tokens | median s | min s | median ms/token | min ms/token | tokens/s (median) "
-          "| speed-up vs transformers (median / min) | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| speed-up vs transformers (median / min) | weight GB/s (min) | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in sides:
         med, mn = statistics.median(times[s]), min(times[s])
         n = counts[s]
@@ -163,8 +182,13 @@ def main(argv=None) -> int:
         ratio = f"{hf_med / per_med:.2f}x / {hf_min / per_min:.2f}x"
         name = "transformers generate" if s == "hf" else s
         print(f"| {name} | {n} | {med:.2f} | {mn:.2f} | {per_med * 1e3:.2f} | {per_min * 1e3:.2f} | "
-              f"{1 / per_med:.1f} | {ratio} | {rss.get(s, float('nan')):.0f} |")
-    print(f"\nall times (s): " + "; ".join(f"{s}: " + ", ".join(f"{t:.2f}" for t in times[s]) for s in sides))
+              f"{1 / per_med:.1f} | {ratio} | {step_bytes / per_min / 1e9:.1f} | {rss.get(s, float('nan')):.0f} |")
+    print(f"\none decode step reads {step_bytes / 1e6:.0f} MB of fp32 weights; 'weight GB/s' = that / (min s per "
+          f"token), i.e. how close each run gets to the machine's memory bandwidth (the floor of a one-row decode). "
+          f"Streaming-read bandwidth here (torch.sum over 256 MB): {bw / 1e9:.1f} GB/s -> no fp32 decode step can "
+          f"take less than {step_bytes / bw * 1e3:.1f} ms/token, i.e. at most "
+          f"{hf_min * bw / step_bytes:.1f}x transformers' best ms/token on this machine")
+    print(f"all times (s): " + "; ".join(f"{s}: " + ", ".join(f"{t:.2f}" for t in times[s]) for s in sides))
     if base:
         print(f"peak RSS is per side in a fresh process (model load + one run); `import torch` alone: "
               f"{min(base.values()):.0f} MB")

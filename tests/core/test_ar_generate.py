@@ -212,3 +212,27 @@ def test_ar_rotary_fused_is_bit_identical():
         rq, rk = ar_model.apply_rotary(q, k, cos, sin)
         qk = ar_model.rotary_fused(torch.cat([q, k], 1), cos.unsqueeze(1), ar_model.signed_sin(sin).unsqueeze(1))
         assert torch.equal(qk[:, :4], rq) and torch.equal(qk[:, 4:], rk)
+
+
+def test_ar_top_p_mask_fast_equals_reference():
+    """The sort-free top-p mask equals transformers' formula bit for bit, ties and -inf included."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for t in range(60):
+        x = torch.randn(1 + t % 3, 16512, generator=g) * (0.3 + 0.2 * (t % 10))
+        if t % 4 == 1:      # many exact ties (quantised logits), some straddling the cut
+            x = (x * 4).round() / 4
+        if t % 4 == 2:      # top-k style -inf entries
+            x[:, torch.randperm(16512, generator=g)[:9000]] = -float("inf")
+        if t % 4 == 3:      # peaky
+            x[:, :20] += 12
+        cases.append(x)
+    fallbacks = 0
+    for x in cases:
+        for top_p in (0.75, 0.3, 0.95, 0.01):
+            ref = ar_generate.top_p_remove_mask_reference(x, top_p)
+            fast = ar_generate.top_p_remove_mask(x, top_p)
+            assert torch.equal(ref, fast)
+            sv = torch.sort(x).values
+            fallbacks += int(bool((sv[:, 1:] == sv[:, :-1]).any()))
+    assert fallbacks > 0        # tie cases were exercised

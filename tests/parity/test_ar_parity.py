@@ -158,6 +158,32 @@ def test_ar_multinomial_is_exponential_argmax(batch):
     assert torch.equal(a, (p / torch.empty_like(p).exponential_(1, generator=g)).argmax(-1))
 
 
+@pytest.mark.parametrize("top_k", [0, 16512, 50])
+@pytest.mark.parametrize("top_p", [0.75, 0.3, 1.0])
+def test_ar_sampler_matches_transformers_warpers(top_k, top_p):
+    """CodebookSampler(restrict=False) == transformers' Temperature -> TopK -> TopP -> softmax ->
+    multinomial on the same generator stream, step after step (ties included)."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    procs = [TemperatureLogitsWarper(0.9)]
+    if top_k:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        procs.append(TopPLogitsWarper(top_p))
+    hf = LogitsProcessorList(procs)
+    g_ref = torch.Generator().manual_seed(11)
+    ours = ar_generate.CodebookSampler(0.9, top_p, top_k, 16512, 16384, torch.Generator().manual_seed(11),
+                                       restrict=False)
+    g = torch.Generator().manual_seed(5)
+    for step in range(40):
+        x = torch.randn(2, 16512, generator=g) * (0.5 + step % 5)
+        if step % 3 == 0:
+            x = (x * 2).round() / 2          # ties
+        ref = torch.multinomial(torch.softmax(hf(None, x.clone()), -1), 1, generator=g_ref).squeeze(1)
+        tok, _ = ours(x.clone())
+        assert torch.equal(tok, ref), step
+
+
 # --------------------------------------------------------------------------------------
 # prompt ids, positions, reference tokens
 # --------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def _load(folder: str, which: str):
     if which == "hf":
         import glmtest_oracle
         from transformers import GlmImageForConditionalGeneration, GlmImageProcessor
-        m = glmtest_oracle.realign(GlmImageForConditionalGeneration.from_pretrained(vle, torch_dtype=torch.float32)).eval()
+        m = glmtest_oracle.realign(GlmImageForConditionalGeneration.from_pretrained(vle, torch_dtype=torch.float32)).train(False)
         proc = GlmImageProcessor.from_pretrained(os.path.join(folder, "processor"))
         return m, proc
     tok = ar_prompt.GlmTokenizer.from_folder(os.path.join(folder, "processor"))
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
                      if isinstance(mod, torch.nn.Linear) and (name.startswith("model.language_model")
                                                               or name == "lm_head"))
     big = torch.ones(64 * 1024 * 1024)          # 256 MB: streaming-read bandwidth of this machine
-    bw = max(big.numel() * 4 / _timed(lambda: big.sum()) for _ in range(5))
+    bw = max(big.numel() * 4 / _timed(big.sum) for _ in range(5))
     del big
     hf_med = statistics.median(times["hf"]) / counts["hf"]
     hf_min = min(times["hf"]) / counts["hf"]
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
           f"Streaming-read bandwidth here (torch.sum over 256 MB): {bw / 1e9:.1f} GB/s -> no fp32 decode step can "
           f"take less than {step_bytes / bw * 1e3:.1f} ms/token, i.e. at most "
           f"{hf_min * bw / step_bytes:.1f}x transformers' best ms/token on this machine")
-    print(f"all times (s): " + "; ".join(f"{s}: " + ", ".join(f"{t:.2f}" for t in times[s]) for s in sides))
+    print("all times (s): " + "; ".join(f"{s}: " + ", ".join(f"{t:.2f}" for t in times[s]) for s in sides))
     if base:
         print(f"peak RSS is per side in a fresh process (model load + one run); `import torch` alone: "
               f"{min(base.values()):.0f} MB")

@@ -576,7 +576,7 @@ def load_ar(component_dir: str, dtype: torch.dtype = torch.float32, device="cpu"
         new_sd[k] = t.to(device=device, copy=True)
     del sd
     model.load_state_dict(new_sd, strict=True, assign=True)
-    model.eval().requires_grad_(False)
+    model.train(False).requires_grad_(False)
     if cpu_gemv_layout:
         _relayout_for_cpu_gemv(model)
     return model

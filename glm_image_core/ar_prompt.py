@@ -15,7 +15,6 @@ Prompt layout (architecture doc §4.2):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field

@@ -64,7 +64,7 @@ def mixed_models(mixed_ckpt):
     from transformers import GlmImageForConditionalGeneration
     vle = os.path.join(mixed_ckpt, "vision_language_encoder")
     hf = glmtest_oracle.realign(GlmImageForConditionalGeneration.from_pretrained(vle, torch_dtype=torch.float32))
-    return hf.eval(), ar_model.load_ar(vle)
+    return hf.train(False), ar_model.load_ar(vle)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def hf_model(tiny_ckpt):
     from transformers import GlmImageForConditionalGeneration
     m = GlmImageForConditionalGeneration.from_pretrained(os.path.join(tiny_ckpt, "vision_language_encoder"),
                                                          torch_dtype=torch.float32)
-    return glmtest_oracle.realign(m).eval()
+    return glmtest_oracle.realign(m).train(False)
 
 
 @pytest.fixture(scope="module")

@@ -551,22 +551,7 @@ def load_ar(component_dir: str, dtype: torch.dtype = torch.float32, device="cpu"
     sd = ckpt.load_safetensors(ckpt.weight_files(component_dir), device="cpu")
     model = GlmImageAR(config, dtype=dtype, device="meta", operations=operations)
     own = model.state_dict()
-    missing = sorted(k for k in own if k not in sd)
-    unexpected = sorted(k for k in sd if k not in own and not k.startswith(IGNORED_KEYS))
-    shape_bad = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                       for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or shape_bad:
-        def show(xs):
-            return ", ".join(xs[:8]) + (f" … (+{len(xs) - 8} more)" if len(xs) > 8 else "")
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {show(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
-        if shape_bad:
-            parts.append(f"{len(shape_bad)} shape mismatch(es): {show(shape_bad)}")
-        raise ckpt.CheckpointError(f"weights in {component_dir} do not match the GLM-Image AR model: "
-                                   + "; ".join(parts))
+    ckpt.check_state_dict_keys(own, sd, f"GLM-Image AR model (from {component_dir})", IGNORED_KEYS)
     new_sd = {}
     for k in own:
         t = sd.pop(k)

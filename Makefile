@@ -2,7 +2,7 @@
 # (.venv, .host, .cache, tests/browser/node_modules); Debian chromium is the only system package.
 #
 #   make test       the whole suite (core, parity, host, server, browser): what CI runs (.ci/run)
-#   make demo       tiny checkpoint -> real ComfyUI server -> workflows/glm_image_t2i_api.json -> demo-output/
+#   make demo       tiny checkpoint -> real ComfyUI server -> workflows/api/glm_image_t2i_api.json -> demo-output/
 #   make help       all targets
 
 SHELL := /bin/bash
@@ -30,8 +30,8 @@ help:
 	@echo "make test-core     core tier only (plain PyTorch)"
 	@echo "make test-fast     everything except the server and browser tiers"
 	@echo "make test-host | test-server | test-browser   one tier"
-	@echo "make workflows-check  committed workflows/*_api.json == conversion of their UI twins"
-	@echo "make demo          run workflows/glm_image_t2i_api.json on the tiny checkpoint; PNG -> demo-output/"
+	@echo "make workflows-check  committed workflows/api/*_api.json == conversion of their UI twins"
+	@echo "make demo          run workflows/api/glm_image_t2i_api.json on the tiny checkpoint; PNG -> demo-output/"
 	@echo "make bench         benchmarks (bench/run.py, else bench/bench_*.py)"
 	@echo "make clean         remove caches, artifacts, demo output, node_modules (keeps .venv/.host)"
 	@echo "make distclean     clean + remove .venv and .host"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`make demo`: run workflows/glm_image_t2i_api.json on the tiny random-weight checkpoint in a real
+"""`make demo`: run workflows/api/glm_image_t2i_api.json on the tiny random-weight checkpoint in a real
 ComfyUI server (127.0.0.1, free port), copy the PNG to demo-output/ and print its path.
 
 Needs `make host` and `make tiny` (make demo does both). The tiny checkpoint has random weights,
@@ -22,7 +22,7 @@ import comfy_server as cs  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workflow", default=os.path.join(ROOT, "workflows", "glm_image_t2i_api.json"))
+    ap.add_argument("--workflow", default=os.path.join(ROOT, "workflows", "api", "glm_image_t2i_api.json"))
     ap.add_argument("--model", default=cs.TINY_CKPT, help="folder linked as models/diffusers/GLM-Image-tiny")
     ap.add_argument("--out", default=os.path.join(ROOT, "demo-output"))
     ap.add_argument("--base-dir", default=None,

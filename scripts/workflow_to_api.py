@@ -2,12 +2,15 @@
 """Convert a ComfyUI UI-format workflow (what the frontend saves, schema 0.4) to API format
 (what POST /prompt takes), using the server's /object_info for the widget order.
 
-The committed `workflows/*_api.json` files are made with this script, and the server test checks
+The committed `workflows/api/*_api.json` files are made with this script, and the server test checks
 that they still equal the conversion of their UI twin, so the two never drift:
 
-    python scripts/workflow_to_api.py workflows/glm_image_t2i.json -o workflows/glm_image_t2i_api.json
-    python scripts/workflow_to_api.py --all            # every workflows/X.json -> workflows/X_api.json
+    python scripts/workflow_to_api.py workflows/glm_image_t2i.json -o workflows/api/glm_image_t2i_api.json
+    python scripts/workflow_to_api.py --all            # every workflows/X.json -> workflows/api/X_api.json
     python scripts/workflow_to_api.py --all --check    # exit 1 when a committed API copy differs
+
+The API copies live in a subfolder because ComfyUI's template browser lists every
+`<pack>/workflows/*.json` (not subfolders): only the drag-and-drop UI workflows should show there.
 
 Without --url / --object-info it starts a ComfyUI server (scripts/comfy_server.py) for /object_info.
 
@@ -159,23 +162,26 @@ def dumps(api: dict) -> str:
 def ui_workflows(folder: str) -> list[str]:
     out = []
     for p in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        if p.endswith("_api.json"):
-            continue
         with open(p, encoding="utf-8") as f:
             if is_ui_workflow(json.load(f)):
                 out.append(p)
     return out
 
 
+API_SUBFOLDER = "api"
+
+
 def api_path_for(ui_path: str) -> str:
-    return ui_path[:-len(".json")] + "_api.json"
+    """workflows/X.json -> workflows/api/X_api.json"""
+    folder, name = os.path.split(ui_path)
+    return os.path.join(folder, API_SUBFOLDER, name[:-len(".json")] + "_api.json")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="UI-format workflow -> API format via /object_info")
     ap.add_argument("workflow", nargs="?", help="UI-format workflow JSON")
     ap.add_argument("-o", "--output", help="write here (default: stdout)")
-    ap.add_argument("--all", action="store_true", help="every UI workflow in workflows/ -> X_api.json")
+    ap.add_argument("--all", action="store_true", help="every UI workflow in workflows/ -> workflows/api/X_api.json")
     ap.add_argument("--check", action="store_true", help="with --all: compare instead of writing")
     ap.add_argument("--url", help="a running ComfyUI server to take /object_info from")
     ap.add_argument("--object-info", help="a saved /object_info JSON")
@@ -215,6 +221,7 @@ def main(argv=None) -> int:
             print(f"{'ok  ' if same else 'DIFF'} {os.path.relpath(ui_path, ROOT)} -> {os.path.relpath(out, ROOT)}")
             bad += not same
         elif out:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             with open(out, "w", encoding="utf-8") as f:
                 f.write(text)
             print(f"wrote {out}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Every committed API workflow (workflows/*_api.json) runs in the real in-process ComfyUI host on
+"""Every committed API workflow (workflows/api/*_api.json) runs in the real in-process ComfyUI host on
 the tiny checkpoint and saves images of the requested size. The example images the edit workflows
 load are copied into the input folder first, as a user would put them there."""
 import glob
@@ -12,7 +12,7 @@ import glmtest_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKFLOWS = os.path.join(ROOT, "workflows")
-API = sorted(glob.glob(os.path.join(WORKFLOWS, "*_api.json")))
+API = sorted(glob.glob(os.path.join(WORKFLOWS, "api", "*_api.json")))
 
 
 def test_every_feature_has_a_workflow():

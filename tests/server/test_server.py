@@ -112,10 +112,10 @@ def test_glm_vae_decodes_a_latent(server):
 
 @pytest.mark.timeout(900)
 def test_t2i_workflow_end_to_end(server, tmp_path):
-    """workflows/glm_image_t2i_api.json (Loader → Text → Tokens → Latent → VAE Decode → Save Image),
+    """workflows/api/glm_image_t2i_api.json (Loader → Text → Tokens → Latent → VAE Decode → Save Image),
     exactly as committed, on the tiny checkpoint. Skips only while a stage is not written yet."""
     from PIL import Image
-    prompt = gs.load_json(os.path.join(gs.WORKFLOWS, "glm_image_t2i_api.json"))
+    prompt = gs.load_json(os.path.join(gs.WORKFLOWS, "api", "glm_image_t2i_api.json"))
     entry = gs.run_or_skip_unbuilt(server, prompt, timeout=840)
     assert entry["status"]["status_str"] == "success"
     save_ids = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
@@ -131,7 +131,7 @@ def test_t2i_workflow_end_to_end(server, tmp_path):
 
 @pytest.mark.parametrize("ui_path", gs.ui_workflow_paths(), ids=os.path.basename)
 def test_committed_api_workflow_equals_conversion_of_ui_workflow(server, ui_path):
-    """workflows/X_api.json is what scripts/workflow_to_api.py makes of workflows/X.json with this
+    """workflows/api/X_api.json is what scripts/workflow_to_api.py makes of workflows/X.json with this
     server's /object_info (regenerate: python scripts/workflow_to_api.py --all)."""
     api_path = gs.workflow_to_api.api_path_for(ui_path)
     assert os.path.isfile(api_path), f"{api_path} missing: python scripts/workflow_to_api.py --all"
@@ -143,11 +143,12 @@ def test_committed_api_workflow_equals_conversion_of_ui_workflow(server, ui_path
 
 def test_t2i_workflows_exist():
     assert os.path.isfile(os.path.join(gs.WORKFLOWS, "glm_image_t2i.json"))
-    assert os.path.isfile(os.path.join(gs.WORKFLOWS, "glm_image_t2i_api.json"))
+    assert os.path.isfile(os.path.join(gs.WORKFLOWS, "api", "glm_image_t2i_api.json"))
 
 
 @pytest.mark.parametrize("api_path", sorted(
-    os.path.join(gs.WORKFLOWS, f) for f in os.listdir(gs.WORKFLOWS) if f.endswith("_api.json")),
+    os.path.join(gs.WORKFLOWS, "api", f) for f in os.listdir(os.path.join(gs.WORKFLOWS, "api"))
+    if f.endswith("_api.json")),
     ids=os.path.basename)
 def test_api_workflow_uses_known_nodes_inputs_and_options(server, api_path):
     """Static check of an API workflow against /object_info: node types, required inputs present,

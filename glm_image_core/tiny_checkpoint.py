@@ -65,6 +65,17 @@ SIZES: Dict[str, dict] = {
         t5=dict(d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4),
         vae=dict(block_out_channels=[32, 64, 128, 128], layers_per_block=2, norm_num_groups=32),
     ),
+    # The real GLM-Image sizes (glm-image-architecture.md §1-4): ~17B parameters, for GPU benchmarks with
+    # random weights (bench/run.py --device cuda writes it in bf16 on the GPU; fp32 on a CPU needs ~70 GB).
+    "full": dict(
+        text=dict(hidden_size=4096, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=32,
+                  num_key_value_heads=2, mrope_section=[8, 12, 12]),
+        vision=dict(depth=40, hidden_size=1536, num_heads=16, intermediate_size=6144, image_size=2048),
+        vq=dict(embed_dim=2048, num_embeddings=CODEBOOK_SIZE),
+        dit=dict(num_layers=30, attention_head_dim=128, num_attention_heads=32, time_embed_dim=512, condition_dim=256),
+        t5=dict(d_model=1472, d_kv=64, d_ff=3584, num_layers=12, num_heads=6),
+        vae=dict(block_out_channels=[128, 512, 1024, 1024], layers_per_block=3, norm_num_groups=32),
+    ),
 }
 
 
@@ -318,20 +329,21 @@ def vae_shapes(cfg: dict) -> Iterator[Tuple[str, Shape]]:
 # --------------------------------------------------------------------------------------
 
 def _init_tensor(name: str, shape: Shape, gen: torch.Generator) -> torch.Tensor:
-    """A random value that keeps activations O(1) through a deep random network."""
+    """A random value that keeps activations O(1) through a deep random network (float32, on the
+    generator's device)."""
     leaf = name.rsplit(".", 1)[-1]
     if len(shape) == 1:
         is_norm = any(k in name for k in ("norm", "layernorm", "layer_norm"))
         if leaf == "weight" and is_norm:
-            return 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        return 0.02 * torch.randn(shape, generator=gen)
+            return 1.0 + 0.1 * torch.randn(shape, generator=gen, device=gen.device)
+        return 0.02 * torch.randn(shape, generator=gen, device=gen.device)
     if "embed_tokens" in name or "shared.weight" in name or "prior_token_embedding" in name \
             or "position_embedding" in name or "quantize.embedding" in name:
-        return torch.randn(shape, generator=gen)
+        return torch.randn(shape, generator=gen, device=gen.device)
     if "relative_attention_bias" in name:
-        return 0.5 * torch.randn(shape, generator=gen)
+        return 0.5 * torch.randn(shape, generator=gen, device=gen.device)
     fan_in = math.prod(shape[1:])
-    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+    return torch.randn(shape, generator=gen, device=gen.device) / math.sqrt(fan_in)
 
 
 def random_state_dict(shapes: Iterator[Tuple[str, Shape]], seed: int) -> Dict[str, torch.Tensor]:

@@ -37,13 +37,13 @@ class ProgressRecorder:
 class Host:
     """A live in-process ComfyUI with this pack loaded."""
 
-    def __init__(self, base_dir: str):
+    def __init__(self, base_dir: str, cpu: bool = True):
         if not os.path.isfile(os.path.join(COMFY_DIR, "main.py")):
             raise RuntimeError(f"ComfyUI host not found at {COMFY_DIR}: run `make host` first")
         if COMFY_DIR not in sys.path:
             sys.path.insert(0, COMFY_DIR)
         from comfy.cli_args import args
-        args.cpu = True                      # must precede the first import of comfy.model_management
+        args.cpu = cpu                       # must precede the first import of comfy.model_management
         import folder_paths
         self.base_dir = base_dir
         for sub in ("output", "input", "temp", "models/diffusers", "models/upscale_models"):

@@ -346,9 +346,10 @@ def _init_tensor(name: str, shape: Shape, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=gen, device=gen.device) / math.sqrt(fan_in)
 
 
-def random_state_dict(shapes: Iterator[Tuple[str, Shape]], seed: int) -> Dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {name: _init_tensor(name, shape, gen).float().contiguous() for name, shape in shapes}
+def random_state_dict(shapes: Iterator[Tuple[str, Shape]], seed: int, dtype: torch.dtype = torch.float32,
+                      device="cpu") -> Dict[str, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return {name: _init_tensor(name, shape, gen).to(dtype).contiguous() for name, shape in shapes}
 
 
 # --------------------------------------------------------------------------------------
@@ -455,12 +456,14 @@ def _write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def write_checkpoint(folder: str, size: str = "tiny", seed: int = 0, max_shard_bytes: int | None = None) -> str:
-    """Write a complete random GLM-Image folder. Deterministic for a given (size, seed).
+def write_checkpoint(folder: str, size: str = "tiny", seed: int = 0, max_shard_bytes: int | None = None,
+                     dtype: torch.dtype = torch.float32, device="cpu") -> str:
+    """Write a complete random GLM-Image folder. Deterministic for a given (size, seed, device).
 
     ``max_shard_bytes`` splits the AR and DiT weights into ``model-0000i-of-0000n`` shards with a
     ``*.safetensors.index.json`` (the layout of the official checkpoint); None writes one file each.
-    Returns ``folder``.
+    ``dtype``: storage dtype of the weights; ``device``: where the random values are drawn (a GPU
+    makes the full size practical; other devices give other values than the CPU). Returns ``folder``.
     """
     cfgs = configs_for(size)
     for rel, obj in cfgs.items():
@@ -472,7 +475,7 @@ def write_checkpoint(folder: str, size: str = "tiny", seed: int = 0, max_shard_b
     for rel, obj in byt5_tokenizer_files().items():
         _write_json(os.path.join(folder, rel), obj)
     for comp, (cfg_rel, w_rel, shapes_fn, offset) in COMPONENT_WEIGHTS.items():
-        sd = random_state_dict(shapes_fn(cfgs[cfg_rel]), seed * 100 + offset)
+        sd = random_state_dict(shapes_fn(cfgs[cfg_rel]), seed * 100 + offset, dtype, device)
         if comp == "vision_language_encoder":
             _keep_sampling_in_codebook(sd, cfgs[cfg_rel])
         path = os.path.join(folder, w_rel)

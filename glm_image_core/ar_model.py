@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -538,8 +539,13 @@ def _relayout_for_cpu_gemv(model: nn.Module, min_out: int = 2048) -> None:
             w.data = w.data.t().contiguous().t()
 
 
+# Weights stored in fp8 when fp8 is asked: the Linear layers of the decoder and ViT blocks (RMSNorm /
+# LayerNorm weights are 1-D; embeddings, the VQ codebook and lm_head stay in the compute dtype).
+FP8_WEIGHT_KEYS = re.compile(r"model\.(language_model\.layers|visual\.blocks)\.\d+\.")
+
+
 def load_ar(component_dir: str, dtype: torch.dtype = torch.float32, device="cpu", operations=nn,
-            cpu_gemv_layout: bool = False) -> GlmImageAR:
+            cpu_gemv_layout: bool = False, compute_dtype=None) -> GlmImageAR:
     """Build :class:`GlmImageAR` from an official ``vision_language_encoder/`` folder (config.json +
     safetensors, sharded or not) with strict key checking (``post_quant_conv`` is skipped).
 
@@ -548,15 +554,25 @@ def load_ar(component_dir: str, dtype: torch.dtype = torch.float32, device="cpu"
     see :func:`_relayout_for_cpu_gemv` (a CPU decode speed-up; off by default for exact parity).
     """
     config = ckpt.read_json(os.path.join(component_dir, "config.json"))
-    sd = ckpt.load_safetensors(ckpt.weight_files(component_dir), device="cpu")
+    return build_ar(config, ckpt.weight_files(component_dir), dtype=dtype, device=device, operations=operations,
+                    cpu_gemv_layout=cpu_gemv_layout, compute_dtype=compute_dtype,
+                    what=f"GLM-Image AR model (from {component_dir})")
+
+
+def build_ar(config: dict, files: Sequence[str], dtype: torch.dtype = torch.float32, device="cpu", operations=nn,
+             cpu_gemv_layout: bool = False, compute_dtype=None, what: str = "GLM-Image AR model") -> GlmImageAR:
+    """:class:`GlmImageAR` from a config dict and safetensors files (a folder's shards or one single
+    file); see :func:`load_ar`. ``dtype``: storage dtype (fp8: see ``checkpoint.storage_dtypes``)."""
+    sd = ckpt.load_safetensors(files, device="cpu")
     model = GlmImageAR(config, dtype=dtype, device="meta", operations=operations)
+    if compute_dtype is not None:
+        model.compute_dtype = compute_dtype
     own = model.state_dict()
-    ckpt.check_state_dict_keys(own, sd, f"GLM-Image AR model (from {component_dir})", IGNORED_KEYS)
+    ckpt.check_state_dict_keys(own, sd, what, IGNORED_KEYS)
+    storage = ckpt.storage_dtypes(dtype, FP8_WEIGHT_KEYS, model.compute_dtype)
     new_sd = {}
     for k in own:
-        t = sd.pop(k)
-        if t.is_floating_point() and dtype is not None:
-            t = t.to(dtype)
+        t = ckpt.cast_for_storage(k, sd.pop(k), storage)
         # a fresh, aligned copy (safetensors tensors may sit at unaligned offsets: 1-ulp GEMM differences)
         new_sd[k] = t.to(device=device, copy=True)
     del sd

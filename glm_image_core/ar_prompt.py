@@ -81,24 +81,32 @@ def read_processor_config(processor_dir: str) -> dict:
     ``size.shortest_edge``/``size.longest_edge`` (the processor stores pixel counts there).
     Missing values fall back to the transformers class defaults (CLIP mean/std, bicubic, 1/255).
     """
-    raw = None
     p1 = os.path.join(processor_dir, "processor_config.json")
     p2 = os.path.join(processor_dir, "preprocessor_config.json")
-    if os.path.isfile(p1):
-        d = read_json(p1)
+    return processor_config_from(read_json(p1) if os.path.isfile(p1) else None,
+                                 read_json(p2) if os.path.isfile(p2) else None, processor_dir)
+
+
+def processor_config_from(processor_config: Optional[dict], preprocessor_config: Optional[dict],
+                          where: str) -> dict:
+    """:func:`read_processor_config` from the parsed files (None where absent); ``where`` names
+    their source in errors (a folder or a single-file checkpoint)."""
+    raw = None
+    if processor_config is not None:
+        d = processor_config
         raw = d.get("image_processor") if isinstance(d.get("image_processor"), dict) else None
         if raw is None and ("patch_size" in d or "size" in d):
             raw = d
-    if raw is None and os.path.isfile(p2):
-        raw = read_json(p2)
+    if raw is None and preprocessor_config is not None:
+        raw = preprocessor_config
     if raw is None:
-        raise CheckpointError(f"no image-processor settings in {processor_dir} (looked for processor_config.json "
+        raise CheckpointError(f"no image-processor settings in {where} (looked for processor_config.json "
                               "with an 'image_processor' entry and preprocessor_config.json)")
     size = dict(raw.get("size") or {})
     min_pixels = raw.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
     max_pixels = raw.get("max_pixels", size.get("longest_edge", size.get("max_pixels")))
     if min_pixels is None or max_pixels is None:
-        raise CheckpointError(f"image-processor settings in {processor_dir} give no pixel range "
+        raise CheckpointError(f"image-processor settings in {where} give no pixel range "
                               "(size.shortest_edge/longest_edge or min_pixels/max_pixels)")
     cfg = {
         "patch_size": int(raw.get("patch_size", 14)),
@@ -116,7 +124,7 @@ def read_processor_config(processor_dir: str) -> dict:
         "do_convert_rgb": bool(raw.get("do_convert_rgb", True)),
     }
     if cfg["merge_size"] != 1 or cfg["temporal_patch_size"] != 1:
-        raise CheckpointError(f"image processor in {processor_dir} has merge_size={cfg['merge_size']}, "
+        raise CheckpointError(f"image processor in {where} has merge_size={cfg['merge_size']}, "
                               f"temporal_patch_size={cfg['temporal_patch_size']}; GLM-Image needs 1 and 1")
     return cfg
 
@@ -146,20 +154,27 @@ class GlmTokenizer:
 
     @classmethod
     def from_folder(cls, processor_dir: str) -> "GlmTokenizer":
-        from tokenizers import Tokenizer
         path = os.path.join(processor_dir, "tokenizer.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"missing file: {path}")
-        try:
-            tok = Tokenizer.from_file(path)
-        except Exception as e:  # tokenizers raises a plain Exception on bad JSON
-            raise CheckpointError(f"cannot read tokenizer {path}: {e}") from None
-        special = dict(DEFAULT_SPECIAL)
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
         cfg_path = os.path.join(processor_dir, "tokenizer_config.json")
-        if os.path.isfile(cfg_path):
-            cfg = read_json(cfg_path)
+        return cls.from_strings(text, read_json(cfg_path) if os.path.isfile(cfg_path) else None, path)
+
+    @classmethod
+    def from_strings(cls, tokenizer_json: str, tokenizer_config: Optional[dict], where: str) -> "GlmTokenizer":
+        """From the text of ``tokenizer.json`` and the parsed ``tokenizer_config.json`` (None: absent);
+        ``where`` names their source in errors."""
+        from tokenizers import Tokenizer
+        try:
+            tok = Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # tokenizers raises a plain Exception on bad JSON
+            raise CheckpointError(f"cannot read tokenizer {where}: {e}") from None
+        special = dict(DEFAULT_SPECIAL)
+        if tokenizer_config is not None:
             for k in special:
-                v = cfg.get(k)
+                v = tokenizer_config.get(k)
                 if isinstance(v, dict):        # AddedToken serialisation
                     v = v.get("content")
                 if isinstance(v, str) and v:

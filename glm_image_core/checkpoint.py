@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, List, Optional
+import re
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -15,6 +16,14 @@ from safetensors import safe_open
 PIPELINE_CLASS = "GlmImagePipeline"
 COMPONENTS = ("vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# safetensors header dtype names of the floating types a GLM-Image checkpoint may hold
+SAFETENSORS_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+# How a loader stores each tensor: one dtype for every floating tensor, or ``fn(key, tensor) -> dtype``
+# (None keeps the file's dtype), see :func:`storage_dtypes`.
+StorageDtype = Union[None, torch.dtype, Callable[[str, torch.Tensor], Optional[torch.dtype]]]
 
 
 class CheckpointError(ValueError):
@@ -83,18 +92,84 @@ def weight_files(component_dir: str) -> List[str]:
     raise CheckpointError(f"no .safetensors weights found in {component_dir}")
 
 
+def is_fp8(dtype: Optional[torch.dtype]) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def storage_dtypes(dtype: Optional[torch.dtype], fp8_keys: Optional[re.Pattern] = None,
+                   other_dtype: Optional[torch.dtype] = None) -> StorageDtype:
+    """The per-tensor storage rule for a requested weight dtype.
+
+    ``None`` keeps every tensor as stored; a 16/32/64-bit dtype applies to every floating tensor.
+    An fp8 dtype applies only to the 2-D weights whose key matches ``fp8_keys`` (the Linear layers
+    of the repeated blocks, which hold almost all parameters); biases, norms, embeddings, the
+    timestep/condition MLPs and output heads stay in ``other_dtype`` (the compute dtype; None: as
+    stored), as the reference keeps its numerically sensitive parts in higher precision.
+    """
+    if dtype is None or not is_fp8(dtype):
+        return dtype
+
+    def pick(key: str, t: torch.Tensor) -> Optional[torch.dtype]:
+        if fp8_keys is not None and t.dim() == 2 and fp8_keys.match(key):
+            return dtype
+        return other_dtype
+    return pick
+
+
+def _storage_dtype_of(dtype: StorageDtype, key: str, t: torch.Tensor) -> Optional[torch.dtype]:
+    if not t.is_floating_point():
+        return None
+    return dtype(key, t) if callable(dtype) else dtype
+
+
+def cast_for_storage(key: str, t: torch.Tensor, dtype: StorageDtype) -> torch.Tensor:
+    """``t`` in the storage dtype ``dtype`` gives for ``key`` (see :func:`storage_dtypes`)."""
+    dt = _storage_dtype_of(dtype, key, t)
+    return t if dt is None or dt == t.dtype else t.to(dt)
+
+
+def check_safetensors_path(path: str, what: str = "weights") -> None:
+    """Refuse, before opening it, a file that is not a .safetensors file (pickle-based formats are
+    never opened: unpickling can run arbitrary code)."""
+    low = path.lower()
+    if low.endswith(UNSAFE_WEIGHT_SUFFIXES):
+        raise CheckpointError(f"{path}: pickle-based {what} ({os.path.splitext(path)[1]}) are refused; this pack "
+                              "reads safetensors only and never unpickles files. Convert the file to .safetensors "
+                              "first (scripts/convert_to_single_file.py writes GLM-Image single files).")
+    if not low.endswith((".safetensors", ".sft")):
+        raise CheckpointError(f"{path}: not a .safetensors file; {what} must be safetensors")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} file not found: {path}")
+
+
+def safetensors_header(path: str) -> Tuple[Dict[str, str], Dict[str, Tuple[str, Tuple[int, ...]]]]:
+    """(metadata, {key: (safetensors dtype name, shape)}) of a safetensors file, reading only its
+    header. A truncated, corrupt or non-safetensors file gives a CheckpointError naming it."""
+    check_safetensors_path(path)
+    try:   # safe_open validates the header and that the data section covers the whole file
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                tensors[k] = (sl.get_dtype(), tuple(int(x) for x in sl.get_shape()))
+    except Exception as e:  # SafetensorError, OSError on garbage input
+        raise CheckpointError(f"cannot read safetensors file {path}: {e} (truncated or not a safetensors file?)") from None
+    return meta, tensors
+
+
 def load_safetensors(paths: Iterable[str], device: str | torch.device = "cpu",
-                     dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
-    """Load and merge safetensors files; a truncated or corrupt file gives a CheckpointError naming it."""
+                     dtype: StorageDtype = None) -> Dict[str, torch.Tensor]:
+    """Load and merge safetensors files; a truncated or corrupt file gives a CheckpointError naming it.
+
+    ``dtype``: storage dtype of the floating tensors, one dtype or a per-key rule (:func:`storage_dtypes`).
+    """
     sd: Dict[str, torch.Tensor] = {}
     for p in paths:
         try:
             with safe_open(p, framework="pt", device=str(device)) as f:
                 for k in f.keys():
-                    t = f.get_tensor(k)
-                    if dtype is not None and t.is_floating_point():
-                        t = t.to(dtype)
-                    sd[k] = t
+                    sd[k] = cast_for_storage(k, f.get_tensor(k), dtype)
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises SafetensorError / OSError on corrupt input

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_safetensors, read_json, weight_files
+from .checkpoint import CheckpointError, load_safetensors, read_json, storage_dtypes, weight_files
 from .dit import _assign_strict, _loading_ops, default_compute_dtype
 
 MAX_GLYPH_TOKENS = 2048  # the pipeline's max_sequence_length default
@@ -101,10 +101,16 @@ class ByT5Tokenizer:
             p = os.path.join(tokenizer_dir, name)
             return read_json(p) if os.path.isfile(p) else {}
 
-        cfg, stm, added_json = maybe("tokenizer_config.json"), maybe("special_tokens_map.json"), maybe("added_tokens.json")
+        return cls.from_configs(maybe("tokenizer_config.json"), maybe("special_tokens_map.json"),
+                                maybe("added_tokens.json"), tokenizer_dir)
+
+    @classmethod
+    def from_configs(cls, cfg: dict, stm: dict, added_json: dict, where: str) -> "ByT5Tokenizer":
+        """From the parsed ``tokenizer_config.json``, ``special_tokens_map.json`` and
+        ``added_tokens.json`` ({} where absent); ``where`` names their source in errors."""
         cls_name = cfg.get("tokenizer_class")
         if cls_name and cls_name not in ("ByT5Tokenizer",):
-            raise CheckpointError(f"{tokenizer_dir}: tokenizer_class is {cls_name!r}, expected 'ByT5Tokenizer'")
+            raise CheckpointError(f"{where}: tokenizer_class is {cls_name!r}, expected 'ByT5Tokenizer'")
 
         def content(key, default):
             v = cfg.get(key, stm.get(key, default))
@@ -395,15 +401,21 @@ def load_glyph_encoder(component_dir: str, dtype=torch.float32, device="cpu", op
                        compute_dtype=None) -> GlyphT5Encoder:
     """Build ``GlyphT5Encoder`` from ``text_encoder/config.json`` + safetensors (strict; the tied
     ``encoder.embed_tokens.weight`` may be present or absent)."""
-    cfg = read_json(os.path.join(component_dir, "config.json"))
-    files = weight_files(component_dir)
-    model = GlyphT5Encoder(cfg, dtype=dtype, device="meta", operations=_loading_ops(operations),
-                   compute_dtype=compute_dtype)
-    sd = load_safetensors(files, device=device, dtype=dtype)
+    return build_glyph_encoder(read_json(os.path.join(component_dir, "config.json")), weight_files(component_dir),
+                               dtype=dtype, device=device, operations=operations, compute_dtype=compute_dtype,
+                               what="GLM-Image glyph encoder (text_encoder/)")
+
+
+def build_glyph_encoder(config: dict, files: Sequence[str], dtype=torch.float32, device="cpu", operations=torch.nn,
+                        compute_dtype=None, what: str = "GLM-Image glyph encoder") -> GlyphT5Encoder:
+    """``GlyphT5Encoder`` from a config dict and safetensors files (a folder's or one single file).
+    The T5 encoder is small and numerically sensitive: an fp8 request stores it in the compute dtype."""
+    model = GlyphT5Encoder(config, dtype=dtype, device="meta", operations=_loading_ops(operations),
+                           compute_dtype=compute_dtype)
+    sd = load_safetensors(files, device=device, dtype=storage_dtypes(dtype, None, model.compute_dtype))
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")
-    _assign_strict(model, sd, "GLM-Image glyph encoder (text_encoder/)",
-                   ignore_unexpected=("encoder.embed_tokens.weight",))
+    _assign_strict(model, sd, what, ignore_unexpected=("encoder.embed_tokens.weight",))
     model.train(False).requires_grad_(False)
     return model
 

@@ -297,11 +297,17 @@ def load_vae(component_dir: str, dtype: Optional[torch.dtype] = None, device=Non
     ``dtype``: storage dtype of the weights (None keeps float32 construction and the file's values
     cast to float32); ``device``: where the weights live.
     """
-    config = ckpt.read_json(os.path.join(component_dir, "config.json"))
+    return build_vae(ckpt.read_json(os.path.join(component_dir, "config.json")), ckpt.weight_files(component_dir),
+                     dtype=dtype, device=device, operations=operations, what="GLM-Image VAE (vae/config.json)")
+
+
+def build_vae(config: dict, files: Sequence[str], dtype: Optional[torch.dtype] = None, device=None,
+              operations=nn, what: str = "GLM-Image VAE") -> GlmImageVAE:
+    """The VAE from a config dict and safetensors files (a folder's or one single file); see :func:`load_vae`."""
     dtype = dtype or torch.float32
     model = GlmImageVAE(config, dtype=dtype, device=device, operations=operations)
-    sd = ckpt.load_safetensors(ckpt.weight_files(component_dir), device="cpu", dtype=dtype)
-    ckpt.load_state_dict_strict(model, sd, "GLM-Image VAE (vae/config.json)")
+    sd = ckpt.load_safetensors(files, device="cpu", dtype=dtype)
+    ckpt.load_state_dict_strict(model, sd, what)
     return model.train(False).requires_grad_(False)
 
 

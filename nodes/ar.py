@@ -68,20 +68,26 @@ class GLMImageTextToTokens(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width, height) -> bool | str:
-        return size_error("width", width) or size_error("height", height) or True
+    def validate_inputs(cls, width=None, height=None) -> bool | str:
+        # A linked width/height (e.g. from a primitive node) is None here: execute() checks its value.
+        return ((width is not None and size_error("width", width))
+                or (height is not None and size_error("height", height)) or True)
 
     @classmethod
     def execute(cls, ar, prompt, width, height, seed, temperature, top_p, top_k, batch_size,
                 reference=None) -> io.NodeOutput:
-        from ..glm_image_core import ar_generate
+        from ..glm_image_core import ar_generate, memory_plan
         for name, v in (("width", width), ("height", height)):
             err = size_error(name, v)
             if err:
                 raise ValueError(err)
         if reference is not None:
             reference.check_compatible_ar(ar)
-        model = ar.model.load()
+        # Room for the activations next to the weights: ComfyUI evicts (or partially loads) to fit both.
+        model = ar.model.load(memory_required=memory_plan.ar_activation_bytes(
+            ar.config["text_config"], len(ar.tokenizer.encode(prompt)), width, height, batch_size,
+            ar.model.compute_dtype.itemsize,
+            reference_tokens=0 if reference is None else sum(g.numel() for g in reference.ar_token_grids())))
         pbar = comfy.utils.ProgressBar(1, node_id=cls.hidden.unique_id)
 
         def on_token(done: int, total: int, phase: str) -> None:

@@ -22,6 +22,15 @@ def check_tokens(tokens, decoder) -> None:
                          f"{decoder.codebook_size} rows: use tokens from the same GLM-Image checkpoint")
 
 
+def check_reference_count(tokens, reference) -> None:
+    """The DiT must see the references the AR saw when it sampled these tokens (the pipeline's rule)."""
+    given = 0 if reference is None else len(reference)
+    if tokens.num_references != given:
+        raise ValueError(f"tokens were sampled with {tokens.num_references} reference image(s), but {given} "
+                         "reach this node's 'reference' input: connect the same GLM-Image Reference Edit output "
+                         "to Text → Semantic Tokens and to Semantic Tokens → Latent")
+
+
 class GLMImageTokensToLatent(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -56,8 +65,10 @@ class GLMImageTokensToLatent(io.ComfyNode):
     def execute(cls, decoder, tokens, seed, steps, cfg, glyph=None, reference=None,
                 negative_glyph=None) -> io.NodeOutput:
         from ..glm_image_core import denoise as dn
+        from ..glm_image_core import memory_plan as mp
         from ..glm_image_core.tokens import upsample_grid
         check_tokens(tokens, decoder)
+        check_reference_count(tokens, reference)
         if reference is not None:
             reference.check_compatible_decoder(decoder, tokens)
         if glyph is None:
@@ -74,8 +85,12 @@ class GLMImageTokensToLatent(io.ComfyNode):
         noise = comfy.sample.prepare_noise(torch.zeros(B, C, H // 8, W // 8, dtype=torch.float32), seed)
 
         previewer = decoder.previewer()      # before the DiT loads: fitting it may use the VAE once
-        dit = decoder.dit.load()
-        device, dtype = decoder.dit.load_device, decoder.dit.compute_dtype
+        dtype = decoder.dit.compute_dtype
+        ref_tokens = 0 if reference is None else sum(4 * r.ar_ids.numel() for r in reference.items)  # 2×2 patches per AR id
+        dit = decoder.dit.load(memory_required=mp.dit_activation_bytes(
+            decoder.dit_config, W, H, max(glyph.embeds.shape[1], negative_glyph.embeds.shape[1]), B,
+            passes=2 if cfg > 1 else 1, dtype_bytes=dtype.itemsize, reference_tokens=ref_tokens))
+        device = decoder.dit.load_device
         pbar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id)
 
         def on_step(i: int, total: int, latents: torch.Tensor) -> None:
@@ -85,10 +100,14 @@ class GLMImageTokensToLatent(io.ComfyNode):
                 preview = previewer.decode_latent_to_preview_image("JPEG", latents[:1])
             pbar.update_absolute(i + 1, total, preview)
 
+        def on_reference(done: int, total: int) -> None:
+            mm.throw_exception_if_processing_interrupted()
+
         refs = None if reference is None else reference.dit_inputs(decoder, device)
         latents = dn.denoise(
             dit, noise.to(device), upsample_grid(tokens.grid).to(device),
             glyph.embeds.to(device, dtype).expand(B, -1, -1), negative_glyph.embeds.to(device, dtype).expand(B, -1, -1),
-            (H, W), steps, cfg, decoder.scheduler_config, reference=refs, callback=on_step, compute_dtype=dtype)
+            (H, W), steps, cfg, decoder.scheduler_config, reference=refs, callback=on_step, compute_dtype=dtype,
+            reference_callback=on_reference)
         raw = decoder.denormalize(latents.float())
         return io.NodeOutput({"samples": raw.to(mm.intermediate_device(), torch.float32)})

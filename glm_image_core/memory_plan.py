@@ -1,0 +1,373 @@
+"""Device-memory estimates for GLM-Image: weight bytes per component and dtype, activation bytes per
+stage, and the plan of a whole text-to-image run when ComfyUI evicts each stage before the next.
+
+Two users:
+
+* the nodes pass the activation estimates as ``memory_required`` to ComfyUI's ``load_models_gpu``
+  (so ComfyUI frees, or partially loads, enough to leave room for the activations of the call);
+* ``bench/memory.py`` prints the plan for the full-size model (and measures it on a CUDA GPU).
+
+The activation formulas count the tensors alive at the peak of each stage's forward as this
+package computes it (eager PyTorch, one op at a time); they are estimates, written so that each
+term can be read against the code it describes. Attention is assumed to use a fused SDPA kernel
+(flash / memory-efficient, what CUDA picks for bf16/fp16): no [L, L] score matrix; with
+``attention_scores=True`` the math kernel's fp32 scores are added.
+
+Plain PyTorch; never imports comfy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+
+# Bytes per element of each storage dtype this plan knows.
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+# ComfyUI 0.3.75 constants (comfy/model_management.py) that decide when a model is partially loaded:
+# load_models_gpu keeps max(minimum_inference_memory(), memory_required + EXTRA_RESERVED_VRAM) free
+# next to the weights; with less, the model is loaded partially (lowvram).
+COMFY_EXTRA_RESERVED = 400 * MIB
+COMFY_MIN_INFERENCE = int(0.8 * GIB) + COMFY_EXTRA_RESERVED
+# What a CUDA process holds besides torch's allocations (context, cuBLAS workspaces); not seen by
+# torch.cuda.max_memory_allocated. A typical figure, not measured here.
+CUDA_CONTEXT = 512 * MIB
+
+
+# --------------------------------------------------------------------------------------
+# The full-size configurations (zai-org/GLM-Image; shared/spec/glm-image-architecture.md §2)
+# --------------------------------------------------------------------------------------
+
+def full_size_configs() -> Dict[str, dict]:
+    """config.json of each network of the official checkpoint, keyed by component folder."""
+    ar = {
+        "image_token_id": 167855, "image_start_token_id": 16384, "image_end_token_id": 16385,
+        "text_config": {
+            "vocab_size": 168064, "vision_vocab_size": 16512, "hidden_size": 4096, "intermediate_size": 13696,
+            "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
+            "hidden_act": "silu", "rms_norm_eps": 1e-5, "attention_bias": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                "mrope_section": [8, 12, 12]},
+        },
+        "vision_config": {"depth": 40, "hidden_size": 1536, "num_heads": 16, "intermediate_size": 6144,
+                          "hidden_act": "gelu", "attention_bias": True, "layer_norm_eps": 1e-6, "patch_size": 16,
+                          "image_size": 2048, "spatial_merge_size": 1, "in_channels": 3},
+        "vq_config": {"embed_dim": 2048, "num_embeddings": 16384, "latent_channels": 1536, "in_channels": 3},
+    }
+    dit = {"patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 30, "attention_head_dim": 128,
+           "num_attention_heads": 32, "text_embed_dim": 1472, "time_embed_dim": 512, "condition_dim": 256,
+           "prior_vq_quantizer_codebook_size": 16384}
+    t5 = {"d_model": 1472, "vocab_size": 384, "d_ff": 3584, "d_kv": 64, "num_heads": 6, "num_layers": 12,
+          "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "relative_attention_num_buckets": 32,
+          "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6, "tie_word_embeddings": True}
+    vae = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 512, 1024, 1024],
+           "layers_per_block": 3, "norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": False,
+           "use_quant_conv": False, "use_post_quant_conv": False,
+           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+    return {"vision_language_encoder": ar, "transformer": dit, "text_encoder": t5, "vae": vae}
+
+
+COMPONENTS = ("vision_language_encoder", "text_encoder", "transformer", "vae")
+COMPONENT_NAMES = {"vision_language_encoder": "AR model", "text_encoder": "glyph encoder",
+                   "transformer": "DiT", "vae": "VAE"}
+
+
+def build_component(component: str, config: dict, device="meta", dtype=torch.float32) -> nn.Module:
+    """The network of ``component`` (a checkpoint folder name) built from ``config`` with torch.nn
+    layers; on the meta device it costs no memory."""
+    if component == "vision_language_encoder":
+        from .ar_model import GlmImageAR
+        return GlmImageAR(config, dtype=dtype, device=device)
+    if component == "transformer":
+        from .dit import GlmImageDiT, no_init_ops
+        return GlmImageDiT(config, dtype=dtype, device=device, operations=no_init_ops)
+    if component == "text_encoder":
+        from .dit import no_init_ops
+        from .glyph import GlyphT5Encoder
+        return GlyphT5Encoder(config, dtype=dtype, device=device, operations=no_init_ops)
+    if component == "vae":
+        from .dit import no_init_ops
+        from .vae import GlmImageVAE
+        return GlmImageVAE(config, dtype=dtype, device=device, operations=no_init_ops)
+    raise ValueError(f"unknown component {component!r}; one of {COMPONENTS}")
+
+
+# --------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------
+
+# Layers whose weight ComfyUI's comfy.ops can store in fp8 and cast per call (and stream in lowvram).
+CASTABLE = (nn.Linear, nn.Conv2d, nn.Embedding)
+# Embedding tables this package reads by row lookup where the table lives (ar_model.TextModel.embed),
+# never cast or copied whole: they are no lowvram stream unit.
+ROW_LOOKUP = ("model.language_model.embed_tokens",)
+
+
+@dataclass
+class WeightStats:
+    """Element counts of one network, split by how its tensors are stored in an fp8 load."""
+    matrix: int = 0           # weights of Linear / Conv2d / Embedding layers (fp8-able)
+    other: int = 0            # biases, norm weights, bare parameters, persistent buffers
+    largest_layer: int = 0    # elements of the largest castable layer (weight + bias): the lowvram stream unit
+    largest_layer_name: str = ""
+    unused_in_t2i: int = 0    # elements never read by text-to-image (the AR's vision tower + VQ)
+
+    @property
+    def total(self) -> int:
+        return self.matrix + self.other
+
+    def bytes(self, weight_dtype: str) -> int:
+        """Stored bytes: fp8 keeps the non-matrix tensors in bf16 (what fp8 checkpoints do)."""
+        if weight_dtype == "fp8":
+            return self.matrix * 1 + self.other * 2
+        return self.total * DTYPE_BYTES[weight_dtype]
+
+
+def weight_stats(model: nn.Module) -> WeightStats:
+    s = WeightStats()
+    for name, m in model.named_modules():
+        own = dict(m.named_parameters(recurse=False))
+        own.update({k: b for k, b in m.named_buffers(recurse=False)
+                    if k not in getattr(m, "_non_persistent_buffers_set", ())})
+        layer = 0
+        for pname, p in own.items():
+            n = p.numel()
+            layer += n
+            if isinstance(m, CASTABLE) and pname == "weight":
+                s.matrix += n
+            else:
+                s.other += n
+        if isinstance(m, CASTABLE) and layer > s.largest_layer and name not in ROW_LOOKUP:
+            s.largest_layer, s.largest_layer_name = layer, name
+    if hasattr(model, "model") and hasattr(model.model, "visual"):
+        s.unused_in_t2i = sum(p.numel() for p in model.model.visual.parameters()) + \
+            sum(p.numel() for p in model.model.vqmodel.parameters())
+    return s
+
+
+# --------------------------------------------------------------------------------------
+# Activations (bytes), per stage
+# --------------------------------------------------------------------------------------
+
+def ar_sequence(prompt_tokens: int, width: int, height: int, reference_tokens: int = 0) -> tuple:
+    """(prompt length fed to prefill, tokens generated) of a t2i (or edit) AR run."""
+    from .ar_prompt import preview_grid, target_grid
+    th, tw = target_grid(width, height)
+    if reference_tokens:                       # edit: no preview grid; the reference ids are in the prompt
+        n_gen = th * tw
+        prompt = prompt_tokens + reference_tokens + 2 + 8
+    else:
+        ph, pw = preview_grid(th, tw)
+        n_gen = th * tw + ph * pw
+        prompt = prompt_tokens + 12            # <sop>h w<eop><sop>h w<eop><|dit_token_16384|> markers
+    return prompt, n_gen
+
+
+def ar_activation_bytes(text_config: dict, prompt_tokens: int, width: int, height: int, batch: int = 1,
+                        dtype_bytes: int = 2, reference_tokens: int = 0, attention_scores: bool = False) -> int:
+    """Peak activation bytes of ``ar_generate.generate_tokens``: the static KV cache for the whole
+    sequence, plus the widest moment of the prefill (residual, norm output, q/k/v, fused gate/up MLP
+    and its product), plus the fp32 sampler rows over the visual vocabulary."""
+    from .ar_model import TextConfig
+    c = TextConfig.from_dict(text_config)
+    L, n_gen = ar_sequence(prompt_tokens, width, height, reference_tokens)
+    kv = 2 * c.num_layers * batch * c.num_kv_heads * (L + n_gen) * c.head_dim * dtype_bytes
+    qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    attn = batch * L * (2 * c.hidden_size + qkv + c.num_heads * c.head_dim)
+    mlp = batch * L * (2 * c.hidden_size + 2 * c.intermediate_size + c.intermediate_size)
+    prefill = max(attn, mlp) * dtype_bytes
+    if attention_scores:
+        prefill += batch * c.num_heads * L * L * 4
+    rope = 2 * (L + n_gen) * c.rotary_dim * 4 * 2                      # prefill + decode tables
+    sampler = 4 * batch * c.vision_vocab_size * 4                      # logits, exponential draw, ratios
+    return int(kv + prefill + rope + sampler)
+
+
+def dit_activation_bytes(dit_config: dict, width: int, height: int, text_tokens: int, batch: int = 1,
+                         passes: int = 2, dtype_bytes: int = 2, reference_tokens: int = 0,
+                         attention_scores: bool = False) -> int:
+    """Peak activation bytes of one ``GlmImageDiT.forward_multi`` step (``passes`` = 2 with CFG: the
+    cond and uncond passes run in one sweep), plus what the denoise loop keeps across steps.
+
+    Per block (dit.GlmImageBlock.forward), P passes, B images, N image tokens, L text tokens, D wide:
+    * attention phase: X and its norm [P,B,N,D]; the joint input and q, k, v, the attention output
+      and its projection [B, P(L+N), D] (q/k layer-norm outputs replace their inputs: +1 transient);
+    * feed-forward phase: X, its norm and the output [P,B,N,D], the GELU input and output [P,B,N,4D].
+    Loop state: projected priors [P,B,N,D], the fp32 latents/noise/velocity [B,C,h,w], RoPE tables.
+    Edits add the reference K/V cache: layers × 2 × [B, R, D]."""
+    from .dit import DEFAULT_DIT_CONFIG
+    cfg = dict(DEFAULT_DIT_CONFIG)
+    cfg.update(dit_config)
+    D = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    F_ = int(cfg["ff_mult"] * D)
+    p = int(cfg["patch_size"])
+    h, w = height // 8, width // 8
+    N = (h // p) * (w // p)
+    P, B, L = passes, batch, text_tokens
+    T = P * (L + N)
+    attn = B * D * (2 * P * N + 7 * T)
+    ff = B * P * N * (3 * D + 2 * F_)
+    block = max(attn, ff) * dtype_bytes
+    if attention_scores:
+        block += B * int(cfg["num_attention_heads"]) * (L + N) * (L + N + reference_tokens) * 4
+    loop = P * B * N * D * dtype_bytes + 4 * B * int(cfg["in_channels"]) * h * w * 4 + 2 * N * int(cfg["attention_head_dim"]) * 4
+    ref = int(cfg["num_layers"]) * 2 * B * reference_tokens * D * dtype_bytes
+    return int(block + loop + ref)
+
+
+def glyph_activation_bytes(t5_config: dict, text_tokens: int, batch: int = 1, dtype_bytes: int = 2) -> int:
+    """Peak activation bytes of the ByT5 glyph encoder: hidden, norm, q/k/v/o, gated FF (2 × d_ff),
+    and the [heads, S, S] position bias + scores (fp32)."""
+    d, ff, heads = int(t5_config["d_model"]), int(t5_config["d_ff"]), int(t5_config["num_heads"])
+    inner = heads * int(t5_config["d_kv"])
+    S = text_tokens
+    per_token = max(2 * d + 4 * inner, 2 * d + 3 * ff)
+    scores = 3 * batch * heads * S * S * 4
+    return int(batch * S * per_token * dtype_bytes + scores)
+
+
+def vae_decode_activation_bytes(vae_config: dict, width: int, height: int, batch: int = 1,
+                                dtype_bytes: int = 2) -> int:
+    """Peak activation bytes of ``GlmImageVAE.decode`` at ``width``×``height``, walking the decoder
+    (vae.Decoder): a ResNet block holds its input plus three tensors of max(cin, cout) channels
+    (norm, activation, conv output); an upsampler its input plus the ×2 interpolation and its conv
+    output; the output head norm, activation and the 3-channel image. Output [B,3,H,W] in fp32."""
+    from .vae import VaeConfig
+    c = VaeConfig(vae_config)
+    rch = list(reversed(c.block_out_channels))
+    s = c.scale_factor
+    res = (height // s) * (width // s)                 # elements per channel at the current level
+    peak = 0
+    prev = rch[0]
+    for _ in range(2):                                 # mid block resnets
+        peak = max(peak, res * (prev + 3 * prev))
+    for i, ch in enumerate(rch):
+        for j in range(c.layers_per_block + 1):
+            cin = prev if j == 0 else ch
+            peak = max(peak, res * (cin + 3 * max(cin, ch)))
+        prev = ch
+        if i < len(rch) - 1:
+            peak = max(peak, res * ch + 2 * (4 * res) * ch)
+            res *= 4
+    peak = max(peak, res * (3 * rch[-1] + c.out_channels))
+    return int(batch * (peak * dtype_bytes + c.out_channels * res * 4))
+
+
+# --------------------------------------------------------------------------------------
+# The plan of a run
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    name: str
+    component: str
+    weight_dtype: str          # storage dtype of this stage's weights
+    weights: int               # bytes of the whole network
+    activations: int           # bytes (estimate) at the peak of the call
+    cast_buffer: int           # bytes of per-call weight copies (fp8 → compute dtype; one layer in flight)
+    stream_unit: int           # bytes (compute dtype) of the largest castable layer: the lowvram stream unit
+    resident_floor: int        # bytes that stay resident in lowvram (tensors of layers ComfyUI cannot stream)
+
+    @property
+    def full(self) -> int:
+        """Allocated device bytes with the whole network loaded."""
+        return self.weights + self.activations + self.cast_buffer
+
+    def lowvram(self, streams: int = 0) -> int:
+        """Allocated device bytes with every streamable layer left in RAM (``--novram``-like): the
+        non-streamable tensors, the activations and the layer copies in flight (1 + async streams)."""
+        return self.resident_floor + self.activations + (1 + streams) * self.stream_unit
+
+    def card_full(self) -> int:
+        """Device memory a card needs for ComfyUI to load this stage whole (no partial load)."""
+        return self.weights + self.cast_buffer + max(COMFY_MIN_INFERENCE, self.activations + COMFY_EXTRA_RESERVED) \
+            + CUDA_CONTEXT
+
+
+@dataclass
+class RunPlan:
+    width: int
+    height: int
+    weight_dtype: str
+    compute_dtype: str
+    stages: List[Stage] = field(default_factory=list)
+
+    @property
+    def peak_full(self) -> int:
+        return max(s.full for s in self.stages)
+
+    def peak_lowvram(self, streams: int = 0) -> int:
+        return max(s.lowvram(streams) for s in self.stages)
+
+    @property
+    def card_full(self) -> int:
+        return max(s.card_full() for s in self.stages)
+
+    def card_lowvram(self, streams: int = 0) -> int:
+        return self.peak_lowvram(streams) + COMFY_EXTRA_RESERVED + CUDA_CONTEXT
+
+    def to_dict(self) -> dict:
+        return {"width": self.width, "height": self.height, "weight_dtype": self.weight_dtype,
+                "compute_dtype": self.compute_dtype,
+                "stages": [dict(name=s.name, component=s.component, weight_dtype=s.weight_dtype, weights=s.weights,
+                                activations=s.activations, cast_buffer=s.cast_buffer, stream_unit=s.stream_unit,
+                                resident_floor=s.resident_floor, full=s.full, lowvram=s.lowvram(),
+                                card_full=s.card_full()) for s in self.stages],
+                "peak_full": self.peak_full, "peak_lowvram": self.peak_lowvram(),
+                "card_full": self.card_full, "card_lowvram": self.card_lowvram()}
+
+
+def plan_run(configs: Dict[str, dict], stats: Dict[str, WeightStats], weight_dtype: str = "bf16",
+             width: int = 1024, height: int = 1024, prompt_tokens: int = 256, glyph_tokens: int = 128,
+             cfg_passes: int = 2, batch: int = 1) -> RunPlan:
+    """The stages of a text-to-image run and their device memory, for AR/DiT weights stored in
+    ``weight_dtype`` (``bf16``, ``fp16``, ``fp32`` or ``fp8``; compute in bf16, fp32 for fp32).
+    The glyph encoder and the VAE stay in the compute dtype (the loader keeps them out of fp8).
+    ``stats``: :func:`weight_stats` of each component; ``glyph_tokens``: ByT5 bytes of the quoted text."""
+    compute = "fp32" if weight_dtype == "fp32" else ("fp16" if weight_dtype == "fp16" else "bf16")
+    cb = DTYPE_BYTES[compute]
+    plan = RunPlan(width, height, weight_dtype, compute)
+
+    def stage(name, comp, wdt, acts):
+        st = stats[comp]
+        stored = st.bytes(wdt)
+        cast = st.largest_layer * cb if DTYPE_BYTES[wdt] < cb or wdt == "fp8" else 0
+        floor = st.other * (2 if wdt == "fp8" else DTYPE_BYTES[wdt])
+        plan.stages.append(Stage(name, comp, wdt, stored, int(acts), cast, st.largest_layer * cb, floor))
+
+    stage("AR: text → tokens (KV cache)", "vision_language_encoder", weight_dtype,
+          ar_activation_bytes(configs["vision_language_encoder"]["text_config"], prompt_tokens, width, height,
+                              batch, cb))
+    stage("glyph encoder", "text_encoder", compute,
+          glyph_activation_bytes(configs["text_encoder"], glyph_tokens + 1, 1, cb))
+    stage(f"DiT step (CFG batch {cfg_passes})", "transformer", weight_dtype,
+          dit_activation_bytes(configs["transformer"], width, height, glyph_tokens + 1, batch, cfg_passes, cb))
+    stage(f"VAE decode {width}×{height}", "vae", compute,
+          vae_decode_activation_bytes(configs["vae"], width, height, batch, cb))
+    return plan
+
+
+def gib(n: Optional[float]) -> str:
+    return "–" if n is None else f"{n / GIB:.2f}"
+
+
+def settings_for_card(plans: Dict[str, RunPlan], card_gib: float) -> str:
+    """Which loader setting runs a whole t2i on a card of ``card_gib`` GiB (per the plans)."""
+    card = card_gib * GIB
+    for wd, label in (("bf16", "bf16 (default), all stages loaded whole"),
+                      ("fp8", "fp8_e4m3fn weights, all stages loaded whole")):
+        if wd in plans and plans[wd].card_full <= card:
+            return label
+    for wd, label in (("fp8", "fp8_e4m3fn weights + partial loading (ComfyUI picks it; or --lowvram)"),
+                      ("bf16", "bf16 + partial loading (ComfyUI picks it; or --lowvram)")):
+        if wd in plans and plans[wd].card_lowvram() <= card:
+            resident = card - plans[wd].card_lowvram()
+            return f"{label}; about {resident / GIB:.0f} GiB of the largest model's weights stay resident"
+    return "not enough: use --novram or --cpu"

@@ -28,8 +28,11 @@ TINY_NAME = "GLM-Image-tiny"
 def start(base_dir: str, tiny_ckpt: str, name: str) -> ComfyServer:
     """Start a server for a test module; fails the module (not skips) when it does not come up.
     `name` names the server log copied to test-artifacts/ when it stops."""
+    import glmtest_upscale
     server = ComfyServer(str(base_dir), diffusers={TINY_NAME: tiny_ckpt})
     copy_example_inputs(os.path.join(str(base_dir), "input"))
+    # The chain workflow's UpscaleModelLoader needs an upscale model, as a user would have one.
+    glmtest_upscale.write_tiny_upscale_model(os.path.join(str(base_dir), "models", "upscale_models"))
     server.artifact_name = name
     try:
         server.start(timeout=300)
@@ -40,10 +43,11 @@ def start(base_dir: str, tiny_ckpt: str, name: str) -> ComfyServer:
 
 
 def copy_example_inputs(input_dir: str) -> list[str]:
-    """The example images the committed workflows load (LoadImage reads the input folder)."""
+    """The example images and token files the committed workflows load (LoadImage and Load Tokens
+    read the input folder)."""
     import shutil
     os.makedirs(input_dir, exist_ok=True)
-    names = sorted(f for f in os.listdir(WORKFLOWS) if f.lower().endswith(".png"))
+    names = sorted(f for f in os.listdir(WORKFLOWS) if f.lower().endswith((".png", ".glmtokens.safetensors")))
     for f in names:
         shutil.copyfile(os.path.join(WORKFLOWS, f), os.path.join(input_dir, f))
     return names

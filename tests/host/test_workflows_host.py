@@ -1,47 +1,160 @@
 """Every committed API workflow (workflows/api/*_api.json) runs in the real in-process ComfyUI host on
-the tiny checkpoint and saves images of the requested size. The example images the edit workflows
-load are copied into the input folder first, as a user would put them there."""
+the tiny checkpoint, and every image it saves has the size its graph implies (GLM size, latent and
+image upscales, the upscale model's factor). The example images and token file the workflows load are
+copied into the input folder first, and a tiny random-weight RealESRGAN-compact model is put into
+models/upscale_models/, as a user would have them. The token-reuse workflow is also checked for what
+it promises: one AR run, different decoder seeds give different images, the same seed the same image,
+and Load Tokens gives back exactly what Save Tokens wrote."""
+import copy
 import glob
+import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import glmtest_host
+import glmtest_server
+import glmtest_upscale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKFLOWS = os.path.join(ROOT, "workflows")
 API = sorted(glob.glob(os.path.join(WORKFLOWS, "api", "*_api.json")))
+SAVE_NODES = ("SaveImage", "PreviewImage")
+
+
+@pytest.fixture(scope="module")
+def wf_host(host):
+    glmtest_server.copy_example_inputs(host.folder_paths.get_input_directory())
+    glmtest_upscale.write_tiny_upscale_model(os.path.join(host.models_dir, "upscale_models"))
+    return host
+
+
+def load(api_path: str) -> dict:
+    with open(api_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def expected_images(host, prompt: dict, node_id: str) -> tuple[int, int, int]:
+    """(width, height, batch) of the IMAGE/LATENT a node outputs, followed up the graph."""
+    node = prompt[node_id]
+    ct, inp = node["class_type"], node["inputs"]
+    up = lambda name: expected_images(host, prompt, inp[name][0])
+    if ct in SAVE_NODES:
+        return up("images")
+    if ct == "VAEDecode":
+        return up("samples")
+    if ct == "GLMImageTokensToLatent":
+        return up("tokens")
+    if ct == "GLMImageTextToTokens":
+        return inp["width"], inp["height"], inp["batch_size"]
+    if ct == "GLMImageLoadTokens":
+        from glm_image_core.tokens import load_tokens
+        t = load_tokens(os.path.join(host.folder_paths.get_input_directory(), inp["token_file"]))
+        return t.width, t.height, t.batch_size
+    if ct == "LatentUpscaleBy":               # scales the latent grid (pixels / 8), rounded
+        w, h, b = up("samples")
+        return round(w // 8 * inp["scale_by"]) * 8, round(h // 8 * inp["scale_by"]) * 8, b
+    if ct == "ImageScaleBy":
+        w, h, b = up("image")
+        return round(w * inp["scale_by"]), round(h * inp["scale_by"]), b
+    if ct == "ImageUpscaleWithModel":
+        w, h, b = up("image")
+        assert prompt[inp["upscale_model"][0]]["inputs"]["model_name"] == glmtest_upscale.NAME
+        return w * glmtest_upscale.SCALE, h * glmtest_upscale.SCALE, b
+    raise AssertionError(f"expected_images: no rule for {ct} (node {node_id}); add one")
+
+
+def pixels(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def test_every_feature_has_a_workflow():
     names = {os.path.basename(p)[:-len("_api.json")] for p in API}
-    assert names >= {"glm_image_t2i", "glm_image_edit", "glm_image_multi_reference", "glm_image_text_rendering"}
+    assert names >= {"glm_image_t2i", "glm_image_edit", "glm_image_multi_reference", "glm_image_text_rendering",
+                     "glm_image_token_reuse", "glm_image_chain"}
 
 
 @pytest.mark.parametrize("api_path", API, ids=os.path.basename)
-def test_api_workflow_runs_in_host(host, api_path):
-    import json
-    for f in glob.glob(os.path.join(WORKFLOWS, "*.png")):
-        shutil.copyfile(f, os.path.join(host.folder_paths.get_input_directory(), os.path.basename(f)))
-    with open(api_path, encoding="utf-8") as f:
-        prompt = json.load(f)
+def test_api_workflow_runs_in_host(wf_host, api_path):
+    host = wf_host
+    prompt = load(api_path)
     res = host.run_ok(prompt)
-    tok = next(k for k, v in prompt.items() if v["class_type"] == "GLMImageTextToTokens")
-    w, h = prompt[tok]["inputs"]["width"], prompt[tok]["inputs"]["height"]
-    save = [k for k, v in prompt.items() if v["class_type"] in ("SaveImage", "PreviewImage")]
+    save = [k for k, v in prompt.items() if v["class_type"] in SAVE_NODES]
     assert save
-    paths = [p for k in save for p in host.output_images(res, k)]
-    assert len(paths) == prompt[tok]["inputs"]["batch_size"] * len(save)
-    for p in paths:
-        with Image.open(p) as im:
-            assert im.size == (w, h)
+    for k in save:
+        w, h, batch = expected_images(host, prompt, k)
+        paths = host.output_images(res, k)
+        assert len(paths) == batch, (k, paths)
+        for p in paths:
+            with Image.open(p) as im:
+                assert im.size == (w, h), f"node {k} ({prompt[k]['_meta']['title']}): {im.size} != {(w, h)}"
+    tok = [k for k, v in prompt.items() if v["class_type"] == "GLMImageTextToTokens"]
     refs = [k for k, v in prompt.items() if v["class_type"] == "GLMImageReferenceEdit"]
     if refs:
-        tokens = glmtest_host.node_output(host, tok)
-        assert tokens.num_references == len(refs)     # chained: the last node carries all references
-    glyph = [k for k, v in prompt.items() if v["class_type"] == "GLMImageGlyphText"]
-    for k in glyph:
+        assert glmtest_host.node_output(host, tok[0]).num_references == len(refs)   # chained: the last carries all
+    for k in (k for k, v in prompt.items() if v["class_type"] == "GLMImageGlyphText"):
         want = [ln for ln in prompt[k]["inputs"]["text"].splitlines() if ln.strip()]
         assert glmtest_host.node_output(host, k).spans == want
+    for k in (k for k, v in prompt.items() if v["class_type"] == "UpscaleModelLoader"):
+        model = glmtest_host.node_output(host, k)          # spandrel's descriptor: a real loaded upscaler
+        assert (model.architecture.name, model.scale) == ("RealESRGAN Compact", glmtest_upscale.SCALE)
+
+
+def _decoders_by_save_node(prompt: dict) -> dict:
+    """SaveImage id -> (class of the tokens' source node, decoder seed), for SaveImage <- VAEDecode <- Tokens→Latent."""
+    out = {}
+    for k, v in prompt.items():
+        if v["class_type"] == "SaveImage":
+            dec = prompt[prompt[v["inputs"]["images"][0]]["inputs"]["samples"][0]]
+            assert dec["class_type"] == "GLMImageTokensToLatent"
+            out[k] = (prompt[dec["inputs"]["tokens"][0]]["class_type"], dec["inputs"]["seed"])
+    return out
+
+
+def _same_tokens(a, b) -> bool:
+    same_preview = (a.preview is None and b.preview is None) or \
+        (a.preview is not None and b.preview is not None and a.preview.equal(b.preview))
+    return a.grid.equal(b.grid) and same_preview and a.metadata() == b.metadata()
+
+
+def test_token_reuse_workflow_does_what_it_says(wf_host):
+    from glm_image_core.tokens import load_tokens
+    host = wf_host
+    prompt = load(os.path.join(WORKFLOWS, "api", "glm_image_token_reuse_api.json"))
+    ids = lambda ct: [k for k, v in prompt.items() if v["class_type"] == ct]
+    (ar,), (save_tokens,), (load_node,) = ids("GLMImageTextToTokens"), ids("GLMImageSaveTokens"), ids("GLMImageLoadTokens")
+    decoders = _decoders_by_save_node(prompt)
+    from_ar = {seed: k for k, (src, seed) in decoders.items() if src == "GLMImageTextToTokens"}
+    (loaded_save, (_, loaded_seed)), = [(k, d) for k, d in decoders.items() if d[0] == "GLMImageLoadTokens"]
+    assert len(from_ar) >= 2 and loaded_seed in from_ar, decoders
+    # Every decoder fed by the AR node reads the same cached output: the AR node runs once.
+    assert all(prompt[prompt[prompt[k]["inputs"]["images"][0]]["inputs"]["samples"][0]]["inputs"]["tokens"] == [ar, 0]
+               for k in from_ar.values())
+
+    # A fresh copy per run, as each POST /prompt is: the executor notes fingerprints in the prompt dict.
+    res = host.run_ok(copy.deepcopy(prompt))
+    ar_tokens = glmtest_host.node_output(host, ar)
+    img = {k: pixels(host.output_images(res, k)[0]) for k in decoders}
+    seeds = sorted(from_ar)
+    assert not np.array_equal(img[from_ar[seeds[0]]], img[from_ar[seeds[1]]]), "other decoder seed, same image"
+
+    # Save Tokens wrote exactly the AR's tokens.
+    (saved,) = res["outputs"][save_tokens]["tokens"]
+    saved_path = os.path.join(host.folder_paths.get_output_directory(), saved["subfolder"], saved["filename"])
+    assert _same_tokens(load_tokens(saved_path), ar_tokens)
+
+    # Decode the saved file later: put it where Load Tokens reads and queue the same graph again.
+    shutil.copyfile(saved_path, os.path.join(host.folder_paths.get_input_directory(),
+                                             prompt[load_node]["inputs"]["token_file"]))
+    res2 = host.run_ok(copy.deepcopy(prompt))
+    # ComfyUI's execution_cached event lists the nodes whose outputs it reuses instead of running them.
+    cached = {n for e, d in host.server.events if e == "execution_cached" for n in d.get("nodes", [])}
+    assert ar in cached, "the AR node ran again although its inputs did not change"
+    assert load_node not in cached, "Load Tokens did not notice that its file changed"
+    assert _same_tokens(glmtest_host.node_output(host, load_node), ar_tokens)
+    assert np.array_equal(pixels(host.output_images(res2, loaded_save)[0]), img[from_ar[loaded_seed]]), \
+        "loaded tokens + the same decoder seed must give the same image"

@@ -50,6 +50,7 @@ import torch
 
 from . import ar_prompt, image_proc
 
+PHASE_PREFILL = "prefill"
 PHASE_PREVIEW = "preview"
 PHASE_GRID = "grid"
 
@@ -189,8 +190,10 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
     :class:`glm_image_core.ar_prompt.GlmTokenizer`. ``reference_grids``: VQ id grids ``[gh, gw]`` of
     the reference images (from :func:`tokenize_reference`), in order; None/empty = text-to-image.
     ``top_k=0`` (or ≥ the lm_head size) disables top-k. ``callback(done, total, phase)`` is called
-    after every sampled token (phase ``"preview"`` or ``"grid"``); an exception raised there stops
-    generation and propagates (nothing is left behind: the cache and generator are local).
+    once after the prefill (``done=0``, phase ``"prefill"``) and after every sampled token (phase
+    ``"preview"`` or ``"grid"``); an exception raised there stops generation and propagates (nothing
+    is left behind: the cache and generator are local). A prompt that, with the image grid, needs
+    more positions than the model's context (``max_position_embeddings``) is refused up front.
     ``device``/``dtype``: where and in which dtype to compute (default: the model's device and
     ``model.compute_dtype``). ``compile=True`` runs the decode step through ``torch.compile``.
     ``restrict_to_codebook=False`` / ``return_logits`` are for parity tests only.
@@ -212,6 +215,7 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
         raise ValueError(f"prompt token id {int(ids.max())} is outside the AR vocabulary "
                          f"({model.text_config.vocab_size}); tokenizer and model do not match")
     pre_pos, dec_pos = ar_prompt.layout_positions(layout, model.image_start_token_id, model.image_end_token_id)
+    check_context(model, int(max(pre_pos.max(), dec_pos.max())) + 1, ids.numel(), width, height)
     n_gen = layout.num_generate
     n_preview = layout.preview_h * layout.preview_w
     L = ids.numel()
@@ -232,6 +236,8 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
         cos_all, sin_all = lm.rope(dec_pos[:, :max(n_gen - 1, 1)].to(device), dtype)   # [1, n, rot]
         step = _make_step(model, cache, compile)
         t1 = time.perf_counter()
+        if callback is not None:
+            callback(0, n_gen, PHASE_PREFILL)
         for i in range(n_gen):
             if i > 0:
                 logits = step(out[:, i - 1:i], cos_all[:, i - 1:i], sin_all[:, i - 1:i], L + i - 1)
@@ -252,6 +258,15 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
     if logits_log is not None:
         res.logits = torch.stack(logits_log, dim=1)         # [B, n_gen, V] raw logits (float32)
     return res
+
+
+def check_context(model, positions: int, prompt_tokens: int, width: int, height: int) -> None:
+    """Refuse a prompt whose positions (text, then the image grids) exceed the AR's context."""
+    limit = (getattr(model, "config", None) or {}).get("text_config", {}).get("max_position_embeddings")
+    if limit and positions > int(limit):
+        raise ValueError(f"prompt too long: its {prompt_tokens} tokens plus the {width}x{height} image grid need "
+                         f"{positions} positions, more than the AR model's context of {int(limit)} "
+                         "(max_position_embeddings); shorten the prompt")
 
 
 def _make_step(model, cache, compile: bool):

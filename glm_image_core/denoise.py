@@ -35,12 +35,14 @@ def _batch(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
 
 @torch.no_grad()
 def build_reference_cache(dit: GlmImageDiT, reference: Sequence[Reference], dtype=None,
-                          device=None) -> ReferenceKVCache:
+                          device=None, callback: Optional[Callable[[int, int], None]] = None) -> ReferenceKVCache:
     """Run the DiT once per reference at timestep 0 in cache-"write" mode (pipeline step 6).
 
     ``reference``: list of (normalised reference latent [1, C, h, w], its upsampled prior ids
     [1, N_ref] or [N_ref], (H_ref, W_ref) in pixels). Zero-length glyph, prior not dropped,
-    crop (0, 0); the references' K/V append in list order.
+    crop (0, 0); the references' K/V append in list order. ``callback(done, total)`` runs after
+    each reference is written; an exception raised there propagates (the cache is local: nothing
+    half-written survives).
     """
     dtype = dtype or dit.compute_dtype
     cache = dit.new_kv_cache()
@@ -68,6 +70,8 @@ def build_reference_cache(dit: GlmImageDiT, reference: Sequence[Reference], dtyp
                               torch.zeros((1, 2), device=dev), dtype)
         dit.forward_multi(ref_latent.to(dtype), [ctx], [prior], temb, ["write"], cache)
         cache.num_references += 1
+        if callback is not None:
+            callback(i + 1, len(reference))
     cache.set_mode(None)
     return cache
 
@@ -79,7 +83,8 @@ def denoise(dit: GlmImageDiT, latents: torch.Tensor, prior_token_ids: torch.Tens
             callback: Optional[Callable[[int, int, torch.Tensor], None]] = None, *,
             crop_coords: Tuple[int, int] = (0, 0), compute_dtype: Optional[torch.dtype] = None,
             packed_cfg: bool = True, sigmas: Optional[torch.Tensor] = None,
-            timesteps: Optional[torch.Tensor] = None, callback_x0: bool = False) -> torch.Tensor:
+            timesteps: Optional[torch.Tensor] = None, callback_x0: bool = False,
+            reference_callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """Denoise normalised latents with the GLM-Image DiT; returns normalised float32 latents.
 
     ``latents`` [B, C, h, w] (initial noise, normalised space); ``prior_token_ids`` [B, N] (or [1, N])
@@ -89,7 +94,8 @@ def denoise(dit: GlmImageDiT, latents: torch.Tensor, prior_token_ids: torch.Tens
     ``ReferenceKVCache``. ``cfg <= 1`` runs the conditional pass only (the pipeline's rule).
     ``callback(step_index, total_steps, latents)`` runs after every step; exceptions propagate (use it
     for progress / interrupts). With ``callback_x0=True`` it gets a 4th argument, the step's clean-image
-    prediction ``x0 = x - sigma * v`` (normalised, float32) for previews.
+    prediction ``x0 = x - sigma * v`` (normalised, float32) for previews. ``reference_callback(done,
+    total)`` runs after each reference's cache write (see ``build_reference_cache``).
     ``packed_cfg`` runs the cond and uncond passes in one sweep (same numerics, faster on CPU; holds
     both passes' activations at once, so ``False`` lowers peak memory). ``timesteps`` / ``sigmas``
     override the schedule (DiT timesteps before the ``- 1``; sigmas with the terminal value).
@@ -128,7 +134,7 @@ def denoise(dit: GlmImageDiT, latents: torch.Tensor, prior_token_ids: torch.Tens
     if isinstance(reference, ReferenceKVCache):
         cache = reference if not reference.is_empty() else None
     elif reference:
-        cache = build_reference_cache(dit, reference, dtype, device)
+        cache = build_reference_cache(dit, reference, dtype, device, callback=reference_callback)
     cond_mode = "read" if cache is not None else None
     uncond_mode = "skip" if cache is not None else None
 

@@ -113,6 +113,9 @@ class GLMImageReferenceEdit(io.ComfyNode):
         if image is None or image.shape[0] == 0:
             raise ValueError("image batch is empty: give at least one reference image")
         image = to_rgb(image).float()
+        if not torch.isfinite(image).all():
+            raise ValueError("image contains NaN or infinite values; a reference image must hold finite pixel "
+                             "values (0..1)")
         if reference is not None:
             reference.check_compatible_ar(ar)
         items = list(reference.items) if reference is not None else []

@@ -59,6 +59,17 @@ class GLMImageSaveTokens(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None) -> bool | str:
+        if not isinstance(filename_prefix, str):     # linked: checked when it runs
+            return True
+        out_dir = folder_paths.get_output_directory()
+        if os.path.isabs(filename_prefix) or "\x00" in filename_prefix or \
+                not _inside(os.path.join(out_dir, filename_prefix), out_dir):
+            return (f"filename_prefix {filename_prefix!r} must be a relative path inside ComfyUI's output "
+                    "folder; refused")
+        return True
+
+    @classmethod
     def execute(cls, tokens: GLMTokens, filename_prefix: str) -> io.NodeOutput:
         out_dir = folder_paths.get_output_directory()
         full_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)

@@ -16,6 +16,9 @@ from safetensors import safe_open
 PIPELINE_CLASS = "GlmImagePipeline"
 COMPONENTS = ("vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# component folder -> its config file (the components with weights, and the scheduler)
+CONFIG_FILES = {"vision_language_encoder": "config.json", "text_encoder": "config.json",
+                "transformer": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # safetensors header dtype names of the floating types a GLM-Image checkpoint may hold
 SAFETENSORS_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -62,6 +65,20 @@ def check_glm_image_folder(folder: str, needed: Iterable[str] = COMPONENTS) -> d
     if missing:
         raise CheckpointError(f"GLM-Image folder {folder} is missing component folder(s): {', '.join(missing)} "
                               f"(the official layout has {', '.join(COMPONENTS)})")
+    # Fail at the loader, not deep inside a later stage: every slot holds the class model_index.json
+    # names, and every weight file has a complete safetensors header (only headers are read here).
+    for comp, cfg_name in CONFIG_FILES.items():
+        if comp not in needed:
+            continue
+        expected = (index.get(comp) or [None, None])[-1]
+        cfg = read_json(os.path.join(folder, comp, cfg_name))
+        found = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
+        if expected and found and found != expected:
+            raise CheckpointError(f"{folder}/{comp} holds {found} (per its {cfg_name}), but model_index.json expects "
+                                  f"{expected} in the {comp!r} slot: put each component in its own folder")
+        if comp != "scheduler":
+            for path in weight_files(os.path.join(folder, comp)):
+                safetensors_header(path)
     return index
 
 
@@ -116,7 +133,8 @@ def storage_dtypes(dtype: Optional[torch.dtype], fp8_keys: Optional[re.Pattern] 
     return pick
 
 
-def _storage_dtype_of(dtype: StorageDtype, key: str, t: torch.Tensor) -> Optional[torch.dtype]:
+def storage_dtype_of(dtype: StorageDtype, key: str, t: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype ``key`` is stored in under ``dtype`` (None: as it is)."""
     if not t.is_floating_point():
         return None
     return dtype(key, t) if callable(dtype) else dtype
@@ -124,7 +142,7 @@ def _storage_dtype_of(dtype: StorageDtype, key: str, t: torch.Tensor) -> Optiona
 
 def cast_for_storage(key: str, t: torch.Tensor, dtype: StorageDtype) -> torch.Tensor:
     """``t`` in the storage dtype ``dtype`` gives for ``key`` (see :func:`storage_dtypes`)."""
-    dt = _storage_dtype_of(dtype, key, t)
+    dt = storage_dtype_of(dtype, key, t)
     return t if dt is None or dt == t.dtype else t.to(dt)
 
 

@@ -79,23 +79,24 @@ COMPONENT_NAMES = {"vision_language_encoder": "AR model", "text_encoder": "glyph
                    "transformer": "DiT", "vae": "VAE"}
 
 
-def build_component(component: str, config: dict, device="meta", dtype=torch.float32) -> nn.Module:
-    """The network of ``component`` (a checkpoint folder name) built from ``config`` with torch.nn
-    layers; on the meta device it costs no memory."""
+def build_component(component: str, config: dict, device="meta", dtype=torch.float32, operations=None) -> nn.Module:
+    """The network of ``component`` (a checkpoint folder name) built from ``config``, its layers from
+    ``operations`` (default: torch.nn without random init); on the meta device it costs no memory.
+    Activations run in ``dtype``."""
+    from .dit import no_init_ops
+    ops = operations or no_init_ops
     if component == "vision_language_encoder":
         from .ar_model import GlmImageAR
-        return GlmImageAR(config, dtype=dtype, device=device)
+        return GlmImageAR(config, dtype=dtype, device=device, operations=operations or nn)
     if component == "transformer":
-        from .dit import GlmImageDiT, no_init_ops
-        return GlmImageDiT(config, dtype=dtype, device=device, operations=no_init_ops)
+        from .dit import GlmImageDiT
+        return GlmImageDiT(config, dtype=dtype, device=device, operations=ops, compute_dtype=dtype)
     if component == "text_encoder":
-        from .dit import no_init_ops
         from .glyph import GlyphT5Encoder
-        return GlyphT5Encoder(config, dtype=dtype, device=device, operations=no_init_ops)
+        return GlyphT5Encoder(config, dtype=dtype, device=device, operations=ops, compute_dtype=dtype)
     if component == "vae":
-        from .dit import no_init_ops
         from .vae import GlmImageVAE
-        return GlmImageVAE(config, dtype=dtype, device=device, operations=no_init_ops)
+        return GlmImageVAE(config, dtype=dtype, device=device, operations=ops)
     raise ValueError(f"unknown component {component!r}; one of {COMPONENTS}")
 
 
@@ -113,24 +114,39 @@ ROW_LOOKUP = ("model.language_model.embed_tokens",)
 @dataclass
 class WeightStats:
     """Element counts of one network, split by how its tensors are stored in an fp8 load."""
-    matrix: int = 0           # weights of Linear / Conv2d / Embedding layers (fp8-able)
-    other: int = 0            # biases, norm weights, bare parameters, persistent buffers
-    largest_layer: int = 0    # elements of the largest castable layer (weight + bias): the lowvram stream unit
+    fp8able: int = 0          # 2-D weights an fp8 load stores in fp8 (the loader's FP8_WEIGHT_KEYS rule)
+    other: int = 0            # everything else: kept in the compute dtype by an fp8 load
+    largest_layer: int = 0    # elements of the largest streamable layer (weight + bias): the lowvram unit
     largest_layer_name: str = ""
+    largest_fp8_layer: int = 0   # elements of the largest fp8 weight: the per-call cast copy
+    loose: int = 0            # elements outside Linear/Conv2d/Embedding layers (norm weights, tables)
     unused_in_t2i: int = 0    # elements never read by text-to-image (the AR's vision tower + VQ)
 
     @property
     def total(self) -> int:
-        return self.matrix + self.other
+        return self.fp8able + self.other
 
-    def bytes(self, weight_dtype: str) -> int:
-        """Stored bytes: fp8 keeps the non-matrix tensors in bf16 (what fp8 checkpoints do)."""
+    def bytes(self, weight_dtype: str, compute_dtype: str = "bf16") -> int:
+        """Stored bytes for a ``weight_dtype`` load (``fp8``: the fp8 rule, the rest in ``compute_dtype``)."""
         if weight_dtype == "fp8":
-            return self.matrix * 1 + self.other * 2
+            return self.fp8able * 1 + self.other * DTYPE_BYTES[compute_dtype]
         return self.total * DTYPE_BYTES[weight_dtype]
 
 
-def weight_stats(model: nn.Module) -> WeightStats:
+def fp8_weight_keys(component: str):
+    """The loader's rule for which weights an fp8 load stores in fp8 (None: the component stays
+    in the compute dtype)."""
+    if component == "vision_language_encoder":
+        from .ar_model import FP8_WEIGHT_KEYS
+        return FP8_WEIGHT_KEYS
+    if component == "transformer":
+        from .dit import FP8_WEIGHT_KEYS
+        return FP8_WEIGHT_KEYS
+    return None
+
+
+def weight_stats(model: nn.Module, fp8_keys=None) -> WeightStats:
+    """Counts over the parameters and persistent buffers of ``model`` (its state dict)."""
     s = WeightStats()
     for name, m in model.named_modules():
         own = dict(m.named_parameters(recurse=False))
@@ -140,16 +156,25 @@ def weight_stats(model: nn.Module) -> WeightStats:
         for pname, p in own.items():
             n = p.numel()
             layer += n
-            if isinstance(m, CASTABLE) and pname == "weight":
-                s.matrix += n
+            key = f"{name}.{pname}" if name else pname
+            if fp8_keys is not None and p.dim() == 2 and fp8_keys.match(key):
+                s.fp8able += n
+                s.largest_fp8_layer = max(s.largest_fp8_layer, n)
             else:
                 s.other += n
-        if isinstance(m, CASTABLE) and layer > s.largest_layer and name not in ROW_LOOKUP:
+        if not isinstance(m, CASTABLE):
+            s.loose += layer
+        elif layer > s.largest_layer and name not in ROW_LOOKUP:
             s.largest_layer, s.largest_layer_name = layer, name
     if hasattr(model, "model") and hasattr(model.model, "visual"):
         s.unused_in_t2i = sum(p.numel() for p in model.model.visual.parameters()) + \
             sum(p.numel() for p in model.model.vqmodel.parameters())
     return s
+
+
+def component_stats(configs: Dict[str, dict]) -> Dict[str, WeightStats]:
+    """:func:`weight_stats` of every component, built on the meta device from ``configs``."""
+    return {c: weight_stats(build_component(c, configs[c]), fp8_weight_keys(c)) for c in COMPONENTS}
 
 
 # --------------------------------------------------------------------------------------
@@ -273,7 +298,7 @@ class Stage:
     activations: int           # bytes (estimate) at the peak of the call
     cast_buffer: int           # bytes of per-call weight copies (fp8 → compute dtype; one layer in flight)
     stream_unit: int           # bytes (compute dtype) of the largest castable layer: the lowvram stream unit
-    resident_floor: int        # bytes that stay resident in lowvram (tensors of layers ComfyUI cannot stream)
+    resident_floor: int        # bytes outside streamable layers (norm weights...), counted as resident in lowvram
 
     @property
     def full(self) -> int:
@@ -337,9 +362,11 @@ def plan_run(configs: Dict[str, dict], stats: Dict[str, WeightStats], weight_dty
 
     def stage(name, comp, wdt, acts):
         st = stats[comp]
-        stored = st.bytes(wdt)
-        cast = st.largest_layer * cb if DTYPE_BYTES[wdt] < cb or wdt == "fp8" else 0
-        floor = st.other * (2 if wdt == "fp8" else DTYPE_BYTES[wdt])
+        fp8 = wdt == "fp8" and st.fp8able > 0
+        wdt = wdt if fp8 or wdt != "fp8" else compute
+        stored = st.bytes(wdt, compute)
+        cast = st.largest_fp8_layer * cb if fp8 else 0
+        floor = st.loose * (cb if fp8 else DTYPE_BYTES[wdt])
         plan.stages.append(Stage(name, comp, wdt, stored, int(acts), cast, st.largest_layer * cb, floor))
 
     stage("AR: text → tokens (KV cache)", "vision_language_encoder", weight_dtype,

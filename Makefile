@@ -20,7 +20,7 @@ PYTEST   := OMP_NUM_THREADS=1 $(PY) -m pytest
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: help host tiny browser-deps test test-core test-fast test-host test-server test-browser \
-        workflows-check demo bench clean distclean
+        workflows-check demo bench memory clean distclean
 
 help:
 	@echo "make host          install the ComfyUI 0.3.75 test host + venv (scripts/install_host.sh; idempotent)"
@@ -33,6 +33,7 @@ help:
 	@echo "make workflows-check  committed workflows/api/*_api.json == conversion of their UI twins"
 	@echo "make demo          run workflows/api/glm_image_t2i_api.json on the tiny checkpoint; PNG -> demo-output/"
 	@echo "make bench         benchmarks (bench/run.py, else bench/bench_*.py)"
+	@echo "make memory        GPU memory plan of a 1024² t2i (bench/memory.py; measured too when CUDA is there)"
 	@echo "make clean         remove caches, artifacts, demo output, node_modules (keeps .venv/.host)"
 	@echo "make distclean     clean + remove .venv and .host"
 
@@ -80,6 +81,10 @@ demo: host tiny
 
 bench: host tiny
 	if [ -f bench/run.py ]; then $(PY) bench/run.py; else for f in bench/bench_*.py; do [ -e "$$f" ] || { echo "no benchmarks in bench/"; break; }; OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) "$$f" || exit 1; done; fi
+
+# Device-memory plan (any machine); on a CUDA machine it also runs the stages and measures them.
+memory: host tiny
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) bench/memory.py
 
 clean:
 	rm -rf .cache $(ART) demo-output bench/results tests/browser/node_modules

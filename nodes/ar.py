@@ -70,8 +70,9 @@ class GLMImageTextToTokens(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, width=None, height=None) -> bool | str:
         # A linked width/height (e.g. from a primitive node) is None here: execute() checks its value.
-        return ((width is not None and size_error("width", width))
-                or (height is not None and size_error("height", height)) or True)
+        # ComfyUI shows the one message under every input, so it names each bad one.
+        errors = [size_error(n, v) for n, v in (("width", width), ("height", height)) if v is not None]
+        return "; ".join(e for e in errors if e) or True
 
     @classmethod
     def execute(cls, ar, prompt, width, height, seed, temperature, top_p, top_k, batch_size,

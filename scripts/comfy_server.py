@@ -282,7 +282,8 @@ class ComfyServer(Client):
 
     def __init__(self, base_dir: str | None = None, port: int | None = None,
                  diffusers: dict[str, str] | None = None, comfy_dir: str = COMFY_DIR, python: str = PYTHON,
-                 extra_args: tuple[str, ...] = (), env: dict | None = None, pack_dir: str = ROOT):
+                 extra_args: tuple[str, ...] = (), env: dict | None = None, pack_dir: str = ROOT,
+                 device_args: tuple[str, ...] = ("--cpu",)):
         self.port = port or free_port()
         super().__init__(f"http://127.0.0.1:{self.port}")
         self._own_base = base_dir is None
@@ -292,6 +293,8 @@ class ComfyServer(Client):
         self.diffusers = dict(diffusers)
         self.comfy_dir, self.python, self.pack_dir = comfy_dir, python, pack_dir
         self.extra_args, self.env = tuple(extra_args), env
+        # ComfyUI's device/memory flags (--cpu, or e.g. --lowvram on a GPU machine: they exclude each other)
+        self.device_args = tuple(device_args)
         self.log_path = os.path.join(self.base_dir, "comfyui.log")
         self.proc: subprocess.Popen | None = None
         self.start_seconds = None
@@ -311,7 +314,7 @@ class ComfyServer(Client):
     # -- process -----------------------------------------------------------------------
     def start(self, timeout: float = 300.0) -> "ComfyServer":
         self.prepare_base_dir()
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "main.py", *self.device_args, "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", self.base_dir, *self.extra_args]
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")

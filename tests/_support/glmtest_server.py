@@ -25,12 +25,12 @@ from comfy_server import (ComfyServer, ExecutionFailed, PromptRejected, ServerEr
 TINY_NAME = "GLM-Image-tiny"
 
 
-def start(base_dir: str, tiny_ckpt: str, name: str, extra_args: tuple = ()) -> ComfyServer:
+def start(base_dir: str, tiny_ckpt: str, name: str, device_args: tuple = ("--cpu",)) -> ComfyServer:
     """Start a server for a test module; fails the module (not skips) when it does not come up.
-    `name` names the server log copied to test-artifacts/ when it stops; `extra_args` are more
-    main.py flags (e.g. --lowvram)."""
+    `name` names the server log copied to test-artifacts/ when it stops; `device_args`: ComfyUI's
+    device/memory flags (--cpu, or --lowvram etc. on a GPU machine)."""
     import glmtest_upscale
-    server = ComfyServer(str(base_dir), diffusers={TINY_NAME: tiny_ckpt}, extra_args=tuple(extra_args))
+    server = ComfyServer(str(base_dir), diffusers={TINY_NAME: tiny_ckpt}, device_args=tuple(device_args))
     copy_example_inputs(os.path.join(str(base_dir), "input"))
     # The chain workflow's UpscaleModelLoader needs an upscale model, as a user would have one.
     glmtest_upscale.write_tiny_upscale_model(os.path.join(str(base_dir), "models", "upscale_models"))

@@ -151,7 +151,7 @@ def wrong_component_message(path: str, expected: str, found: Optional[str], desc
 # Sources: an official folder or a single file, seen the same way
 # --------------------------------------------------------------------------------------
 
-class _Source:
+class Source:
     name: str
 
     def text(self, rel: str) -> Optional[str]:
@@ -175,7 +175,7 @@ class _Source:
         raise NotImplementedError
 
 
-class FolderSource(_Source):
+class FolderSource(Source):
     """An official diffusers-style GLM-Image folder."""
 
     def __init__(self, folder: str):
@@ -193,7 +193,7 @@ class FolderSource(_Source):
         return ckpt.weight_files(os.path.join(self.folder, COMPONENTS[component].folder))
 
 
-class SingleFileSource(_Source):
+class SingleFileSource(Source):
     """A single-file component checkpoint whose metadata carries the official files."""
 
     def __init__(self, path: str, component: str, files: Dict[str, str], metadata: Dict[str, str]):
@@ -267,7 +267,7 @@ class ARAssets:
     processor_config: dict
 
 
-def ar_assets(src: _Source) -> ARAssets:
+def ar_assets(src: Source) -> ARAssets:
     from . import ar_prompt
     tok_text = src.text("processor/tokenizer.json")
     if tok_text is None:
@@ -290,14 +290,14 @@ class DecoderAssets:
     latents_std: torch.Tensor
 
 
-def decoder_assets(src: _Source) -> DecoderAssets:
+def decoder_assets(src: Source) -> DecoderAssets:
     dit_config = src.json("transformer/config.json")
     c = int(dit_config.get("in_channels", 16))
     mean, std = latent_stats(src.json("vae/config.json"), c, src.name)
     return DecoderAssets(dit_config, src.json("scheduler/scheduler_config.json"), mean, std)
 
 
-def glyph_tokenizer(src: _Source):
+def glyph_tokenizer(src: Source):
     from .glyph import ByT5Tokenizer
     return ByT5Tokenizer.from_configs(src.json("tokenizer/tokenizer_config.json", False) or {},
                                       src.json("tokenizer/special_tokens_map.json", False) or {},
@@ -305,7 +305,7 @@ def glyph_tokenizer(src: _Source):
                                       f"{src.name} (tokenizer/)")
 
 
-def builder(src: _Source, component: str) -> Callable[..., torch.nn.Module]:
+def builder(src: Source, component: str) -> Callable[..., torch.nn.Module]:
     """``build(dtype, device, operations, compute_dtype=None)`` -> the component's network with its
     weights loaded from ``src`` (strict key check)."""
     files = src.weight_files(component)

@@ -8,10 +8,11 @@ from .decoder import GLMImageTokensToLatent
 from .glyph import GLMImageGlyphText
 from .loader import GLMImageLoader
 from .reference import GLMImageReferenceEdit
+from .single_file import NODES as SINGLE_FILE_NODES
 from .tokens_io import GLMImageLoadTokens, GLMImageSaveTokens
 
 NODES = [GLMImageLoader, GLMImageTextToTokens, GLMImageGlyphText, GLMImageReferenceEdit,
-         GLMImageTokensToLatent, GLMImageSaveTokens, GLMImageLoadTokens]
+         GLMImageTokensToLatent, GLMImageSaveTokens, GLMImageLoadTokens] + SINGLE_FILE_NODES
 
 
 class GLMImageExtension(ComfyExtension):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
-import torch
 from comfy_api.latest import io
 
 import folder_paths
 
 from ..glm_image_core import checkpoint as ckpt
-from .models import WEIGHT_DTYPES, ComponentSpec, GLMARModel, GLMDecoderModel, LazyComponent
+from ..glm_image_core import single_file as sf
+from .models import (COMPUTE_DTYPES, WEIGHT_DTYPES, ComponentSpec, GLMARModel, GLMDecoderModel, GLMGlyphEncoder,
+                     LazyComponent)
 from .types import CATEGORY, GlmAR, GlmDecoder
 
 
@@ -37,43 +38,44 @@ def resolve_folder(name: str) -> str:
                                f"(searched: {', '.join(folder_paths.get_folder_paths('diffusers'))})")
 
 
-def load_ar_handle(folder: str, weight_dtype: str) -> GLMARModel:
-    from ..glm_image_core import ar_model, ar_prompt
-    comp = os.path.join(folder, "vision_language_encoder")
-    config = ckpt.read_json(os.path.join(comp, "config.json"))
-    gen_path = os.path.join(comp, "generation_config.json")
-    generation = ckpt.read_json(gen_path) if os.path.isfile(gen_path) else {}
-    spec = ComponentSpec("AR model", comp, role="text_encoder", weight_dtype=weight_dtype,
-                         build=lambda dt, dev, ops: ar_model.load_ar(comp, dtype=dt, device=dev, operations=ops))
-    tokenizer = ar_prompt.GlmTokenizer.from_folder(os.path.join(folder, "processor"))
-    return GLMARModel(folder=folder, model=LazyComponent(spec), tokenizer=tokenizer,
-                      processor_config=ar_prompt.read_processor_config(os.path.join(folder, "processor")),
-                      generation_config=generation, config=config)
+def ar_handle(src: sf.Source, weight_dtype: str, compute_dtype: str = "auto") -> GLMARModel:
+    """The GLM_AR payload from an official folder or an AR single file (weights read on first use)."""
+    assets = sf.ar_assets(src)
+    spec = ComponentSpec("AR model", src.name, src.weight_files("ar"), sf.builder(src, "ar"), role="text_encoder",
+                         weight_dtype=weight_dtype, compute_dtype=compute_dtype)
+    return GLMARModel(folder=src.name, model=LazyComponent(spec), tokenizer=assets.tokenizer,
+                      processor_config=assets.processor_config, generation_config=assets.generation_config,
+                      config=assets.config)
 
 
-def load_decoder_handle(folder: str, weight_dtype: str) -> GLMDecoderModel:
-    from ..glm_image_core import dit, glyph
-    dit_dir = os.path.join(folder, "transformer")
-    te_dir = os.path.join(folder, "text_encoder")
-    dit_config = ckpt.read_json(os.path.join(dit_dir, "config.json"))
-    vae_config = ckpt.read_json(os.path.join(folder, "vae", "config.json"))
-    sched = ckpt.read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
-    c = int(dit_config["in_channels"])
-    mean = torch.tensor(vae_config.get("latents_mean") or [0.0] * c, dtype=torch.float32)
-    std = torch.tensor(vae_config.get("latents_std") or [1.0] * c, dtype=torch.float32)
-    if mean.numel() != c or std.numel() != c:
-        raise ckpt.CheckpointError(f"vae/config.json latents_mean/std have {mean.numel()}/{std.numel()} values; "
-                                   f"the DiT has {c} latent channels")
-    dit_spec = ComponentSpec("DiT", dit_dir, weight_dtype=weight_dtype,
-                             build=lambda dt, dev, ops: dit.load_dit(dit_dir, dtype=dt, device=dev, operations=ops))
+def glyph_encoder_handle(src: sf.Source, weight_dtype: str = "default", compute_dtype: str = "auto") -> GLMGlyphEncoder:
+    """The glyph encoder (ByT5) and its tokenizer from an official folder or a glyph-encoder single file."""
+    spec = ComponentSpec("glyph encoder", src.name, src.weight_files("glyph_encoder"), sf.builder(src, "glyph_encoder"),
+                         role="text_encoder", weight_dtype=weight_dtype, compute_dtype=compute_dtype)
+    return GLMGlyphEncoder(source=src.name, encoder=LazyComponent(spec), tokenizer=sf.glyph_tokenizer(src))
+
+
+def decoder_handle(src: sf.Source, glyph: GLMGlyphEncoder, weight_dtype: str,
+                   compute_dtype: str = "auto") -> GLMDecoderModel:
+    """The GLM_DECODER payload: the DiT from an official folder or a DiT single file, plus a glyph encoder."""
+    assets = sf.decoder_assets(src)
+    spec = ComponentSpec("DiT", src.name, src.weight_files("dit"), sf.builder(src, "dit"),
+                         weight_dtype=weight_dtype, compute_dtype=compute_dtype)
+    return GLMDecoderModel(folder=src.name, dit=LazyComponent(spec), glyph_encoder=glyph.encoder,
+                           glyph_tokenizer=glyph.tokenizer, dit_config=assets.dit_config,
+                           scheduler_config=assets.scheduler_config, latents_mean=assets.latents_mean,
+                           latents_std=assets.latents_std)
+
+
+def load_ar_handle(folder: str, weight_dtype: str, compute_dtype: str = "auto") -> GLMARModel:
+    return ar_handle(sf.FolderSource(folder), weight_dtype, compute_dtype)
+
+
+def load_decoder_handle(folder: str, weight_dtype: str, compute_dtype: str = "auto") -> GLMDecoderModel:
+    src = sf.FolderSource(folder)
     # The glyph encoder is small and numerically sensitive (T5): keep it as stored unless fp32 is asked.
-    te_dtype = "fp32" if weight_dtype == "fp32" else "default"
-    te_spec = ComponentSpec("glyph encoder", te_dir, role="text_encoder", weight_dtype=te_dtype,
-                            build=lambda dt, dev, ops: glyph.load_glyph_encoder(te_dir, dtype=dt, device=dev,
-                                                                                 operations=ops))
-    return GLMDecoderModel(folder=folder, dit=LazyComponent(dit_spec), glyph_encoder=LazyComponent(te_spec),
-                           glyph_tokenizer=glyph.ByT5Tokenizer.from_folder(os.path.join(folder, "tokenizer")),
-                           dit_config=dit_config, scheduler_config=sched, latents_mean=mean, latents_std=std)
+    glyph = glyph_encoder_handle(src, "fp32" if weight_dtype == "fp32" else "default")
+    return decoder_handle(src, glyph, weight_dtype, compute_dtype)
 
 
 class GLMImageLoader(io.ComfyNode):
@@ -89,7 +91,12 @@ class GLMImageLoader(io.ComfyNode):
                 io.Combo.Input("model", options=glm_image_folders(),
                                tooltip="A folder under models/diffusers/ whose model_index.json names GlmImagePipeline."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip="Storage dtype of the AR and DiT weights. 'default' keeps the file's dtype."),
+                               tooltip="Storage dtype of the AR and DiT weights. 'default' keeps the file's dtype; "
+                                       "fp8_e4m3fn/fp8_e5m2 store the Linear weights of their transformer blocks "
+                                       "in fp8 (half of bf16's memory), the rest in the compute dtype."),
+                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
+                               tooltip="Dtype of the AR's and DiT's activations; weights stored otherwise are cast "
+                                       "layer by layer. 'auto': bf16/fp16 where the device has it, else fp32."),
             ],
             outputs=[
                 GlmAR.Output("ar", display_name="ar", tooltip="The autoregressive model (text → semantic tokens)."),
@@ -100,16 +107,18 @@ class GLMImageLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model, weight_dtype) -> bool | str:
+    def validate_inputs(cls, model, weight_dtype, compute_dtype="auto") -> bool | str:
         if model not in glm_image_folders():
             return (f"GLM-Image folder {model!r} not found under models/diffusers/ (found: "
                     f"{', '.join(glm_image_folders()) or 'none'}); put the official GLM-Image folder there")
         if weight_dtype not in WEIGHT_DTYPES:
             return f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}"
+        if compute_dtype not in COMPUTE_DTYPES:
+            return f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}"
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, model, weight_dtype):
+    def fingerprint_inputs(cls, model, weight_dtype, compute_dtype="auto"):
         # Re-load when the folder's files change (not only when the name changes).
         try:
             folder = resolve_folder(model)
@@ -122,15 +131,15 @@ class GLMImageLoader(io.ComfyNode):
                 for n in sorted(os.listdir(d)):
                     st = os.stat(os.path.join(d, n))
                     stamp.append((comp, n, st.st_size, st.st_mtime_ns))
-        return (model, weight_dtype, tuple(stamp))
+        return (model, weight_dtype, compute_dtype, tuple(stamp))
 
     @classmethod
-    def execute(cls, model, weight_dtype) -> io.NodeOutput:
+    def execute(cls, model, weight_dtype, compute_dtype="auto") -> io.NodeOutput:
         from .vae_adapter import load_glm_vae, preview_fit_for
         folder = resolve_folder(model)
         ckpt.check_glm_image_folder(folder)
-        ar = load_ar_handle(folder, weight_dtype)
-        decoder = load_decoder_handle(folder, weight_dtype)
+        ar = load_ar_handle(folder, weight_dtype, compute_dtype)
+        decoder = load_decoder_handle(folder, weight_dtype, compute_dtype)
         vae = load_glm_vae(os.path.join(folder, "vae"))
         # Latent previews: fitted from this VAE the first time the decoder node asks for a previewer.
         decoder.preview_fit = preview_fit_for(vae, decoder.latents_mean, decoder.latents_std)

@@ -10,10 +10,11 @@ output is cached never reads the AR weights at all.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -25,34 +26,42 @@ from ..glm_image_core import checkpoint as ckpt
 
 log = logging.getLogger("GLM-Image")
 
-WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Storage dtype of the weights. fp8: only the Linear weights of the DiT's and AR's repeated blocks
+# (biases, norms, embeddings, timestep MLPs stay in the compute dtype; see checkpoint.storage_dtypes).
+WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# Dtype of the activations; weights stored otherwise are cast per layer by comfy.ops (manual cast).
+# "auto": ComfyUI's choice for the load device (bf16/fp16 on GPUs that have them, fp32 on CPU).
+COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def stored_dtype(component_dir: str) -> torch.dtype:
-    """The floating dtype most of a component's weights are stored in (read from safetensors headers)."""
-    from safetensors import safe_open
+def stored_dtype(weight_files: Sequence[str]) -> torch.dtype:
+    """The floating dtype a component's weights are stored in (read from safetensors headers): fp8
+    when any tensor is fp8 (a file converted to fp8 keeps its small tensors in higher precision),
+    else the dtype of most parameters."""
     counts: dict = {}
-    for p in ckpt.weight_files(component_dir):
-        with safe_open(p, framework="pt") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}.get(sl.get_dtype())
-                if dt is not None:
-                    n = 1
-                    for s in sl.get_shape():
-                        n *= s
-                    counts[dt] = counts.get(dt, 0) + n
+    for p in weight_files:
+        for st_dtype, shape in ckpt.safetensors_header(p)[1].values():
+            dt = ckpt.SAFETENSORS_FLOAT_DTYPES.get(st_dtype)
+            if dt is not None:
+                counts[dt] = counts.get(dt, 0) + math.prod(shape)
+    fp8 = [dt for dt in counts if ckpt.is_fp8(dt)]
+    if fp8:
+        return max(fp8, key=counts.get)
     return max(counts, key=counts.get) if counts else torch.float32
 
 
 @dataclass
 class ComponentSpec:
-    """How to build one network: `build(dtype, device, operations) -> nn.Module` with weights loaded."""
+    """How to build one network: ``build(weight_dtype, device, operations, compute_dtype) -> nn.Module``
+    with weights loaded from ``weight_files`` (a folder's shards or one single file; ``source`` names
+    it in logs)."""
     name: str
-    component_dir: str
-    build: Callable[[torch.dtype, torch.device, object], torch.nn.Module]
+    source: str
+    weight_files: Sequence[str]
+    build: Callable[[torch.dtype, torch.device, object, torch.dtype], torch.nn.Module]
     weight_dtype: str = "default"
+    compute_dtype: str = "auto"
     role: str = "diffusion"            # "diffusion" | "text_encoder": picks ComfyUI's device policy
     supported_compute: tuple = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -71,8 +80,12 @@ class LazyComponent:
 
     def dtypes(self):
         """(weight storage dtype, compute dtype) for this component on its load device."""
-        weight = WEIGHT_DTYPES[self.spec.weight_dtype] or stored_dtype(self.spec.component_dir)
-        compute = mm.unet_manual_cast(weight, self.load_device, list(self.spec.supported_compute)) or weight
+        weight = WEIGHT_DTYPES[self.spec.weight_dtype] or stored_dtype(self.spec.weight_files)
+        compute = COMPUTE_DTYPES[self.spec.compute_dtype]
+        if compute is None:
+            compute = mm.unet_manual_cast(weight, self.load_device, list(self.spec.supported_compute)) or weight
+        elif compute not in self.spec.supported_compute:
+            raise ValueError(f"{self.spec.name} cannot compute in {compute}; supported: {self.spec.supported_compute}")
         return weight, compute
 
     @property
@@ -82,8 +95,8 @@ class LazyComponent:
                 weight, compute = self.dtypes()
                 ops = comfy.ops.pick_operations(weight, compute, load_device=self.load_device)
                 log.info("GLM-Image: loading %s (%s weights, %s compute) from %s",
-                         self.spec.name, weight, compute, self.spec.component_dir)
-                model = self.spec.build(weight, self.offload_device, ops)
+                         self.spec.name, weight, compute, self.spec.source)
+                model = self.spec.build(weight, self.offload_device, ops, compute)
                 model.train(False).requires_grad_(False)
                 self._patcher = comfy.model_patcher.ModelPatcher(
                     model, load_device=self.load_device, offload_device=self.offload_device)
@@ -118,6 +131,14 @@ class GLMARModel:
     @property
     def name(self) -> str:
         return os.path.basename(os.path.normpath(self.folder))
+
+
+@dataclass
+class GLMGlyphEncoder:
+    """Payload of the GLM_GLYPH_ENCODER socket (single-file glyph encoder loader -> DiT loader)."""
+    source: str
+    encoder: LazyComponent
+    tokenizer: object                  # glm_image_core.glyph.ByT5Tokenizer
 
 
 @dataclass

@@ -135,10 +135,16 @@ def load_glm_vae(vae_dir: str, weight_dtype: str = "default") -> comfy.sd.VAE:
     Weights are read now (like the stock VAELoader), stored in the VAE working dtype (bf16 where
     the load device supports it, else fp32) on ComfyUI's VAE offload device.
     """
+    return glm_vae_from(lambda dt, dev, ops: load_vae(vae_dir, dtype=dt, device=dev, operations=ops), weight_dtype)
+
+
+def glm_vae_from(build, weight_dtype: str = "default") -> comfy.sd.VAE:
+    """A ComfyUI VAE from ``build(dtype, device, operations) -> GlmImageVAE`` (a folder's or a
+    single file's loader); dtype and devices as in :func:`load_glm_vae`."""
     device = mm.vae_device()
     offload = mm.vae_offload_device()
     dtype = choose_vae_dtype(device, weight_dtype)
-    model = load_vae(vae_dir, dtype=dtype, device=offload, operations=comfy.ops.disable_weight_init)
+    model = build(dtype, offload, comfy.ops.disable_weight_init)
     return GlmImageComfyVAE(model, dtype, device, offload)
 
 

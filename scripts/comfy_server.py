@@ -55,6 +55,10 @@ PACK_NODES = {
     "GLMImageTokensToLatent": "GLM-Image",
     "GLMImageSaveTokens": "GLM-Image",
     "GLMImageLoadTokens": "GLM-Image",
+    "GLMImageARLoader": "GLM-Image",
+    "GLMImageGlyphEncoderLoader": "GLM-Image",
+    "GLMImageDiTLoader": "GLM-Image",
+    "GLMImageVAELoader": "GLM-Image",
 }
 PACK_NODE_IDS = tuple(PACK_NODES)
 

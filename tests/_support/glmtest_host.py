@@ -17,6 +17,7 @@ PACK_DIR = os.path.join(COMFY_DIR, "custom_nodes", "ComfyUI-GLM-Image")
 PACK_NODE_IDS = (
     "GLMImageLoader", "GLMImageTextToTokens", "GLMImageGlyphText", "GLMImageReferenceEdit",
     "GLMImageTokensToLatent", "GLMImageSaveTokens", "GLMImageLoadTokens",
+    "GLMImageARLoader", "GLMImageGlyphEncoderLoader", "GLMImageDiTLoader", "GLMImageVAELoader",
 )
 
 

@@ -1,0 +1,250 @@
+"""Single-file GLM-Image loaders: one small node per component file in ComfyUI's usual folders.
+
+    models/text_encoders/     AR model       -> Load GLM-Image AR (single file)        -> GLM_AR
+    models/text_encoders/     glyph encoder  -> Load GLM-Image Glyph Encoder           -> GLM_GLYPH_ENCODER
+    models/diffusion_models/  DiT            -> Load GLM-Image DiT (+ glyph encoder)   -> GLM_DECODER
+    models/vae/               VAE            -> Load GLM-Image VAE (single file)       -> VAE
+
+The outputs are the folder loader's socket types, so every other node works unchanged. The files
+are written by ``scripts/convert_to_single_file.py`` (configs and tokenizers in the safetensors
+metadata); detection, metadata and error messages live in ``glm_image_core.single_file``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io
+
+import folder_paths
+
+from ..glm_image_core import checkpoint as ckpt
+from ..glm_image_core import single_file as sf
+from .loader import ar_handle, decoder_handle, glyph_encoder_handle
+from .models import COMPUTE_DTYPES, WEIGHT_DTYPES
+from .types import CATEGORY, GlmAR, GlmDecoder, GlmGlyphEncoder
+
+# The glyph encoder (T5) and the VAE are small and numerically sensitive: no fp8; the VAE also no fp16.
+GLYPH_WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32")
+VAE_WEIGHT_DTYPES = ("default", "bf16", "fp32")
+
+
+def safetensors_files(folder: str) -> list[str]:
+    """The .safetensors files ComfyUI lists under a models folder (other formats are never offered)."""
+    try:
+        names = folder_paths.get_filename_list(folder)
+    except KeyError:
+        return []
+    return sorted(n for n in names if n.lower().endswith((".safetensors", ".sft")))
+
+
+def resolve_file(folder: str, name: str) -> str:
+    """Full path of ``name`` under ComfyUI's ``models/<folder>/`` roots; refuses non-safetensors names."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise ckpt.CheckpointError(f"{name!r} not found under models/{folder}/ (searched: "
+                                   f"{', '.join(folder_paths.get_folder_paths(folder))})")
+    ckpt.check_safetensors_path(path)
+    return path
+
+
+def open_component(folder: str, name: str, component: str) -> sf.SingleFileSource:
+    return sf.open_single_file(resolve_file(folder, name), component)
+
+
+def check_file(folder: str, name: str, component: str) -> bool | str:
+    """validate_inputs helper: True, or the reason the file cannot be loaded as ``component``."""
+    try:
+        open_component(folder, name, component)
+    except ckpt.CheckpointError as e:
+        return str(e)
+    return True
+
+
+def check_choice(name: str, value: str, allowed) -> bool | str:
+    return True if value in allowed else f"{name} must be one of {', '.join(allowed)}, got {value!r}"
+
+
+def file_stamp(folder: str, name: str):
+    """Re-load when the file changes, not only when its name does."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None or not os.path.isfile(path):
+        return float("nan")
+    st = os.stat(path)
+    return (name, st.st_size, st.st_mtime_ns)
+
+
+def _weight_dtype_input(options, tooltip: str):
+    return io.Combo.Input("weight_dtype", options=list(options), default="default", tooltip=tooltip)
+
+
+def _compute_dtype_input():
+    return io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
+                          tooltip="Dtype of the activations; weights stored otherwise are cast layer by layer "
+                                  "(comfy.ops). 'auto': bf16/fp16 where the device has it, else fp32.")
+
+
+_FP8_TOOLTIP = ("Storage dtype of the weights. 'default' keeps the file's dtypes (an fp8-converted file stays "
+                "fp8); fp8_e4m3fn/fp8_e5m2 store the Linear weights of the transformer blocks in fp8, the "
+                "rest (norms, biases, embeddings, timestep MLPs) in the compute dtype.")
+
+
+class GLMImageARLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GLMImageARLoader",
+            display_name="Load GLM-Image AR (single file)",
+            category=CATEGORY,
+            description="Loads GLM-Image's autoregressive model from one safetensors file in models/text_encoders/ "
+                        "(written by scripts/convert_to_single_file.py; tokenizer and configs are in its metadata). "
+                        "Weights are read the first time Text → Semantic Tokens runs.",
+            inputs=[
+                io.Combo.Input("ar_name", options=safetensors_files("text_encoders"),
+                               tooltip="A GLM-Image AR single file (…_ar.safetensors) in models/text_encoders/."),
+                _weight_dtype_input(WEIGHT_DTYPES, _FP8_TOOLTIP),
+                _compute_dtype_input(),
+            ],
+            outputs=[GlmAR.Output("ar", display_name="ar", tooltip="The autoregressive model (text → semantic tokens).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, ar_name, weight_dtype, compute_dtype="auto") -> bool | str:
+        for ok in (check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES),
+                   check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES),
+                   check_file("text_encoders", ar_name, "ar")):
+            if ok is not True:
+                return ok
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, ar_name, weight_dtype, compute_dtype="auto"):
+        return (file_stamp("text_encoders", ar_name), weight_dtype, compute_dtype)
+
+    @classmethod
+    def execute(cls, ar_name, weight_dtype, compute_dtype="auto") -> io.NodeOutput:
+        return io.NodeOutput(ar_handle(open_component("text_encoders", ar_name, "ar"), weight_dtype, compute_dtype))
+
+
+class GLMImageGlyphEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GLMImageGlyphEncoderLoader",
+            display_name="Load GLM-Image Glyph Encoder (single file)",
+            category=CATEGORY,
+            description="Loads GLM-Image's ByT5 glyph encoder (it encodes the quoted text of the prompt) from one "
+                        "safetensors file in models/text_encoders/. Connect it to Load GLM-Image DiT.",
+            inputs=[
+                io.Combo.Input("glyph_encoder_name", options=safetensors_files("text_encoders"),
+                               tooltip="A GLM-Image glyph encoder single file (…_glyph_encoder.safetensors) "
+                                       "in models/text_encoders/."),
+                _weight_dtype_input(GLYPH_WEIGHT_DTYPES, "Storage dtype of the glyph encoder's weights; "
+                                    "'default' keeps the file's dtype. No fp8: the T5 encoder is small and "
+                                    "numerically sensitive."),
+            ],
+            outputs=[GlmGlyphEncoder.Output("glyph_encoder", display_name="glyph_encoder",
+                                            tooltip="Goes into Load GLM-Image DiT's glyph_encoder input.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, glyph_encoder_name, weight_dtype) -> bool | str:
+        for ok in (check_choice("weight_dtype", weight_dtype, GLYPH_WEIGHT_DTYPES),
+                   check_file("text_encoders", glyph_encoder_name, "glyph_encoder")):
+            if ok is not True:
+                return ok
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, glyph_encoder_name, weight_dtype):
+        return (file_stamp("text_encoders", glyph_encoder_name), weight_dtype)
+
+    @classmethod
+    def execute(cls, glyph_encoder_name, weight_dtype) -> io.NodeOutput:
+        src = open_component("text_encoders", glyph_encoder_name, "glyph_encoder")
+        return io.NodeOutput(glyph_encoder_handle(src, weight_dtype))
+
+
+class GLMImageDiTLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GLMImageDiTLoader",
+            display_name="Load GLM-Image DiT (single file)",
+            category=CATEGORY,
+            description="Loads GLM-Image's diffusion transformer from one safetensors file in models/diffusion_models/ "
+                        "and joins it with a glyph encoder into the decoder that Semantic Tokens → Latent takes. "
+                        "Its metadata carries the schedule and the latent statistics.",
+            inputs=[
+                io.Combo.Input("dit_name", options=safetensors_files("diffusion_models"),
+                               tooltip="A GLM-Image DiT single file (…_dit.safetensors) in models/diffusion_models/."),
+                GlmGlyphEncoder.Input("glyph_encoder",
+                                      tooltip="From Load GLM-Image Glyph Encoder: the DiT's text conditioning "
+                                              "(quoted text in the prompt) needs it."),
+                _weight_dtype_input(WEIGHT_DTYPES, _FP8_TOOLTIP),
+                _compute_dtype_input(),
+            ],
+            outputs=[GlmDecoder.Output("decoder", display_name="decoder",
+                                       tooltip="DiT + glyph encoder (semantic tokens → latent).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, dit_name, weight_dtype, compute_dtype="auto") -> bool | str:
+        for ok in (check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES),
+                   check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES),
+                   check_file("diffusion_models", dit_name, "dit")):
+            if ok is not True:
+                return ok
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, dit_name, weight_dtype, compute_dtype="auto", glyph_encoder=None):
+        return (file_stamp("diffusion_models", dit_name), weight_dtype, compute_dtype)
+
+    @classmethod
+    def execute(cls, dit_name, glyph_encoder, weight_dtype, compute_dtype="auto") -> io.NodeOutput:
+        src = open_component("diffusion_models", dit_name, "dit")
+        return io.NodeOutput(decoder_handle(src, glyph_encoder, weight_dtype, compute_dtype))
+
+
+class GLMImageVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GLMImageVAELoader",
+            display_name="Load GLM-Image VAE (single file)",
+            category=CATEGORY,
+            description="Loads GLM-Image's 16-channel VAE from one safetensors file in models/vae/ as a stock "
+                        "ComfyUI VAE (VAE Decode/Encode and their tiled versions work with it).",
+            inputs=[
+                io.Combo.Input("vae_name", options=safetensors_files("vae"),
+                               tooltip="A GLM-Image VAE single file (…_vae.safetensors) in models/vae/."),
+                _weight_dtype_input(VAE_WEIGHT_DTYPES, "Storage and compute dtype of the VAE: bf16 or fp32 "
+                                    "('default': bf16 where the device has it, else fp32). No fp16: GLM-Image's "
+                                    "VAE overflows in fp16."),
+            ],
+            outputs=[io.Vae.Output("vae", display_name="vae", tooltip="GLM-Image's 16-channel VAE.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, vae_name, weight_dtype) -> bool | str:
+        if weight_dtype == "fp16":
+            return "weight_dtype fp16 is refused: GLM-Image's VAE overflows in fp16 (NaN/black images); use bf16 or fp32"
+        for ok in (check_choice("weight_dtype", weight_dtype, VAE_WEIGHT_DTYPES),
+                   check_file("vae", vae_name, "vae")):
+            if ok is not True:
+                return ok
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, vae_name, weight_dtype):
+        return (file_stamp("vae", vae_name), weight_dtype)
+
+    @classmethod
+    def execute(cls, vae_name, weight_dtype) -> io.NodeOutput:
+        from .vae_adapter import glm_vae_from
+        src = open_component("vae", vae_name, "vae")
+        return io.NodeOutput(glm_vae_from(sf.builder(src, "vae"), weight_dtype))
+
+
+NODES = [GLMImageARLoader, GLMImageGlyphEncoderLoader, GLMImageDiTLoader, GLMImageVAELoader]

@@ -92,8 +92,9 @@ class GLMImageTextToTokens(io.ComfyNode):
         pbar = comfy.utils.ProgressBar(1, node_id=cls.hidden.unique_id)
 
         def on_token(done: int, total: int, phase: str) -> None:
-            mm.throw_exception_if_processing_interrupted()
+            # progress first, then the check: it reports exactly the work done when a Cancel lands
             pbar.update_absolute(done, total)
+            mm.throw_exception_if_processing_interrupted()
 
         result = ar_generate.generate_tokens(
             model, ar.tokenizer, prompt, width=width, height=height, seed=seed, temperature=temperature,

@@ -94,11 +94,11 @@ class GLMImageTokensToLatent(io.ComfyNode):
         pbar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id)
 
         def on_step(i: int, total: int, latents: torch.Tensor) -> None:
-            mm.throw_exception_if_processing_interrupted()
             preview = None
             if previewer is not None:
                 preview = previewer.decode_latent_to_preview_image("JPEG", latents[:1])
             pbar.update_absolute(i + 1, total, preview)
+            mm.throw_exception_if_processing_interrupted()      # after the report, like the AR's tokens
 
         def on_reference(done: int, total: int) -> None:
             mm.throw_exception_if_processing_interrupted()

@@ -32,7 +32,7 @@ help:
 	@echo "make test-host | test-server | test-browser   one tier"
 	@echo "make workflows-check  committed workflows/api/*_api.json == conversion of their UI twins"
 	@echo "make demo          run workflows/api/glm_image_t2i_api.json on the tiny checkpoint; PNG -> demo-output/"
-	@echo "make bench         benchmarks (bench/run.py, else bench/bench_*.py)"
+	@echo "make bench         pack vs official pipeline, medium checkpoint, CPU (bench/run.py \$$BENCH_ARGS; ~5 min)"
 	@echo "make memory        GPU memory plan of a 1024² t2i (bench/memory.py; measured too when CUDA is there)"
 	@echo "make clean         remove caches, artifacts, demo output, node_modules (keeps .venv/.host)"
 	@echo "make distclean     clean + remove .venv and .host"
@@ -79,15 +79,17 @@ workflows-check: host tiny
 demo: host tiny
 	$(PY) scripts/run_demo.py
 
-bench: host tiny
-	if [ -f bench/run.py ]; then $(PY) bench/run.py; else for f in bench/bench_*.py; do [ -e "$$f" ] || { echo "no benchmarks in bench/"; break; }; OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) "$$f" || exit 1; done; fi
+# Writes bench/results/latest.{md,json}; e.g. BENCH_ARGS="--size tiny --reps 1" or "--profile".
+BENCH_ARGS ?=
+bench: host
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Device-memory plan (any machine); on a CUDA machine it also runs the stages and measures them.
 memory: host tiny
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) bench/memory.py
 
 clean:
-	rm -rf .cache $(ART) demo-output bench/results tests/browser/node_modules
+	rm -rf .cache $(ART) demo-output tests/browser/node_modules
 	find . -path ./.venv -prune -o -path ./.host -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean

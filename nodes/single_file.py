@@ -65,6 +65,11 @@ def check_choice(name: str, value: str, allowed) -> bool | str:
     return True if value in allowed else f"{name} must be one of {', '.join(allowed)}, got {value!r}"
 
 
+def first_problem(*checks) -> bool | str:
+    """validate_inputs' answer: the first check that is not True, else True."""
+    return next((c for c in checks if c is not True), True)
+
+
 def file_stamp(folder: str, name: str):
     """Re-load when the file changes, not only when its name does."""
     path = folder_paths.get_full_path(folder, name)
@@ -110,12 +115,9 @@ class GLMImageARLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, ar_name, weight_dtype, compute_dtype="auto") -> bool | str:
-        for ok in (check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES),
-                   check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES),
-                   check_file("text_encoders", ar_name, "ar")):
-            if ok is not True:
-                return ok
-        return True
+        return first_problem(check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES),
+                             check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES),
+                             check_file("text_encoders", ar_name, "ar"))
 
     @classmethod
     def fingerprint_inputs(cls, ar_name, weight_dtype, compute_dtype="auto"):
@@ -149,11 +151,8 @@ class GLMImageGlyphEncoderLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, glyph_encoder_name, weight_dtype) -> bool | str:
-        for ok in (check_choice("weight_dtype", weight_dtype, GLYPH_WEIGHT_DTYPES),
-                   check_file("text_encoders", glyph_encoder_name, "glyph_encoder")):
-            if ok is not True:
-                return ok
-        return True
+        return first_problem(check_choice("weight_dtype", weight_dtype, GLYPH_WEIGHT_DTYPES),
+                             check_file("text_encoders", glyph_encoder_name, "glyph_encoder"))
 
     @classmethod
     def fingerprint_inputs(cls, glyph_encoder_name, weight_dtype):
@@ -190,12 +189,9 @@ class GLMImageDiTLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, dit_name, weight_dtype, compute_dtype="auto") -> bool | str:
-        for ok in (check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES),
-                   check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES),
-                   check_file("diffusion_models", dit_name, "dit")):
-            if ok is not True:
-                return ok
-        return True
+        return first_problem(check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES),
+                             check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES),
+                             check_file("diffusion_models", dit_name, "dit"))
 
     @classmethod
     def fingerprint_inputs(cls, dit_name, weight_dtype, compute_dtype="auto", glyph_encoder=None):
@@ -230,11 +226,8 @@ class GLMImageVAELoader(io.ComfyNode):
     def validate_inputs(cls, vae_name, weight_dtype) -> bool | str:
         if weight_dtype == "fp16":
             return "weight_dtype fp16 is refused: GLM-Image's VAE overflows in fp16 (NaN/black images); use bf16 or fp32"
-        for ok in (check_choice("weight_dtype", weight_dtype, VAE_WEIGHT_DTYPES),
-                   check_file("vae", vae_name, "vae")):
-            if ok is not True:
-                return ok
-        return True
+        return first_problem(check_choice("weight_dtype", weight_dtype, VAE_WEIGHT_DTYPES),
+                             check_file("vae", vae_name, "vae"))
 
     @classmethod
     def fingerprint_inputs(cls, vae_name, weight_dtype):

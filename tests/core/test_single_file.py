@@ -100,6 +100,19 @@ def test_fp8_conversion_rounds_only_block_linears(tiny_ckpt, converted):
         assert dit[k].dtype == torch.float32, k
 
 
+@pytest.mark.parametrize("name", ["bf16", "fp16", "fp32"])
+def test_16_and_32_bit_conversion_casts_every_float(tiny_ckpt, tmp_path, name):
+    dtype = sf.CONVERT_DTYPES[name]
+    for comp in sf.COMPONENTS:
+        out = str(tmp_path / f"{comp}.safetensors")
+        sf.convert_component(tiny_ckpt, comp, out, dtype, name)
+        ours, ref = load_file(out), folder_tensors(tiny_ckpt, comp)
+        want = sf.conversion_dtype(comp, dtype)       # the VAE / glyph encoder stay as stored for fp16
+        for k, t in ref.items():
+            expected = t.to(want) if want is not None and t.is_floating_point() else t
+            assert ours[k].dtype == expected.dtype and torch.equal(ours[k], expected), (comp, k)
+
+
 def test_sharded_folder_converts_to_the_same_file_contents(tiny_ckpt, tiny_ckpt_sharded, converted, tmp_path):
     files, _ = converted
     for comp in ("dit", "ar"):

@@ -221,3 +221,25 @@ def test_script_reports_a_non_glm_folder(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_to_single_file.py"), str(tmp_path),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and "model_index.json" in r.stderr
+
+
+def test_streamed_writer_holds_one_tensor_at_a_time(tmp_path):
+    """Conversion never holds two tensors: each is loaded when written and released before the next."""
+    import gc
+    import weakref
+    alive = []
+
+    def loader(i):
+        def load():
+            gc.collect()
+            assert all(r() is None for r in alive), "a previous tensor is still alive"
+            t = torch.full((64, 32), float(i), dtype=torch.bfloat16)
+            alive.append(weakref.ref(t))
+            return t
+        return load
+    entries = [(f"t{i}", torch.bfloat16, (64, 32), loader(i)) for i in range(5)]
+    path = str(tmp_path / "s.safetensors")
+    sf.write_streamed_safetensors(path, entries, {"k": "v"})
+    out = load_file(path)
+    assert [float(out[f"t{i}"][0, 0]) for i in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert ckpt.safetensors_header(path)[0]["k"] == "v"

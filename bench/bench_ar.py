@@ -23,19 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests", "_support"))
-
-PROMPT = "A photo of a cat holding a sign that says \"hello\""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import PROMPT, machine_bandwidth_gbs, peak_rss_mb  # noqa: E402  (also puts the repo on sys.path)
 
 
 def _load(folder: str, which: str):
@@ -76,30 +71,12 @@ def _run(which: str, obj, size: int, seed: int):
     return dt, r.num_generated, torch.cat([r.preview.reshape(-1), r.grid.reshape(-1)])
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM; ru_maxrss would include the forking parent's peak)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def _rss_child(folder: str, which: str, size: int) -> None:
     import torch  # noqa: F401  (baseline: torch imported)
-    base = _peak_rss_mb()
+    base = peak_rss_mb()
     obj = _load(folder, which)
     _run(which, obj, size, 0)
-    print(json.dumps({"rss_mb": _peak_rss_mb(), "torch_import_mb": base}))
+    print(json.dumps({"rss_mb": peak_rss_mb(), "torch_import_mb": base}))
 
 
 def main(argv=None) -> int:
@@ -165,9 +142,7 @@ def main(argv=None) -> int:
     step_bytes = sum(mod.weight.numel() * mod.weight.element_size() for name, mod in m0.named_modules()
                      if isinstance(mod, torch.nn.Linear) and (name.startswith("model.language_model")
                                                               or name == "lm_head"))
-    big = torch.ones(64 * 1024 * 1024)          # 256 MB: streaming-read bandwidth of this machine
-    bw = max(big.numel() * 4 / _timed(big.sum) for _ in range(5))
-    del big
+    bw = machine_bandwidth_gbs(256) * 1e9       # streaming-read bandwidth of this machine
     hf_med = statistics.median(times["hf"]) / counts["hf"]
     hf_min = min(times["hf"]) / counts["hf"]
     print(f"\n### AR decode, medium checkpoint, {a.size}x{a.size} t2i, CPU fp32, {a.threads} thread(s), "

@@ -22,41 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-PROMPT = 'A photo of a cat holding a sign that says "hello"'
-GUIDANCE = 1.5
-
-
-def _status_mb(field: str) -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _rss_mb() -> float:
-    """Peak RSS of this process image. VmHWM, not ru_maxrss: the latter survives fork+exec, so a
-    child started from a big parent would report the parent's peak."""
-    hwm = _status_mb("VmHWM")
-    return hwm if hwm == hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _current_rss_mb() -> float:
-    return _status_mb("VmRSS")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import GUIDANCE, PROMPT, ROOT, current_rss_mb, peak_rss_mb, timed  # noqa: E402
 
 
 def _inputs(size: int):
@@ -67,18 +39,13 @@ def _inputs(size: int):
     return latents, ids
 
 
-def _realign(module):
-    for p in module.parameters():
-        p.data = p.data.clone()
-    return module
-
-
 def load_diffusers(folder: str):
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, GlmImagePipeline, GlmImageTransformer2DModel
+    from glmtest_oracle import realign
     from transformers import ByT5Tokenizer, T5EncoderModel
-    tr = _realign(GlmImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.float32))
-    te = _realign(T5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32))
+    tr = realign(GlmImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.float32))
+    te = realign(T5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32))
     tok = ByT5Tokenizer.from_pretrained(folder, subfolder="tokenizer")
     sc = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
     pipe = GlmImagePipeline(tokenizer=tok, processor=None, text_encoder=te, vision_language_encoder=None, vae=None,
@@ -157,12 +124,6 @@ def step_fns(pipe, o, latents, ids, size):
     return ref_step, our_step, lambda: our_step(False)
 
 
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
-
-
 def rss_child(impl: str, folder: str, size: int, steps: int) -> None:
     """Fresh process: RSS after imports, after loading, and peak after one decode (MB)."""
     import torch
@@ -171,13 +132,13 @@ def rss_child(impl: str, folder: str, size: int, steps: int) -> None:
         import transformers  # noqa: F401
     else:
         import glm_image_core.denoise  # noqa: F401
-    base = _current_rss_mb()
+    base = current_rss_mb()
     latents, ids = _inputs(size)
     with torch.inference_mode():
         m = load_diffusers(folder) if impl == "diffusers" else load_ours(folder)
-        loaded = _current_rss_mb()
+        loaded = current_rss_mb()
         (decode_diffusers if impl == "diffusers" else decode_ours)(m, latents, ids, size, steps)
-    print(json.dumps({"impl": impl, "imports_mb": base, "loaded_mb": loaded, "peak_mb": _rss_mb()}))
+    print(json.dumps({"impl": impl, "imports_mb": base, "loaded_mb": loaded, "peak_mb": peak_rss_mb()}))
 
 
 def main(argv=None) -> int:
@@ -225,7 +186,7 @@ def main(argv=None) -> int:
         for _ in range(max(3, a.reps // 2)):
             res["ref_decode"].append(timed(lambda: decode_diffusers(pipe, latents, ids, a.size, a.steps))[0])
             res["our_decode"].append(timed(lambda: decode_ours(ours, latents, ids, a.size, a.steps))[0])
-    shared_peak = _rss_mb()
+    shared_peak = peak_rss_mb()
     from glm_image_core.glyph import glyph_for_prompt
     glyph_len = glyph_for_prompt(ours["enc"], ours["tok"], PROMPT).shape[1]
 

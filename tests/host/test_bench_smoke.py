@@ -1,0 +1,60 @@
+"""bench/run.py runs end to end on the tiny checkpoint (official pipeline vs the pack in the real
+ComfyUI host) and writes its report. No timing assertions: timings live in the report only."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUN = os.path.join(ROOT, "bench", "run.py")
+STAGES = ["ar_prefill_s", "ar_decode_tok_s", "ar_total_s", "glyph_s", "dit_step_s", "decode_s", "vae_s", "e2e_s"]
+
+
+def run_bench(out_dir, *extra):
+    cmd = [sys.executable, RUN, "--size", "tiny", "--reps", "1", "--out", str(out_dir), *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=540,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, f"bench/run.py failed:\n{p.stderr[-4000:]}"
+    with open(os.path.join(out_dir, "latest.json"), encoding="utf-8") as f:
+        return json.load(f), p.stdout
+
+
+def check_report(res, reps=1):
+    assert list(res["stages"]) == STAGES
+    for key in STAGES:
+        row = res["stages"][key]
+        for side in ("official", "pack"):
+            assert len(row[f"{side}_all"]) == reps, (key, side)
+            for stat in ("median", "best"):
+                v = row[side][stat]
+                assert isinstance(v, float) and math.isfinite(v) and v > 0, (key, side, stat, v)
+        assert math.isfinite(row["ratio_pack_over_official"]), key
+    # same seed, same settings: both sides sample the same grid (a real parity check, per rep)
+    assert res["tokens_equal_per_rep"] == [True] * reps
+    assert res["ar_tokens"] == {"official": 321, "pack": 320}      # 16x16 preview + 8x8 grid (+ end marker)
+    for side in ("official", "pack"):
+        mem = res["memory"][side]
+        assert mem["peak_rss_mb"] >= mem["import_rss_mb"] > 0, mem
+
+
+def test_bench_tiny_in_process_with_profile(tmp_path):
+    res, stdout = run_bench(tmp_path, "--profile")
+    check_report(res)
+    assert res["meta"]["mode"] == "both sides in one process, alternating"
+    md = (tmp_path / "latest.md").read_text()
+    assert "| AR decode |" in md and "| end to end |" in md and "bench/run.py --size tiny" in md
+    assert "| end to end |" in stdout
+    for part in ("ar", "dit"):
+        text = (tmp_path / f"profile_{part}.txt").read_text()
+        assert "Self CPU" in text and "aten::" in text, text[:500]
+        steps = int(text.split(" steps profiled")[0].rsplit(" ", 1)[-1])
+        assert (318 <= steps <= 320) if part == "ar" else steps == 7   # the decode steps after the first token / DiT steps 2..8
+
+
+def test_bench_tiny_isolated_sides(tmp_path):
+    """The GPU mode's code path (each side in its own process, one after the other), on the CPU."""
+    res, _ = run_bench(tmp_path, "--isolate", "--warmup", "0")
+    check_report(res)
+    assert res["meta"]["mode"] == "each side in its own subprocess, one after the other"

@@ -47,12 +47,20 @@ function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
 }
 
+// A read-only line of text on a node, not saved with the workflow. Not `disabled`: frontend 1.32.9
+// draws a disabled widget's value as an empty string.
+function infoWidget(node, name, label, options = {}) {
+  const info = node.addWidget("text", name, "", () => {}, { serialize: false, ...options });
+  info.serialize = false;
+  info.label = label;
+  info.onClick = () => {};                 // no edit prompt: the node writes this text
+  return info;
+}
+
 function setupSizeWidgets(node) {
   const w = widget(node, "width"), h = widget(node, "height");
   if (!w || !h || widget(node, "size_preset")) return;
-  const info = node.addWidget("text", "token_counts", "", () => {}, { serialize: false });
-  info.serialize = false;
-  info.disabled = true;
+  const info = infoWidget(node, "token_counts", "tokens");
   const refresh = () => {
     const c = tokenCounts(w.value, h.value);
     info.value = `preview ${c.ph}×${c.pw} + grid ${c.th}×${c.tw} = ${c.total} tokens`;
@@ -75,12 +83,22 @@ function setupSizeWidgets(node) {
       const snapped = snapToGrid(v);
       if (snapped !== sw.value) sw.value = snapped;
       const r = orig?.apply(this, [snapped, ...rest]);
-      const match = SIZE_PRESETS.find((p) => p[1] === w.value && p[2] === h.value);
-      preset.value = match ? match[0] : "custom";
-      refresh();
+      syncPreset();
       return r;
     };
   }
+  const syncPreset = () => {
+    const match = SIZE_PRESETS.find((p) => p[1] === w.value && p[2] === h.value);
+    preset.value = match ? match[0] : "custom";
+    refresh();
+  };
+  // A loaded workflow sets width/height after onNodeCreated (in configure), without callbacks.
+  const onConfigure = node.onConfigure;
+  node.onConfigure = function () {
+    const r = onConfigure?.apply(this, arguments);
+    syncPreset();
+    return r;
+  };
   // The extra widgets stay after the node's own ones: frontend 1.32.9 restores widgets_values
   // positionally over the serialised widgets only, so an unserialised widget in between would
   // shift every saved value after it.
@@ -120,11 +138,7 @@ app.registerExtension({
         const r = onExecuted?.apply(this, arguments);
         const text = message?.text?.join?.("\n") ?? String(message?.text ?? "");
         let shown = widget(this, "glyph_spans");
-        if (!shown) {
-          shown = this.addWidget("text", "glyph_spans", "", () => {}, { serialize: false, multiline: true });
-          shown.serialize = false;
-          shown.disabled = true;
-        }
+        if (!shown) shown = infoWidget(this, "glyph_spans", "glyph spans", { multiline: true });
         shown.value = text;
         this.setDirtyCanvas?.(true, true);
         return r;

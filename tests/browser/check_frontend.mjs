@@ -6,7 +6,10 @@
 //
 // Prints one line "RESULT <json>" with: frontend version, registered pack node types, the pack's
 // extension scripts the page loaded, and per workflow: missing node types, broken links, node and
-// link counts, the frontend's own graphToPrompt() output, and the screenshot path.
+// link counts, the frontend's own graphToPrompt() output, and the screenshot path (canvas fitted to
+// the graph). With --run WORKFLOW (the text-to-image one) it also checks the size preset widget
+// (`sizePreset`), then queues that workflow with the Queue button and waits for the Save Image and
+// token preview images to appear on their nodes (`run`).
 import { chromium } from "playwright-core";
 import fs from "node:fs";
 import os from "node:os";
@@ -24,6 +27,82 @@ function parseArgs(argv) {
   return a;
 }
 
+// The "Fit view" command of the canvas (the zoom controls' "Zoom to fit"), then let it draw.
+async function fitView(page) {
+  await page.evaluate(async () => {
+    try { await window.app.extensionManager.command.execute("Comfy.Canvas.FitView"); } catch (e) { /* older API */ }
+    window.app.canvas.setDirty(true, true);
+  });
+  await page.waitForTimeout(500);
+}
+
+async function loadWorkflow(page, json, name) {
+  await page.evaluate(async ({ json, name }) => {
+    await window.app.loadGraphData(structuredClone(json), true, true, name);
+  }, { json, name });
+  await page.waitForTimeout(300);
+}
+
+// The AR node's size widgets, driven the way the UI drives them (widget.setValue, which the combo
+// menu and the number prompt call): a preset, then an off-grid custom width and height.
+async function checkSizePreset(page, json) {
+  await loadWorkflow(page, json, "size-preset-check");
+  return await page.evaluate(() => {
+    const app = window.app;
+    const node = (app.graph.nodes ?? app.graph._nodes).find((n) => n.type === "GLMImageTextToTokens");
+    const w = (name) => node.widgets.find((x) => x.name === name);
+    const set = (name, v) => w(name).setValue(v, { e: undefined, node, canvas: app.canvas });
+    const state = () => ({ width: w("width").value, height: w("height").value,
+                           preset: w("size_preset")?.value ?? null, tokenText: w("token_counts")?.value ?? null,
+                           tokenTextShown: w("token_counts")?._displayValue ?? null });
+    const out = { presets: w("size_preset")?.options?.values ?? [], initial: state(), steps: [] };
+    const preset = out.presets.find((p) => p.startsWith("16:9"));
+    set("size_preset", preset);
+    out.steps.push({ action: `preset ${preset}`, ...state() });
+    set("width", 1000);
+    out.steps.push({ action: "width 1000", ...state() });
+    set("height", 700);
+    out.steps.push({ action: "height 700", ...state() });
+    set("width", 5000);
+    out.steps.push({ action: "width 5000", ...state() });
+    return out;
+  });
+}
+
+// Load the workflow, press the Queue button, wait until the Save Image node shows its output image
+// and the AR node its token preview image, then screenshot the canvas.
+async function queueFromUi(page, json, outDir, timeout) {
+  await loadWorkflow(page, json, "queue-from-ui");
+  const ids = await page.evaluate(() => {
+    const nodes = window.app.graph.nodes ?? window.app.graph._nodes;
+    return { save: nodes.find((n) => n.type === "SaveImage").id,
+             ar: nodes.find((n) => n.type === "GLMImageTextToTokens").id };
+  });
+  await page.evaluate(() => {
+    window.__glmRunError = null;
+    window.app.api.addEventListener("execution_error", (e) => { window.__glmRunError = e.detail; });
+  });
+  const t0 = Date.now();
+  const button = page.getByTestId("queue-button").locator("button").first();
+  await button.click();
+  const shown = await page.waitForFunction((ids) => {
+    const err = window.__glmRunError;
+    if (err) return { error: `execution_error in node ${err.node_id} (${err.node_type}): ${err.exception_message}` };
+    const g = window.app.graph;
+    const imgs = (id) => (g.getNodeById(id)?.imgs || []).filter((im) => im.complete && im.naturalWidth > 0);
+    const save = imgs(ids.save), ar = imgs(ids.ar);
+    if (!save.length || !ar.length) return false;
+    const desc = (im) => ({ src: im.src, width: im.naturalWidth, height: im.naturalHeight });
+    return { save: save.map(desc), ar: ar.map(desc) };
+  }, ids, { timeout, polling: 500 }).then((h) => h.jsonValue()).catch((e) => ({ error: String(e) }));
+  const out = { ids, clickedMs: Date.now() - t0, ...shown };
+  out.history = await page.evaluate(async () => (await (await fetch("/api/history?max_items=10")).json()));
+  await fitView(page);
+  out.screenshot = path.join(outDir, "frontend-glm_image_t2i-run.png");
+  await page.screenshot({ path: out.screenshot });
+  return out;
+}
+
 const args = parseArgs(process.argv.slice(2));
 const FLAGS = [
   "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -39,6 +118,8 @@ try {
     executablePath: args.chromium, headless: true, args: FLAGS, viewport: { width: 1600, height: 900 },
   });
   const page = ctx.pages()[0] || (await ctx.newPage());
+  // The "Introducing Nodes 2.0" banner (dismissal kept in localStorage) would cover the screenshots.
+  await page.addInitScript(() => localStorage.setItem("vueNodesBannerDismissed", "true"));
   page.setDefaultTimeout(args.timeout);
   page.on("console", (m) => { if (m.type() === "error") result.console.push(m.text().slice(0, 300)); });
   page.on("pageerror", (e) => result.pageErrors.push(String(e?.stack || e).slice(0, 1000)));
@@ -103,7 +184,7 @@ try {
         groupCount: (g.groups ?? g._groups ?? []).length, expectedGroups: (json.groups || []).length,
       };
     }, { json, name });
-    await page.waitForTimeout(500);
+    await fitView(page);
     r.screenshot = path.join(args.out, `frontend-${name}.png`);
     await page.screenshot({ path: r.screenshot });
     // Save -> reload round trip, as a user saving the workflow and opening it again would do it.
@@ -120,6 +201,11 @@ try {
       return { savedHoles: holes, reloadedPrompt };
     }, { name }));
     result.workflows.push(r);
+  }
+  if (args.run) {
+    const json = JSON.parse(fs.readFileSync(args.run, "utf8"));
+    result.sizePreset = await checkSizePreset(page, json);
+    result.run = await queueFromUi(page, json, args.out, Number(args["run-timeout"] || 300000));
   }
   result.ok = true;
 } catch (e) {

@@ -1,7 +1,11 @@
 """The real ComfyUI frontend (1.32.9) in headless Chromium (Debian /usr/bin/chromium, driven by
-playwright-core from tests/browser/node_modules): the pack's nodes are registered in LiteGraph, and
+playwright-core from tests/browser/node_modules): the pack's nodes are registered in LiteGraph;
 every UI-format workflow in workflows/ loads the way drag & drop loads it, with no missing node types
-and no broken links, and the frontend's own graphToPrompt() gives the committed API copy.
+and no broken links, and the frontend's own graphToPrompt() gives the committed API copy; the size
+preset widget snaps to the 32-px grid and shows the token counts; the text-to-image workflow queued
+with the Queue button shows its output image on Save Image and the token-grid preview on the AR node.
+Screenshots of the canvas go to test-artifacts/; GLM_UPDATE_SCREENSHOTS=1 also writes the small
+copies the README shows to docs/screenshots/.
 
 Needs `make browser-deps` (scripts/install_browser.sh). Without Chromium/node/playwright-core the
 test is skipped with the reason; under CI (CI=true) it fails instead."""
@@ -15,6 +19,8 @@ import pytest
 import glmtest_server as gs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+T2I = os.path.join(gs.WORKFLOWS, "glm_image_t2i.json")
+DOCS_SCREENSHOTS = os.path.join(gs.ROOT, "docs", "screenshots")
 CHROMIUM = os.environ.get("GLM_CHROMIUM", "/usr/bin/chromium")
 NODE = shutil.which("node")
 
@@ -40,10 +46,15 @@ def frontend(server):
     _require_browser_tools()
     status, body = server.post_json("/api/settings/Comfy.TutorialCompleted", True)
     assert status == 200, (status, body)   # otherwise the Templates dialog covers the canvas
+    # Screenshots: no minimap, and node text drawn at every zoom (no level-of-detail switch).
+    for key, value in (("Comfy.Minimap.Visible", False), ("LiteGraph.Canvas.MinFontSizeForLOD", 0)):
+        status, body = server.post_json(f"/api/settings/{key}", value)
+        assert status == 200, (key, status, body)
     workflows = gs.ui_workflow_paths()
     cmd = [NODE, os.path.join(HERE, "check_frontend.mjs"), "--url", server.url, "--chromium", CHROMIUM,
-           "--out", gs.ARTIFACTS, "--pack", gs.PACK_NAME, "--nodes", ",".join(gs.PACK_NODE_IDS), *workflows]
-    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+           "--out", gs.ARTIFACTS, "--pack", gs.PACK_NAME, "--nodes", ",".join(gs.PACK_NODE_IDS),
+           "--run", T2I, "--run-timeout", "400000", *workflows]
+    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=720)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, f"check_frontend.mjs printed no result (rc {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     res = json.loads(lines[-1][len("RESULT "):])
@@ -54,7 +65,7 @@ def frontend(server):
     return res
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 def test_frontend_registers_every_pack_node(frontend):
     assert frontend["frontendVersion"] == "1.32.9", frontend["frontendVersion"]
     assert sorted(frontend["registered"]) == sorted(gs.PACK_NODE_IDS)
@@ -109,3 +120,83 @@ def test_workflow_survives_save_and_reload(frontend, ui_path):
     r = next(w for w in frontend["workflows"] if w["name"] == name)
     strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
     assert strip(r["reloadedPrompt"]) == strip(r["prompt"])
+
+
+def test_size_preset_snaps_to_the_token_grid_and_shows_token_counts(frontend):
+    """On the AR node: picking a preset sets width × height; an off-grid custom value snaps to the
+    nearest multiple of 32 (clamped to 256..2048); the token-count text follows, with the same
+    preview/full grid sizes and token total as the AR itself (glm_image_core.ar_prompt)."""
+    from glm_image_core.ar_prompt import max_new_tokens, preview_grid
+    sp = frontend["sizePreset"]
+    assert len(sp["presets"]) > 3 and "custom" in sp["presets"]
+
+    def text(w, h):
+        th, tw = h // 32, w // 32
+        ph, pw = preview_grid(th, tw)
+        return f"preview {ph}×{pw} + grid {th}×{tw} = {max_new_tokens(w, h)} tokens"
+
+    assert sp["initial"]["tokenText"] == text(sp["initial"]["width"], sp["initial"]["height"])
+    preset, w1000, h700, w5000 = sp["steps"]
+    assert (preset["width"], preset["height"]) == (1344, 768) and preset["preset"].startswith("16:9")
+    assert (w1000["width"], w1000["height"], w1000["preset"]) == (992, 768, "custom")
+    assert (h700["width"], h700["height"]) == (992, 704)
+    assert (w5000["width"], w5000["height"]) == (2048, 704)
+    for step in [sp["initial"], *sp["steps"]]:
+        assert step["width"] % 32 == 0 and step["height"] % 32 == 0, step
+        assert step["tokenText"] == text(step["width"], step["height"]), step
+        assert step["tokenTextShown"] == step["tokenText"], "the token counts are not drawn on the node"
+
+
+def _run(frontend):
+    run = frontend["run"]
+    assert "error" not in run, f"the queued workflow's images did not appear on the canvas: {run['error']}"
+    return run
+
+
+def test_t2i_workflow_queued_from_the_ui_shows_its_output_image(frontend):
+    """The Queue button runs the loaded text-to-image workflow on the server; Save Image shows the
+    saved PNG (at the workflow's size) and /history has the same file for that node."""
+    from urllib.parse import parse_qs, urlparse
+    run = _run(frontend)
+    ui = gs.load_json(T2I)
+    ar = next(n for n in ui["nodes"] if n["type"] == "GLMImageTextToTokens")
+    w, h = ar["widgets_values"][1], ar["widgets_values"][2]
+    (img,) = run["save"]
+    assert (img["width"], img["height"]) == (w, h)
+    q = parse_qs(urlparse(img["src"]).query)
+    assert q["type"] == ["output"]
+    entries = [e for e in run["history"].values() if str(run["ids"]["save"]) in (e.get("outputs") or {})]
+    assert entries, "no /history entry with the Save Image node's output"
+    assert entries[-1]["status"]["status_str"] == "success"
+    files = [i["filename"] for i in entries[-1]["outputs"][str(run["ids"]["save"])]["images"]]
+    assert q["filename"][0] in files
+    assert os.path.isfile(run["screenshot"])
+
+
+def test_token_preview_image_appears_on_the_ar_node(frontend):
+    """After the run, the AR node shows the colour map of its token grid (a temp UI image the node
+    sends): one image, a square 256 px for the 8×8 grid of a 256×256 image."""
+    from urllib.parse import parse_qs, urlparse
+    run = _run(frontend)
+    (img,) = run["ar"]
+    assert parse_qs(urlparse(img["src"]).query)["type"] == ["temp"]
+    assert (img["width"], img["height"]) == (256, 256)
+
+
+def _docs_copy(src: str, dst: str, width: int = 1000) -> None:
+    """A small README copy of a screenshot: 1000 px wide, 128-colour palette."""
+    from PIL import Image
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+        im.quantize(colors=128).save(dst, optimize=True)
+
+
+def test_canvas_screenshots_are_saved(frontend):
+    shots = [w["screenshot"] for w in frontend["workflows"]] + [_run(frontend)["screenshot"]]
+    for p in shots:
+        assert os.path.isfile(p) and os.path.getsize(p) > 10_000, p
+    if os.environ.get("GLM_UPDATE_SCREENSHOTS") == "1":
+        os.makedirs(DOCS_SCREENSHOTS, exist_ok=True)
+        for p in shots:
+            _docs_copy(p, os.path.join(DOCS_SCREENSHOTS, os.path.basename(p)[len("frontend-"):]))

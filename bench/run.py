@@ -282,13 +282,14 @@ class StepProfiler:
 # Running sides: in this process (alternating) or each in its own subprocess
 # --------------------------------------------------------------------------------------
 
-def _weight_dtype(device: str):
+def _weight_dtype(a):
+    """(torch dtype of the official pipeline, the pack loader's weight_dtype)."""
     import torch
-    return (torch.float32, "default") if device == "cpu" else (torch.bfloat16, "bf16")
+    return {"fp32": (torch.float32, "fp32"), "bf16": (torch.bfloat16, "bf16")}[a.dtype]
 
 
 def make_side(which: str, folder: str, a, work: str):
-    dtype, wd = _weight_dtype(a.device)
+    dtype, wd = _weight_dtype(a)
     if which == "official":
         return OfficialSide(folder, a.device, dtype, work)
     return PackSide(folder, a.device, wd, os.path.join(work, "comfy_base"))
@@ -325,7 +326,7 @@ def worker(a) -> dict:
 
 
 def run_worker(which: str, folder: str, a, reps: int, warmup: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", which, folder, "--device", a.device,
+    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", which, folder, "--device", a.device, "--dtype", a.dtype,
            "--res", str(a.res), "--steps", str(a.steps), "--threads", str(a.threads), "--seed", str(a.seed),
            "--reps", str(reps), "--warmup", str(warmup), "--size", a.size]
     if a.warmup_res:
@@ -435,6 +436,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-steps", type=int, default=None, help="steps of the warm-up runs (default: --steps)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                    help="weights and compute of both sides (default: fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--isolate", action="store_true",
                     help="run each side in its own subprocess, one after the other (always on CUDA)")
@@ -447,6 +450,7 @@ def main(argv=None) -> int:
 
     cuda = a.device.startswith("cuda")
     a.size = a.size or ("full" if cuda else "medium")
+    a.dtype = a.dtype or ("bf16" if cuda else "fp32")
     a.res = a.res or (1024 if cuda else 256)
     a.steps = a.steps or (50 if cuda else 8)
     a.reps = a.reps if a.reps is not None else (1 if cuda else 5)
@@ -475,14 +479,14 @@ def main(argv=None) -> int:
         tmp = tempfile.mkdtemp(prefix="glm-bench-full-", dir=os.path.join(C.ROOT, ".cache"))
         t = time.perf_counter()
         folder = write_checkpoint(os.path.join(tmp, "GLM-Image-full"), "full", seed=0,
-                                  max_shard_bytes=5 * 1024 ** 3, dtype=torch.bfloat16, device=a.device)
+                                  max_shard_bytes=5 * 1024 ** 3, dtype=_weight_dtype(a)[0], device=a.device)
         torch.cuda.empty_cache()
         print(f"wrote the full-size random bf16 checkpoint in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     else:
         folder = C.cached_checkpoint(a.size)
 
     isolate = a.isolate or cuda
-    dtype, _ = _weight_dtype(a.device)
+    dtype, _ = _weight_dtype(a)
     meta = {"size": a.size, "res": a.res, "steps": a.steps, "reps": a.reps, "warmup": a.warmup,
             "threads": a.threads, "device": a.device if not cuda else f"{a.device} ({torch.cuda.get_device_name()})",
             "dtype": str(dtype).replace("torch.", ""), "seed": a.seed, "cpus": os.cpu_count(),

@@ -21,7 +21,7 @@ def run_bench(out_dir, *extra):
         return json.load(f), p.stdout
 
 
-def check_report(res, reps=1):
+def check_report(res, reps=1, same_tokens=True):
     assert list(res["stages"]) == STAGES
     for key in STAGES:
         row = res["stages"][key]
@@ -31,8 +31,11 @@ def check_report(res, reps=1):
                 v = row[side][stat]
                 assert isinstance(v, float) and math.isfinite(v) and v > 0, (key, side, stat, v)
         assert math.isfinite(row["ratio_pack_over_official"]), key
-    # same seed, same settings: both sides sample the same grid (a real parity check, per rep)
-    assert res["tokens_equal_per_rep"] == [True] * reps
+    # fp32: same seed, same settings -> both sides sample the same grid (a real parity check, per rep);
+    # bf16 rounds differently in the two implementations, so there only the check's presence is tested
+    assert len(res["tokens_equal_per_rep"]) == reps
+    if same_tokens:
+        assert res["tokens_equal_per_rep"] == [True] * reps
     assert res["ar_tokens"] == {"official": 321, "pack": 320}      # 16x16 preview + 8x8 grid (+ end marker)
     for side in ("official", "pack"):
         mem = res["memory"][side]
@@ -53,8 +56,10 @@ def test_bench_tiny_in_process_with_profile(tmp_path):
         assert (318 <= steps <= 320) if part == "ar" else steps == 7   # the decode steps after the first token / DiT steps 2..8
 
 
-def test_bench_tiny_isolated_sides(tmp_path):
-    """The GPU mode's code path (each side in its own process, one after the other), on the CPU."""
-    res, _ = run_bench(tmp_path, "--isolate", "--warmup", "0")
-    check_report(res)
+def test_bench_tiny_isolated_sides_bf16(tmp_path):
+    """The GPU mode's code path (each side in its own process, one after the other, bf16 weights
+    loaded with the official pipeline's torch_dtype and the loader's weight_dtype), on the CPU."""
+    res, _ = run_bench(tmp_path, "--isolate", "--warmup", "0", "--dtype", "bf16")
+    check_report(res, same_tokens=False)
     assert res["meta"]["mode"] == "each side in its own subprocess, one after the other"
+    assert res["meta"]["dtype"] == "bfloat16"

@@ -15,6 +15,7 @@ Tensors are streamed one at a time from the shards, so converting the 10B AR mod
 one tensor of memory, not two copies of the model.
 
     python scripts/convert_to_single_file.py models/diffusers/GLM-Image --out converted/ --dtype fp8_e4m3fn
+    python scripts/convert_to_single_file.py models/diffusers/GLM-Image --out models/ --into-models
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", help="official GLM-Image folder (model_index.json naming GlmImagePipeline)")
     ap.add_argument("--out", required=True, help="output directory (created when missing)")
+    ap.add_argument("--into-models", action="store_true",
+                    help="--out is ComfyUI's models/ folder: write each file into its subfolder "
+                         "(diffusion_models/, text_encoders/, vae/)")
     ap.add_argument("--dtype", default="as_stored", choices=list(sf.CONVERT_DTYPES),
                     help="weight dtype of the written files (default: as stored)")
     ap.add_argument("--components", default=",".join(sf.COMPONENTS),
@@ -47,14 +51,15 @@ def main(argv=None) -> int:
         ap.error(f"unknown component(s) {', '.join(bad)}; choose from {', '.join(sf.COMPONENTS)}")
     prefix = a.prefix or os.path.basename(os.path.normpath(a.folder))
     suffix = "" if a.dtype == "as_stored" else f"_{a.dtype}"
-    os.makedirs(a.out, exist_ok=True)
     dtype = sf.CONVERT_DTYPES[a.dtype]
     try:
         for c in comps:
             t0 = time.perf_counter()
             actual = sf.conversion_dtype(c, dtype)
             name = f"{prefix}_{c}{suffix if actual is not None else ''}.safetensors"
-            info = sf.convert_component(a.folder, c, os.path.join(a.out, name), dtype, a.dtype)
+            out_dir = os.path.join(a.out, sf.COMPONENTS[c].comfy_folder) if a.into_models else a.out
+            os.makedirs(out_dir, exist_ok=True)
+            info = sf.convert_component(a.folder, c, os.path.join(out_dir, name), dtype, a.dtype)
             note = "" if actual == dtype else f" (kept as stored: the {c} takes only bf16/fp32)"
             print(f"{c:14s} -> {info['path']}  {info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB, "
                   f"{info['dtypes']}{note}  [{time.perf_counter() - t0:.1f} s]  put it in models/"

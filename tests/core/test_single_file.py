@@ -243,3 +243,13 @@ def test_streamed_writer_holds_one_tensor_at_a_time(tmp_path):
     out = load_file(path)
     assert [float(out[f"t{i}"][0, 0]) for i in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert ckpt.safetensors_header(path)[0]["k"] == "v"
+
+
+def test_script_writes_into_comfy_model_folders(tiny_ckpt, tmp_path):
+    models = tmp_path / "models"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_to_single_file.py"), tiny_ckpt,
+                        "--out", str(models), "--into-models", "--components", "dit,vae", "--prefix", "g"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(str(p.relative_to(models)) for p in models.rglob("*.safetensors")) == \
+        ["diffusion_models/g_dit.safetensors", "vae/g_vae.safetensors"]

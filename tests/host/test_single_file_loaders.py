@@ -223,3 +223,9 @@ def test_pickle_formats_truncated_and_metadata_less_files_are_refused(host, mode
     assert "bare_vae.safetensors" in msg and "no GLM-Image metadata" in msg and "convert_to_single_file.py" in msg
     msg = validation_error(host, vae_only("tiny_vae.safetensors", "fp16"), "13")
     assert "fp16" in msg and "overflows" in msg
+
+
+@pytest.mark.parametrize("name", ["../../../../../../etc/passwd", "/etc/passwd", "../diffusers/GLM-Image-tiny/vae/config.json"])
+def test_file_names_never_leave_the_models_folder(host, model_dirs, name):
+    msg = validation_error(host, vae_only(name), "13")
+    assert "not found under models/vae/" in msg, msg

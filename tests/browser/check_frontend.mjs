@@ -46,7 +46,7 @@ async function loadWorkflow(page, json, name) {
 // The AR node's size widgets, driven the way the UI drives them (widget.setValue, which the combo
 // menu and the number prompt call): a preset, then an off-grid custom width and height.
 async function checkSizePreset(page, json) {
-  await loadWorkflow(page, json, "size-preset-check");
+  await loadWorkflow(page, json, "glm_image_t2i (size presets)");
   return await page.evaluate(() => {
     const app = window.app;
     const node = (app.graph.nodes ?? app.graph._nodes).find((n) => n.type === "GLMImageTextToTokens");
@@ -72,7 +72,7 @@ async function checkSizePreset(page, json) {
 // Load the workflow, press the Queue button, wait until the Save Image node shows its output image
 // and the AR node its token preview image, then screenshot the canvas.
 async function queueFromUi(page, json, outDir, timeout) {
-  await loadWorkflow(page, json, "queue-from-ui");
+  await loadWorkflow(page, json, "glm_image_t2i (queued)");
   const ids = await page.evaluate(() => {
     const nodes = window.app.graph.nodes ?? window.app.graph._nodes;
     return { save: nodes.find((n) => n.type === "SaveImage").id,

@@ -122,6 +122,7 @@ def test_ar_built_through_operations(tiny_ckpt):
 def test_ar_generate_shapes_and_callback(model, tok):
     calls = []
     r = ar_generate.generate_tokens(model, tok, PROMPT, 96, 64, 3, callback=lambda d, t, p: calls.append((d, t, p)))
+    assert calls.pop(0) == (0, r.num_generated, "prefill")      # once, after the prefill (interrupt point)
     assert r.grid.shape == (1, 2, 3) and r.grid.dtype == torch.int64
     assert r.preview.shape == (1, 13, 19)
     assert r.num_generated == 2 * 3 + 13 * 19 == len(calls)

@@ -325,6 +325,119 @@ def measured_table(results) -> str:
                      "t2i seconds (50 steps, AR extrapolated)"], rows)
 
 
+# --------------------------------------------------------------------------------------
+# CPU check of the activation estimates (peak RSS of a fresh process, fp32, reduced sizes)
+# --------------------------------------------------------------------------------------
+
+CPU_CHECKS = {            # stage -> (pixels, what is reduced to keep it to seconds on a CPU)
+    "ar": (1024, "2 of 40 decoder layers, 1 of 40 ViT blocks; prefill + 4 tokens"),
+    "dit": (512, "1 of 30 blocks; one CFG step"),
+    "vae": (256, "whole decoder"),
+}
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:       # 5: reset the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+
+
+def cpu_check_one(stage: str) -> dict:
+    """Run one reduced full-width stage in fp32 on the CPU after a warm-up call; the rise of the
+    process's peak RSS over the call vs this stage's activation estimate."""
+    import copy
+    torch.set_grad_enabled(False)
+    px = CPU_CHECKS[stage][0]
+    cf = copy.deepcopy(mp.full_size_configs())
+    g = torch.Generator().manual_seed(0)
+
+    def random_model(component, config):
+        m = mp.build_component(component, config, device="cpu")
+        for p in m.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+        return m
+
+    if stage == "ar":
+        from glm_image_core import ar_generate
+        from glm_image_core.ar_prompt import GlmTokenizer
+        cfg = cf["vision_language_encoder"]
+        cfg["text_config"]["num_hidden_layers"], cfg["vision_config"]["depth"] = 2, 1
+        model = random_model("vision_language_encoder", cfg)
+        tok = GlmTokenizer.from_folder(os.path.join(TINY, "processor"))
+
+        def stop_after(k):
+            def cb(i, total, phase):
+                if i >= k:
+                    raise _StopAR()
+            return cb
+
+        def run(prompt, size):
+            try:
+                ar_generate.generate_tokens(model, tok, prompt, size, size, 0, callback=stop_after(4))
+            except _StopAR:
+                pass
+        run("x", 64)
+        estimate = mp.ar_activation_bytes(cfg["text_config"], len(tok.encode(PROMPT)), px, px, 1, 4)
+        call = lambda: run(PROMPT, px)                                          # noqa: E731
+    elif stage == "dit":
+        from glm_image_core import denoise
+        from glm_image_core.tokens import upsample_grid
+        cfg = dict(cf["transformer"], num_layers=1)
+        model = random_model("transformer", cfg)
+        L = 129
+        cond, unc = torch.randn(1, L, 1472, generator=g), torch.randn(1, L, 1472, generator=g)
+        sched = {"use_dynamic_shifting": True, "base_shift": 0.25, "max_shift": 0.75}
+
+        def run(size, ctx):
+            noise = torch.randn(1, 16, size // 8, size // 8, generator=g)
+            grid = torch.randint(0, 16384, (1, size // 32, size // 32), generator=g)
+            denoise.denoise(model, noise, upsample_grid(grid), cond[:, :ctx], unc[:, :ctx], (size, size), 1, 1.5, sched)
+        run(64, 3)
+        estimate = mp.dit_activation_bytes(cfg, px, px, L, 1, 2, 4)
+        call = lambda: run(px, L)                                                # noqa: E731
+    else:
+        model = random_model("vae", cf["vae"])
+        model.decode(torch.randn(1, 16, 4, 4, generator=g))
+        estimate = mp.vae_decode_activation_bytes(cf["vae"], px, px, 1, 4)
+        z = torch.randn(1, 16, px // 8, px // 8, generator=g)
+        call = lambda: model.decode(z)                                           # noqa: E731
+    _reset_peak_rss()
+    base = _status_bytes("VmRSS")
+    t = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - t
+    measured = _status_bytes("VmHWM") - base
+    return {"stage": stage, "pixels": px, "reduced": CPU_CHECKS[stage][1], "estimate": estimate,
+            "measured_peak_rss_rise": measured, "ratio": measured / estimate, "seconds": seconds}
+
+
+def cpu_check() -> list:
+    import subprocess
+    out = []
+    for stage in CPU_CHECKS:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--cpu-check-stage", stage],
+                           capture_output=True, text=True, cwd=ROOT)
+        if r.returncode != 0:
+            raise RuntimeError(f"CPU check of {stage} failed:\n{r.stderr[-2000:]}")
+        out.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(f"[memory] CPU check {stage}: " + out[-1]["reduced"] + f": estimate {out[-1]['estimate'] / mp.MIB:.0f} MiB, "
+              f"peak RSS +{out[-1]['measured_peak_rss_rise'] / mp.MIB:.0f} MiB", file=sys.stderr, flush=True)
+    return out
+
+
+def cpu_check_table(rows) -> str:
+    return md_table(["stage", "size", "reduced to", "estimate MiB (fp32)", "measured peak RSS rise MiB", "ratio"],
+                    [[r["stage"], f"{r['pixels']}²", r["reduced"], f"{r['estimate'] / mp.MIB:.0f}",
+                      f"{r['measured_peak_rss_rise'] / mp.MIB:.0f}", f"{r['ratio']:.2f}"] for r in rows])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="full", choices=["full", "medium", "tiny"])
@@ -339,9 +452,15 @@ def main(argv=None) -> int:
     ap.add_argument("--cards", nargs="*", type=float, default=[24, 16, 12], help="card sizes (GiB) to simulate")
     ap.add_argument("--steps", type=int, default=2, help="DiT steps run per measurement")
     ap.add_argument("--ar-steps", type=int, default=16, help="AR tokens decoded per measurement")
+    ap.add_argument("--cpu-check", action="store_true",
+                    help="also measure the activation estimates on the CPU (reduced full-width stages, ~1-3 min)")
+    ap.add_argument("--cpu-check-stage", choices=list(CPU_CHECKS), help=argparse.SUPPRESS)
     ap.add_argument("--json", default=os.path.join(RESULTS, "memory.json"))
     ap.add_argument("--markdown", default=os.path.join(RESULTS, "memory.md"))
     args = ap.parse_args(argv)
+    if args.cpu_check_stage:                      # one check, in its own process (clean peak RSS)
+        print(json.dumps(cpu_check_one(args.cpu_check_stage)))
+        return 0
 
     configs = configs_of(args.size)
     stats = mp.component_stats(configs)
@@ -360,6 +479,11 @@ def main(argv=None) -> int:
            "plans": {wd: p.to_dict() for wd, p in plans.items()},
            "cards": {str(g): mp.settings_for_card(plans, g) for g in CARDS_GIB}}
 
+    if args.cpu_check:
+        rows = cpu_check()
+        out["cpu_check"] = rows
+        md += ["## Activation estimates checked on this CPU (fp32, fresh process, after a warm-up call)", "",
+               cpu_check_table(rows), ""]
     execute_now = (args.execute or args.device == "cuda") and not args.plan_only
     if execute_now:
         if args.device == "cpu" and args.size == "full":

@@ -196,10 +196,13 @@ def ar_sequence(prompt_tokens: int, width: int, height: int, reference_tokens: i
 
 
 def ar_activation_bytes(text_config: dict, prompt_tokens: int, width: int, height: int, batch: int = 1,
-                        dtype_bytes: int = 2, reference_tokens: int = 0, attention_scores: bool = False) -> int:
+                        dtype_bytes: int = 2, reference_tokens: int = 0, attention_scores: bool = True) -> int:
     """Peak activation bytes of ``ar_generate.generate_tokens``: the static KV cache for the whole
     sequence, plus the widest moment of the prefill (residual, norm output, q/k/v, fused gate/up MLP
-    and its product), plus the fp32 sampler rows over the visual vocabulary."""
+    and its product; by default also fp32 [heads, L, L] attention scores, as SDPA with GQA may take
+    the math kernel), plus the fp32 sampler rows over the visual vocabulary. Checked on CPU (fp32,
+    full width, 2 layers): peak RSS rises by ~1.8× this figure, ~50 MiB absolute; small next to
+    the weights either way."""
     from .ar_model import TextConfig
     c = TextConfig.from_dict(text_config)
     L, n_gen = ar_sequence(prompt_tokens, width, height, reference_tokens)
@@ -221,12 +224,14 @@ def dit_activation_bytes(dit_config: dict, width: int, height: int, text_tokens:
     """Peak activation bytes of one ``GlmImageDiT.forward_multi`` step (``passes`` = 2 with CFG: the
     cond and uncond passes run in one sweep), plus what the denoise loop keeps across steps.
 
-    Per block (dit.GlmImageBlock.forward), P passes, B images, N image tokens, L text tokens, D wide:
-    * attention phase: X and its norm [P,B,N,D]; the joint input and q, k, v, the attention output
-      and its projection [B, P(L+N), D] (q/k layer-norm outputs replace their inputs: +1 transient);
-    * feed-forward phase: X, its norm and the output [P,B,N,D], the GELU input and output [P,B,N,4D].
+    Per block (dit.GlmImageBlock.forward), P passes, B images, N image tokens, L text tokens, D wide,
+    T = P(L+N) joint tokens. The attention tensors are locals of the block, alive until it returns,
+    so the peak is in the feed-forward: X and its norm [P,B,N,D]; the joint input, q, k, v, the
+    per-pass attention outputs, their concatenation and the output projection [B,T,D]; the GELU
+    input and output [P,B,N,4D], the feed-forward output and its gated copy [P,B,N,D].
     Loop state: projected priors [P,B,N,D], the fp32 latents/noise/velocity [B,C,h,w], RoPE tables.
-    Edits add the reference K/V cache: layers × 2 × [B, R, D]."""
+    Edits add the reference K/V cache: layers × 2 × [B, R, D]. Checked on CPU (fp32, full width,
+    one block, 512²): the process's peak RSS rises by ~1.2× this figure."""
     from .dit import DEFAULT_DIT_CONFIG
     cfg = dict(DEFAULT_DIT_CONFIG)
     cfg.update(dit_config)
@@ -237,9 +242,7 @@ def dit_activation_bytes(dit_config: dict, width: int, height: int, text_tokens:
     N = (h // p) * (w // p)
     P, B, L = passes, batch, text_tokens
     T = P * (L + N)
-    attn = B * D * (2 * P * N + 7 * T)
-    ff = B * P * N * (3 * D + 2 * F_)
-    block = max(attn, ff) * dtype_bytes
+    block = (B * D * (2 * P * N + 7 * T) + B * P * N * (2 * F_ + 2 * D)) * dtype_bytes
     if attention_scores:
         block += B * int(cfg["num_attention_heads"]) * (L + N) * (L + N + reference_tokens) * 4
     loop = P * B * N * D * dtype_bytes + 4 * B * int(cfg["in_channels"]) * h * w * 4 + 2 * N * int(cfg["attention_head_dim"]) * 4
@@ -385,6 +388,15 @@ def gib(n: Optional[float]) -> str:
     return "–" if n is None else f"{n / GIB:.2f}"
 
 
+def resident_fraction(stage: Stage, card: int) -> float:
+    """Share of ``stage``'s weights ComfyUI keeps on a card of ``card`` bytes when it loads it
+    partially (load_models_gpu: the free memory less max(minimum_inference_memory, memory_required +
+    reserve), and one streamed layer in flight)."""
+    room = card - CUDA_CONTEXT - max(COMFY_MIN_INFERENCE, stage.activations + COMFY_EXTRA_RESERVED) \
+        - stage.stream_unit - stage.cast_buffer
+    return max(0.0, min(1.0, room / stage.weights)) if stage.weights else 1.0
+
+
 def settings_for_card(plans: Dict[str, RunPlan], card_gib: float) -> str:
     """Which loader setting runs a whole t2i on a card of ``card_gib`` GiB (per the plans)."""
     card = card_gib * GIB
@@ -395,6 +407,7 @@ def settings_for_card(plans: Dict[str, RunPlan], card_gib: float) -> str:
     for wd, label in (("fp8", "fp8_e4m3fn weights + partial loading (ComfyUI picks it; or --lowvram)"),
                       ("bf16", "bf16 + partial loading (ComfyUI picks it; or --lowvram)")):
         if wd in plans and plans[wd].card_lowvram() <= card:
-            resident = card - plans[wd].card_lowvram()
-            return f"{label}; about {resident / GIB:.0f} GiB of the largest model's weights stay resident"
+            worst = min(plans[wd].stages, key=lambda st: resident_fraction(st, card))
+            return f"{label}; {resident_fraction(worst, card):.0%} of the {COMPONENT_NAMES[worst.component]} " \
+                   "weights resident, the rest streamed per layer"
     return "not enough: use --novram or --cpu"

@@ -182,6 +182,9 @@ class GLMImageDiTLoader(io.ComfyNode):
                                               "(quoted text in the prompt) needs it."),
                 _weight_dtype_input(WEIGHT_DTYPES, _FP8_TOOLTIP),
                 _compute_dtype_input(),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Optional: GLM-Image's VAE, only for latent previews while sampling (when "
+                                     "ComfyUI shows previews); the folder loader wires this itself."),
             ],
             outputs=[GlmDecoder.Output("decoder", display_name="decoder",
                                        tooltip="DiT + glyph encoder (semantic tokens → latent).")],
@@ -194,13 +197,17 @@ class GLMImageDiTLoader(io.ComfyNode):
                              check_file("diffusion_models", dit_name, "dit"))
 
     @classmethod
-    def fingerprint_inputs(cls, dit_name, weight_dtype, compute_dtype="auto", glyph_encoder=None):
+    def fingerprint_inputs(cls, dit_name, weight_dtype, compute_dtype="auto", glyph_encoder=None, vae=None):
         return (file_stamp("diffusion_models", dit_name), weight_dtype, compute_dtype)
 
     @classmethod
-    def execute(cls, dit_name, glyph_encoder, weight_dtype, compute_dtype="auto") -> io.NodeOutput:
+    def execute(cls, dit_name, glyph_encoder, weight_dtype, compute_dtype="auto", vae=None) -> io.NodeOutput:
         src = open_component("diffusion_models", dit_name, "dit")
-        return io.NodeOutput(decoder_handle(src, glyph_encoder, weight_dtype, compute_dtype))
+        decoder = decoder_handle(src, glyph_encoder, weight_dtype, compute_dtype)
+        if vae is not None:
+            from .vae_adapter import preview_fit_for
+            decoder.preview_fit = preview_fit_for(vae, decoder.latents_mean, decoder.latents_std)
+        return io.NodeOutput(decoder)
 
 
 class GLMImageVAELoader(io.ComfyNode):

@@ -229,3 +229,15 @@ def test_pickle_formats_truncated_and_metadata_less_files_are_refused(host, mode
 def test_file_names_never_leave_the_models_folder(host, model_dirs, name):
     msg = validation_error(host, vae_only(name), "13")
     assert "not found under models/vae/" in msg, msg
+
+
+def test_dit_loader_fits_latent_previews_from_an_optional_vae(host, model_dirs, monkeypatch):
+    from comfy.cli_args import LatentPreviewMethod, args
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Auto)
+    g = single_file_graph()
+    host.run_ok(g)
+    assert glmtest_host.node_output(host, "12").previewer() is None          # no VAE linked: no previews
+    g["12"]["inputs"]["vae"] = ["13", 0]
+    host.run_ok(g)
+    decoder = glmtest_host.node_output(host, "12")
+    assert decoder.previewer() is not None and decoder.preview_factors is not None

@@ -6,14 +6,11 @@ A single file holds the component's tensors under their official names plus, in 
 metadata, the official files the component needs beside its weights (configs, tokenizer and
 processor files), keyed by their path in the official folder and stored as text:
 
-==================  ==============================================================================
-``glm_image.format``          ``glm-image-single-file``
-``glm_image.format_version``  ``1``
-``glm_image.component``       ``dit`` | ``ar`` | ``glyph_encoder`` | ``vae``
-``glm_image.files``           JSON ``{"transformer/config.json": "<file text>", ...}``
-``glm_image.source``          the official folder's name and pipeline class
-``glm_image.dtype``           the dtype asked at conversion (``as stored``, ``bf16``, ``fp8_e4m3fn`` ...)
-==================  ==============================================================================
+* ``glm_image.format``: ``glm-image-single-file``; ``glm_image.format_version``: ``1``;
+* ``glm_image.component``: ``dit`` | ``ar`` | ``glyph_encoder`` | ``vae``;
+* ``glm_image.files``: JSON ``{"transformer/config.json": "<file text>", ...}``;
+* ``glm_image.source``: the official folder's name and pipeline class;
+* ``glm_image.dtype``: the dtype asked at conversion (``as_stored``, ``bf16``, ``fp8_e4m3fn`` ...).
 
 The component type is always detected from the tensors (key names and shapes), never taken on
 trust from a file name or the metadata; anything else is refused with a message that says which

@@ -218,6 +218,25 @@ def ar_activation_bytes(text_config: dict, prompt_tokens: int, width: int, heigh
     return int(kv + prefill + rope + sampler)
 
 
+def vision_activation_bytes(config: dict, patches: int, dtype_bytes: int = 2, attention_scores: bool = True) -> int:
+    """Peak activation bytes of tokenising one reference of ``patches`` patches
+    (``ar_generate.tokenize_references``): a ViT block (ar_model.VisionBlock) holds its input, the
+    norm, qkv and the per-head q/k/v copies, the attention output and its contiguous copies and the
+    projection, or the MLP's fc1 output and activation; by default plus the fp32 [heads, N, N] scores
+    and softmax of the math attention kernel. The VQ step (VectorQuantizer.indices) then holds the
+    normalised codebook and the [N, codebook] distances. Input pixel rows are fp32."""
+    v, q = config["vision_config"], config["vq_config"]
+    C, inter, heads = int(v["hidden_size"]), int(v["intermediate_size"]), int(v["num_heads"])
+    N = patches
+    block = N * max(2 * C + 3 * C + 3 * C + 3 * C, 2 * C + 2 * inter) * dtype_bytes
+    if attention_scores:
+        block += 2 * heads * N * N * 4
+    rows = N * 3 * int(v["patch_size"]) ** 2 * 4
+    K, E = int(q["num_embeddings"]), int(q["embed_dim"])
+    vq = (2 * K * E + 3 * N * K + 2 * N * E) * dtype_bytes
+    return int(rows + max(block, vq))
+
+
 def dit_activation_bytes(dit_config: dict, width: int, height: int, text_tokens: int, batch: int = 1,
                          passes: int = 2, dtype_bytes: int = 2, reference_tokens: int = 0,
                          attention_scores: bool = False) -> int:

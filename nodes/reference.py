@@ -109,7 +109,7 @@ class GLMImageReferenceEdit(io.ComfyNode):
 
     @classmethod
     def execute(cls, ar, decoder, vae, image, reference=None) -> io.NodeOutput:
-        from ..glm_image_core import ar_generate, image_proc
+        from ..glm_image_core import ar_generate, ar_prompt, image_proc, memory_plan
         if image is None or image.shape[0] == 0:
             raise ValueError("image batch is empty: give at least one reference image")
         image = to_rgb(image).float()
@@ -119,7 +119,6 @@ class GLMImageReferenceEdit(io.ComfyNode):
         if reference is not None:
             reference.check_compatible_ar(ar)
         items = list(reference.items) if reference is not None else []
-        model = None
         for b in range(image.shape[0]):
             mm.throw_exception_if_processing_interrupted()
             img = image[b:b + 1]
@@ -130,8 +129,10 @@ class GLMImageReferenceEdit(io.ComfyNode):
                 log.info("GLM-Image reference %d: %s", len(items) + 1, note)
             raw = vae.encode(img)
             latent = decoder.normalize(raw.float().cpu())
-            if model is None:
-                model = ar.model.load()
+            # Every time: the VAE encode above may have made ComfyUI unload the AR on a small card.
+            patches = (th // ar_prompt.GRID_FACTOR) * (tw // ar_prompt.GRID_FACTOR)
+            model = ar.model.load(memory_required=memory_plan.vision_activation_bytes(
+                ar.config, patches, ar.model.compute_dtype.itemsize))
             ids = ar_generate.tokenize_reference(model, img, ar.processor_config,
                                                  device=ar.model.load_device, dtype=ar.model.compute_dtype)
             items.append(ReferenceImage(image=img.cpu(), ar_ids=ids.cpu(), latent=latent, note=note))

@@ -85,6 +85,10 @@ def test_activation_estimates_grow_with_what_they_model(configs):
     assert mp.dit_activation_bytes(d, 512, 512, 16, dtype_bytes=4) > mp.dit_activation_bytes(d, 512, 512, 16)
     v = configs["vae"]
     assert mp.vae_decode_activation_bytes(v, 512, 512) * 3 < mp.vae_decode_activation_bytes(v, 1024, 1024)
+    ar = configs["vision_language_encoder"]
+    assert 0 < mp.vision_activation_bytes(ar, 64) < mp.vision_activation_bytes(ar, 1024)
+    # the VQ step holds [patches, codebook] distances: at least that many bytes
+    assert mp.vision_activation_bytes(ar, 1024) >= 1024 * ar["vq_config"]["num_embeddings"] * 2
 
 
 def test_ar_kv_cache_term_is_exact():

@@ -11,21 +11,13 @@ from glm_image_core import ar_generate, ar_model, ar_prompt, denoise, dit
 
 
 @pytest.fixture(scope="module")
-def ar(tiny_ckpt):
-    return ar_model.load_ar(os.path.join(tiny_ckpt, "vision_language_encoder"))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_ckpt):
-    return ar_prompt.GlmTokenizer.from_folder(os.path.join(tiny_ckpt, "processor"))
-
-
-@pytest.fixture(scope="module")
 def transformer(tiny_ckpt):
     return dit.load_dit(os.path.join(tiny_ckpt, "transformer"))
 
 
-def test_prompt_beyond_context_is_refused_before_any_compute(ar, tok, tiny_ckpt):
+def test_prompt_beyond_context_is_refused_before_any_compute(tiny_ckpt):
+    ar = ar_model.load_ar(os.path.join(tiny_ckpt, "vision_language_encoder"))
+    tok = ar_prompt.GlmTokenizer.from_folder(os.path.join(tiny_ckpt, "processor"))
     with open(os.path.join(tiny_ckpt, "vision_language_encoder", "config.json"), encoding="utf-8") as f:
         context = json.load(f)["text_config"]["max_position_embeddings"]
     calls = []

@@ -7,7 +7,6 @@
   and every network is loaded once;
 - determinism across process restarts: a second, fresh server gives byte-identical PNGs.
 """
-import os
 import re
 
 import pytest

@@ -18,7 +18,6 @@ Plain PyTorch; never imports comfy.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 

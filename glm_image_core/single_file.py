@@ -384,7 +384,7 @@ def write_streamed_safetensors(path: str, entries: Sequence[Tuple[str, torch.dty
             t = load()
             if t.dtype != dt or tuple(t.shape) != tuple(shape):
                 raise ckpt.CheckpointError(f"{name}: got {t.dtype} {tuple(t.shape)}, announced {dt} {tuple(shape)}")
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)   # no byte copy
             del t
     os.replace(tmp, path)
 

@@ -25,6 +25,7 @@ export const SIZE_PRESETS = [
 const TYPE_COLORS = {
   GLM_AR: "#c77dff",
   GLM_DECODER: "#7b2cbf",
+  GLM_GLYPH_ENCODER: "#5a189a",
   GLM_TOKENS: "#f4a261",
   GLM_GLYPH: "#2a9d8f",
   GLM_REFERENCE: "#e76f51",

@@ -86,27 +86,47 @@ def machine_bandwidth_gbs(mb: int = 256) -> float:
     return big.numel() * 4 / best / 1e9
 
 
-class CallClock:
-    """Accumulates wall time of wrapped calls per stage name: ``total[name]`` seconds, ``calls[name]``,
-    ``first_start[name]`` / ``last_end[name]`` (perf_counter stamps) and ``durations[name]`` (each call)."""
+TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+class ClockView:
+    """One timer's records: ``total[name]`` seconds, ``calls[name]``, ``first_start[name]`` /
+    ``last_end[name]`` (timer stamps) and ``durations[name]`` (each call)."""
 
     def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
         self.total: Dict[str, float] = {}
         self.calls: Dict[str, int] = {}
         self.first_start: Dict[str, float] = {}
         self.last_end: Dict[str, float] = {}
         self.durations: Dict[str, List[float]] = {}
-        self.results: Dict[str, object] = {}
 
-    def record(self, name: str, start: float, end: float, result=None) -> None:
+    def record(self, name: str, start: float, end: float) -> None:
         self.total[name] = self.total.get(name, 0.0) + (end - start)
         self.calls[name] = self.calls.get(name, 0) + 1
         self.first_start.setdefault(name, start)
         self.last_end[name] = end
         self.durations.setdefault(name, []).append(end - start)
+
+
+class CallClock:
+    """Times wrapped calls per stage name with every timer in :data:`TIMERS` at once: wall clock
+    (``perf_counter``) and this process's CPU time (``process_time``: far less sensitive to other
+    processes on a shared machine). ``view("wall" | "cpu")`` gives one timer's records."""
+
+    def __init__(self):
+        self.views = {k: ClockView() for k in TIMERS}
+        self.results: Dict[str, object] = {}
+
+    def view(self, kind: str) -> ClockView:
+        return self.views[kind]
+
+    @staticmethod
+    def stamp() -> Dict[str, float]:
+        return {k: t() for k, t in TIMERS.items()}
+
+    def record(self, name: str, start: Dict[str, float], end: Dict[str, float], result=None) -> None:
+        for k, v in self.views.items():
+            v.record(name, start[k], end[k])
         if result is not None:
             self.results[name] = result
 
@@ -116,25 +136,24 @@ class CallClock:
         @functools.wraps(fn)
         def timed_call(*args, **kwargs):
             sync()
-            t0 = time.perf_counter()
+            t0 = self.stamp()
             out = fn(*args, **kwargs)
             sync()
-            self.record(name, t0, time.perf_counter(), out if keep_result else None)
+            self.record(name, t0, self.stamp(), out if keep_result else None)
             return out
-        timed_call.__wrapped_by_callclock__ = fn
         return timed_call
 
     def hook_module(self, module, name: str, sync: Callable[[], None] = lambda: None) -> list:
         """Forward pre/post hooks timing every call of ``module`` (its outputs are left untouched)."""
-        start: List[float] = []
+        start: List[Dict[str, float]] = []
 
         def pre(_m, _args):
             sync()
-            start.append(time.perf_counter())
+            start.append(self.stamp())
 
         def post(_m, _args, _out):
             sync()
-            self.record(name, start.pop(), time.perf_counter())
+            self.record(name, start.pop(), self.stamp())
 
         return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 

@@ -121,28 +121,32 @@ class OfficialSide:
         hooks = clock.hook_module(vle, "ar_forward", self.sync) + clock.hook_module(pipe.transformer, "dit", self.sync)
         try:
             self.sync()
-            t0 = time.perf_counter()
+            t0 = clock.stamp()
             out = pipe(prompt=C.PROMPT, height=res, width=res, num_inference_steps=steps, guidance_scale=C.GUIDANCE,
                        generator=torch.Generator(device=self.device).manual_seed(seed))
             out.images[0].save(os.path.join(self.png_dir, f"official_{seed}.png"), compress_level=1)
             self.sync()
-            e2e = time.perf_counter() - t0
+            clock.record("e2e", t0, clock.stamp())
         finally:
             patches.restore()
             for h in hooks:
                 h.remove()
-        n_new = clock.calls["ar_forward"]                  # one forward per sampled token
-        prefill = clock.durations["ar_forward"][0]
-        decode = clock.last_end["ar_generate"] - (clock.first_start["ar_forward"] + prefill)
+        n_new = clock.view("wall").calls["ar_forward"]     # one forward per sampled token
         gen = clock.results["ar_generate"][0, -n_new:]
         n_prev, n_grid = 256, (res // 32) ** 2             # t2i: 16x16 preview, grid, end marker
-        return {
-            "ar_prefill_s": prefill, "ar_decode_tok_s": (n_new - 1) / decode, "ar_total_s": clock.total["ar_total"],
-            "glyph_s": clock.total["glyph"], "dit_step_s": clock.total["dit"] / steps,
-            "decode_s": clock.last_end["dit"] - clock.first_start["glyph"], "vae_s": clock.total["vae"],
-            "e2e_s": e2e, "ar_tokens": n_new, "dit_calls": clock.calls["dit"],
-            "grid_sha": _grid_hash(gen[n_prev:n_prev + n_grid]),
-        }
+        out = {k: stage_times(clock.view(k), steps, n_new, "ar_generate", "ar_total", "dit") for k in C.TIMERS}
+        return out | {"ar_tokens": n_new, "dit_calls": clock.view("wall").calls["dit"],
+                      "grid_sha": _grid_hash(gen[n_prev:n_prev + n_grid])}
+
+
+def stage_times(v: "C.ClockView", steps: int, n_tokens: int, ar_generate: str, ar_total: str, loop_end: str) -> dict:
+    """The report's stages from one timer's records (names shared by both sides: ar_forward, glyph,
+    dit, vae, e2e; the side-specific ones are passed in)."""
+    prefill = v.durations["ar_forward"][0]
+    decode = v.last_end[ar_generate] - (v.first_start["ar_forward"] + prefill)
+    return {"ar_prefill_s": prefill, "ar_decode_tok_s": (n_tokens - 1) / decode if decode > 0 else float("nan"),
+            "ar_total_s": v.total[ar_total], "glyph_s": v.total["glyph"], "dit_step_s": v.total["dit"] / steps,
+            "decode_s": v.last_end[loop_end] - v.first_start["glyph"], "vae_s": v.total["vae"], "e2e_s": v.total["e2e"]}
 
 
 # --------------------------------------------------------------------------------------
@@ -206,22 +210,16 @@ class PackSide:
         g = pack_graph(self.model_name, res, steps, seed, self.weight_dtype)
         try:
             sync()
-            t0 = time.perf_counter()
+            t0 = clock.stamp()
             self.host.run_ok(g)
             sync()
-            e2e = time.perf_counter() - t0
+            clock.record("e2e", t0, clock.stamp())
         finally:
             patches.restore()
         r = clock.results["ar"]
-        prefill = clock.durations["ar_forward"][0]
-        decode = clock.last_end["ar"] - (clock.first_start["ar_forward"] + prefill)
-        return {
-            "ar_prefill_s": prefill, "ar_decode_tok_s": (r.num_generated - 1) / decode,
-            "ar_total_s": clock.total["ar"], "glyph_s": clock.total["glyph"], "dit_step_s": clock.total["dit"] / steps,
-            "decode_s": clock.last_end["denoise"] - clock.first_start["glyph"], "vae_s": clock.total["vae"],
-            "e2e_s": e2e, "ar_tokens": r.num_generated, "dit_calls": clock.calls["dit"],
-            "grid_sha": _grid_hash(r.grid[0]),
-        }
+        out = {k: stage_times(clock.view(k), steps, r.num_generated, "ar", "ar", "denoise") for k in C.TIMERS}
+        return out | {"ar_tokens": r.num_generated, "dit_calls": clock.view("wall").calls["dit"],
+                      "grid_sha": _grid_hash(r.grid[0])}
 
 
 # --------------------------------------------------------------------------------------
@@ -351,7 +349,7 @@ def in_process(folder: str, a, work: str) -> dict:
     for i in range(a.reps):
         for s in (SIDES if i % 2 == 0 else SIDES[::-1]):
             runs[s].append(sides[s].run(a.seed + i, a.res, a.steps))
-            print(f"  rep {i + 1}/{a.reps} {s}: end to end {runs[s][-1]['e2e_s']:.2f} s", file=sys.stderr)
+            print(f"  rep {i + 1}/{a.reps} {s}: end to end {runs[s][-1]['wall']['e2e_s']:.2f} s", file=sys.stderr)
     if a.profile:
         prof = StepProfiler(a.device)
         sides["pack"].run(20_000, a.res, a.steps, profile=prof)
@@ -365,19 +363,22 @@ def in_process(folder: str, a, work: str) -> dict:
 # --------------------------------------------------------------------------------------
 
 def summarize(runs: dict, mem: dict, a, meta: dict) -> dict:
-    stages = {}
-    for key, label, unit, better in STAGES:
-        row = {"label": label, "unit": unit, "better": better}
-        for s in SIDES:
-            vals = [r[key] for r in runs[s]]
-            row[s] = C.median_best(vals, better)
-            row[s + "_all"] = vals
-        # pack / official per rep: for a rate, the speed-up; for a time, the time ratio
-        row["ratio_pack_over_official"] = C.paired_ratio(row["pack_all"], row["official_all"])
-        stages[key] = row
+    tables = {}
+    for kind in C.TIMERS:
+        stages = {}
+        for key, label, unit, better in STAGES:
+            row = {"label": label, "unit": unit, "better": better}
+            for s in SIDES:
+                vals = [r[kind][key] for r in runs[s]]
+                row[s] = C.median_best(vals, better)
+                row[s + "_all"] = vals
+            # pack / official per rep: for a rate, the speed-up; for a time, the time ratio
+            row["ratio_pack_over_official"] = C.paired_ratio(row["pack_all"], row["official_all"])
+            stages[key] = row
+        tables[kind] = stages
     same = [o["grid_sha"] == p["grid_sha"] for o, p in zip(runs["official"], runs["pack"])]
-    return {"meta": meta, "stages": stages, "memory": mem, "tokens_equal_per_rep": same,
-            "ar_tokens": {s: runs[s][0]["ar_tokens"] for s in SIDES}}
+    return {"meta": meta, "stages": tables["wall"], "stages_cpu_time": tables["cpu"], "memory": mem,
+            "tokens_equal_per_rep": same, "ar_tokens": {s: runs[s][0]["ar_tokens"] for s in SIDES}}
 
 
 def _fmt(v: float, unit: str) -> str:
@@ -388,21 +389,30 @@ def _fmt(v: float, unit: str) -> str:
     return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.2f} s"
 
 
+def _table(stages: dict) -> list:
+    out = ["| stage | official median | official best | pack median | pack best | pack / official (paired median) |",
+           "|---|---|---|---|---|---|"]
+    for key in STAGE_KEYS:
+        r = stages[key]
+        ratio = r["ratio_pack_over_official"]
+        rtxt = f"{ratio:.2f}× speed-up" if r["better"] == "higher" else f"{ratio:.2f}"
+        out.append(f"| {r['label']} | {_fmt(r['official']['median'], r['unit'])} | {_fmt(r['official']['best'], r['unit'])} "
+                   f"| {_fmt(r['pack']['median'], r['unit'])} | {_fmt(r['pack']['best'], r['unit'])} | {rtxt} |")
+    return out
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     out = [f"### {m['size']} checkpoint, {m['res']}×{m['res']} text-to-image, {m['steps']} steps, CFG {C.GUIDANCE}, "
            f"{m['device']} {m['dtype']}, {m['threads']} thread(s)", "",
            f"{m['reps']} reps per side after {m['warmup']} warm-up run(s), {m['mode']}; "
            f"{m['when']}, torch {m['torch']}, diffusers {m['diffusers']}, transformers {m['transformers']}, "
-           f"{m['cpus']} CPU(s).", "",
-           "| stage | official median | official best | pack median | pack best | pack / official (paired median) |",
-           "|---|---|---|---|---|---|"]
-    for key in STAGE_KEYS:
-        r = res["stages"][key]
-        ratio = r["ratio_pack_over_official"]
-        rtxt = f"{ratio:.2f}× speed-up" if r["better"] == "higher" else f"{ratio:.2f}"
-        out.append(f"| {r['label']} | {_fmt(r['official']['median'], r['unit'])} | {_fmt(r['official']['best'], r['unit'])} "
-                   f"| {_fmt(r['pack']['median'], r['unit'])} | {_fmt(r['pack']['best'], r['unit'])} | {rtxt} |")
+           f"{m['cpus']} CPU(s), load average (1 min) {m['load_average_start']} at the start, "
+           f"{m['load_average_end']} at the end.", "",
+           "Wall-clock time:", ""] + _table(res["stages"])
+    if not m["device"].startswith("cuda"):
+        out += ["", "CPU time of the process (`time.process_time`; with 1 thread ≈ the work done, much less "
+                "sensitive than wall time to other processes sharing the cores):", ""] + _table(res["stages_cpu_time"])
     mem = res["memory"]
     if mem:
         out.append("")
@@ -492,6 +502,7 @@ def main(argv=None) -> int:
             "dtype": str(dtype).replace("torch.", ""), "seed": a.seed, "cpus": os.cpu_count(),
             "torch": torch.__version__, "diffusers": _version("diffusers"), "transformers": _version("transformers"),
             "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average_start": round(os.getloadavg()[0], 2),
             "mode": ("each side in its own subprocess, one after the other" if isolate
                      else "both sides in one process, alternating")}
     if a.profile and isolate:
@@ -510,6 +521,7 @@ def main(argv=None) -> int:
                 mem = {s: {k: v for k, v in run_worker(s, folder, a, 1, 0).items() if k not in ("runs", "side")}
                        for s in SIDES}
                 mem["how"] = "each side alone in a fresh process: imports, load, one run"
+        meta["load_average_end"] = round(os.getloadavg()[0], 2)
         profiles = runs.pop("_profile_paths", None)
         res = summarize(runs, mem, a, meta)
         res["command"] = "bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -21,16 +21,21 @@ def run_bench(out_dir, *extra):
         return json.load(f), p.stdout
 
 
-def check_report(res, reps=1, same_tokens=True):
-    assert list(res["stages"]) == STAGES
+def check_table(stages, reps):
+    assert list(stages) == STAGES
     for key in STAGES:
-        row = res["stages"][key]
+        row = stages[key]
         for side in ("official", "pack"):
             assert len(row[f"{side}_all"]) == reps, (key, side)
             for stat in ("median", "best"):
                 v = row[side][stat]
                 assert isinstance(v, float) and math.isfinite(v) and v > 0, (key, side, stat, v)
         assert math.isfinite(row["ratio_pack_over_official"]), key
+
+
+def check_report(res, reps=1, same_tokens=True):
+    for table in ("stages", "stages_cpu_time"):            # wall clock, process CPU time
+        check_table(res[table], reps)
     # fp32: same seed, same settings -> both sides sample the same grid (a real parity check, per rep);
     # bf16 rounds differently in the two implementations, so there only the check's presence is tested
     assert len(res["tokens_equal_per_rep"]) == reps

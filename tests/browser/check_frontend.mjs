@@ -9,7 +9,8 @@
 // link counts, the frontend's own graphToPrompt() output, and the screenshot path (canvas fitted to
 // the graph). With --run WORKFLOW (the text-to-image one) it also checks the size preset widget
 // (`sizePreset`), then queues that workflow with the Queue button and waits for the Save Image and
-// token preview images to appear on their nodes (`run`).
+// token preview images to appear on their nodes (`run`). Last, it opens the Templates dialog at the
+// pack's entry (`templates`: card titles, thumbnail requests).
 import { chromium } from "playwright-core";
 import fs from "node:fs";
 import os from "node:os";
@@ -101,6 +102,32 @@ async function queueFromUi(page, json, outDir, timeout) {
   out.screenshot = path.join(outDir, "frontend-glm_image_t2i-run.png");
   await page.screenshot({ path: out.screenshot });
   return out;
+}
+
+// The Templates sidebar → the pack's entry under Extensions: the titles of its template cards, and
+// the thumbnail requests it made (the pack's workflows/<name>.jpg).
+async function checkTemplateBrowser(page, pack, outDir) {
+  const thumbs = [];
+  const onResponse = (r) => {
+    const u = new URL(r.url());
+    if (u.pathname.startsWith(`/api/workflow_templates/${pack}/`) && u.pathname.endsWith(".jpg"))
+      thumbs.push({ path: decodeURIComponent(u.pathname), status: r.status() });
+  };
+  page.on("response", onResponse);
+  try {
+    await page.getByText("Templates", { exact: true }).first().click();
+    await page.getByText(pack, { exact: true }).first().click();
+    await page.getByText(pack, { exact: true }).nth(1).waitFor();       // the heading of its cards
+    await page.waitForTimeout(1500);
+    const titles = await page.evaluate(() => [...document.querySelectorAll('[role="dialog"] h3, [role="dialog"] [class*="title"]')]
+      .map((e) => e.textContent.trim()).filter(Boolean));
+    await page.screenshot({ path: path.join(outDir, "frontend-templates.png") });
+    return { titles, thumbs };
+  } catch (e) {
+    return { error: String(e), thumbs };
+  } finally {
+    page.off("response", onResponse);
+  }
 }
 
 const args = parseArgs(process.argv.slice(2));
@@ -207,6 +234,8 @@ try {
     result.sizePreset = await checkSizePreset(page, json);
     result.run = await queueFromUi(page, json, args.out, Number(args["run-timeout"] || 300000));
   }
+  // Last: the dialog it opens stays open (Escape does not close it in 1.32.9).
+  result.templates = await checkTemplateBrowser(page, args.pack, args.out);
   result.ok = true;
 } catch (e) {
   result.ok = false;

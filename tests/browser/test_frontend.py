@@ -4,8 +4,9 @@ every UI-format workflow in workflows/ loads the way drag & drop loads it, with 
 and no broken links, and the frontend's own graphToPrompt() gives the committed API copy; the size
 preset widget snaps to the 32-px grid and shows the token counts; the text-to-image workflow queued
 with the Queue button shows its output image on Save Image and the token-grid preview on the AR node.
-Screenshots of the canvas go to test-artifacts/; GLM_UPDATE_SCREENSHOTS=1 also writes the small
-copies the README shows to docs/screenshots/.
+The Templates dialog lists the UI workflows under the pack, with their thumbnails. Screenshots of the
+canvas go to test-artifacts/; GLM_UPDATE_SCREENSHOTS=1 also writes the small copies the README shows
+to docs/screenshots/ and the template thumbnails workflows/<name>.jpg.
 
 Needs `make browser-deps` (scripts/install_browser.sh). Without Chromium/node/playwright-core the
 test is skipped with the reason; under CI (CI=true) it fails instead."""
@@ -183,6 +184,17 @@ def test_token_preview_image_appears_on_the_ar_node(frontend):
     assert (img["width"], img["height"]) == (256, 256)
 
 
+def test_template_browser_shows_the_ui_workflows_with_thumbnails(frontend):
+    """The Templates dialog lists the pack under Extensions with one card per UI workflow (no API
+    copies), and each card's thumbnail (workflows/<name>.jpg) loads."""
+    t = frontend["templates"]
+    assert "error" not in t, t.get("error")
+    names = sorted(os.path.basename(p)[:-len(".json")] for p in gs.ui_workflow_paths())
+    assert sorted(x for x in t["titles"] if x.startswith("glm_image")) == names
+    thumbs = {os.path.basename(x["path"])[:-len(".jpg")]: x["status"] for x in t["thumbs"]}
+    assert thumbs == {n: 200 for n in names}
+
+
 def _docs_copy(src: str, dst: str, width: int = 1000) -> None:
     """A small README copy of a screenshot: 1000 px wide, 128-colour palette."""
     from PIL import Image
@@ -193,10 +205,26 @@ def _docs_copy(src: str, dst: str, width: int = 1000) -> None:
 
 
 def test_canvas_screenshots_are_saved(frontend):
-    shots = [w["screenshot"] for w in frontend["workflows"]] + [_run(frontend)["screenshot"]]
+    shots = [w["screenshot"] for w in frontend["workflows"]] + [_run(frontend)["screenshot"],
+                                                              os.path.join(gs.ARTIFACTS, "frontend-templates.png")]
     for p in shots:
         assert os.path.isfile(p) and os.path.getsize(p) > 10_000, p
     if os.environ.get("GLM_UPDATE_SCREENSHOTS") == "1":
         os.makedirs(DOCS_SCREENSHOTS, exist_ok=True)
         for p in shots:
             _docs_copy(p, os.path.join(DOCS_SCREENSHOTS, os.path.basename(p)[len("frontend-"):]))
+        for w in frontend["workflows"]:
+            shot = _run(frontend)["screenshot"] if w["name"] == "glm_image_t2i" else w["screenshot"]
+            _thumbnail(shot, os.path.join(gs.WORKFLOWS, w["name"] + ".jpg"))
+
+
+def _thumbnail(src: str, dst: str, size: int = 360) -> None:
+    """The template browser's card image (<workflow>.jpg next to the workflow): the middle of the
+    fitted canvas, square like the card."""
+    from PIL import Image
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        side = min(w, h) * 4 // 5
+        box = ((w - side) // 2, (h - side) // 2 + 20, (w + side) // 2, (h + side) // 2 + 20)
+        im.crop(box).resize((size, size), Image.LANCZOS).save(dst, quality=80, optimize=True)

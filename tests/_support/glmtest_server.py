@@ -25,12 +25,14 @@ from comfy_server import (ComfyServer, ExecutionFailed, PromptRejected, ServerEr
 TINY_NAME = "GLM-Image-tiny"
 
 
-def start(base_dir: str, tiny_ckpt: str, name: str, device_args: tuple = ("--cpu",)) -> ComfyServer:
+def start(base_dir: str, tiny_ckpt: str, name: str, device_args: tuple = ("--cpu",),
+          extra_args: tuple = ()) -> ComfyServer:
     """Start a server for a test module; fails the module (not skips) when it does not come up.
     `name` names the server log copied to test-artifacts/ when it stops; `device_args`: ComfyUI's
-    device/memory flags (--cpu, or --lowvram etc. on a GPU machine)."""
+    device/memory flags (--cpu, or --lowvram etc. on a GPU machine); `extra_args`: other main.py flags."""
     import glmtest_upscale
-    server = ComfyServer(str(base_dir), diffusers={TINY_NAME: tiny_ckpt}, device_args=tuple(device_args))
+    server = ComfyServer(str(base_dir), diffusers={TINY_NAME: tiny_ckpt}, device_args=tuple(device_args),
+                         extra_args=tuple(extra_args))
     copy_example_inputs(os.path.join(str(base_dir), "input"))
     # The chain workflow's UpscaleModelLoader needs an upscale model, as a user would have one.
     glmtest_upscale.write_tiny_upscale_model(os.path.join(str(base_dir), "models", "upscale_models"))

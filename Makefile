@@ -33,7 +33,7 @@ help:
 	@echo "make workflows-check  committed workflows/api/*_api.json == conversion of their UI twins"
 	@echo "make demo          run workflows/api/glm_image_t2i_api.json on the tiny checkpoint; PNG -> demo-output/"
 	@echo "make bench         pack vs official pipeline, medium checkpoint, CPU (bench/run.py \$$BENCH_ARGS; ~5 min)"
-	@echo "make memory        GPU memory plan of a 1024² t2i (bench/memory.py; measured too when CUDA is there)"
+	@echo "make memory        GPU memory plan of a 1024² t2i (bench/memory.py \$$MEMORY_ARGS, e.g. --cpu-check; measured when CUDA is there)"
 	@echo "make clean         remove caches, artifacts, demo output, node_modules (keeps .venv/.host)"
 	@echo "make distclean     clean + remove .venv and .host"
 
@@ -86,7 +86,7 @@ bench: host
 
 # Device-memory plan (any machine); on a CUDA machine it also runs the stages and measures them.
 memory: host tiny
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) bench/memory.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) bench/memory.py $(MEMORY_ARGS)
 
 clean:
 	rm -rf .cache $(ART) demo-output tests/browser/node_modules

@@ -479,10 +479,19 @@ def main(argv=None) -> int:
            "plans": {wd: p.to_dict() for wd, p in plans.items()},
            "cards": {str(g): mp.settings_for_card(plans, g) for g in CARDS_GIB}}
 
+    rows, when = None, ""
     if args.cpu_check:
         rows = cpu_check()
+    elif os.path.isfile(args.json):               # keep the last CPU check (it takes minutes) in the report
+        try:
+            with open(args.json, encoding="utf-8") as f:
+                rows = json.load(f).get("cpu_check")
+            when = " (from an earlier --cpu-check run)"
+        except (OSError, ValueError):
+            rows = None
+    if rows:
         out["cpu_check"] = rows
-        md += ["## Activation estimates checked on this CPU (fp32, fresh process, after a warm-up call)", "",
+        md += [f"## Activation estimates checked on a CPU{when} (fp32, fresh process, after a warm-up call)", "",
                cpu_check_table(rows), ""]
     execute_now = (args.execute or args.device == "cuda") and not args.plan_only
     if execute_now:

@@ -311,7 +311,7 @@ def measured_table(results) -> str:
     for r in results["runs"]:
         st = r.get("stages")
         if not st:
-            rows.append([r["weights"], r["card"] or "–", r.get("error", "")] + [""] * 5)
+            rows.append([r["weights"], f"{r['card']} GiB" if r["card"] else "alone", r.get("error") or ""] + [""] * 4)
             continue
         cells = []
         for k in ("ar", "glyph", "dit", "vae"):

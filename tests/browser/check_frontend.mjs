@@ -77,11 +77,28 @@ async function queueFromUi(page, json, outDir, timeout) {
   const ids = await page.evaluate(() => {
     const nodes = window.app.graph.nodes ?? window.app.graph._nodes;
     return { save: nodes.find((n) => n.type === "SaveImage").id,
-             ar: nodes.find((n) => n.type === "GLMImageTextToTokens").id };
+             ar: nodes.find((n) => n.type === "GLMImageTextToTokens").id,
+             decoder: nodes.find((n) => n.type === "GLMImageTokensToLatent").id };
   });
+  // What the server streams while it runs: progress per node, latent preview images per node.
   await page.evaluate(() => {
     window.__glmRunError = null;
-    window.app.api.addEventListener("execution_error", (e) => { window.__glmRunError = e.detail; });
+    window.__glmProgress = {};
+    window.__glmPreviews = {};
+    const api = window.app.api;
+    api.addEventListener("execution_error", (e) => { window.__glmRunError = e.detail; });
+    api.addEventListener("progress", (e) => {
+      const d = e.detail, p = (window.__glmProgress[d.node] ??= { events: 0, maxSeen: [] });
+      p.events += 1;
+      p.last = { value: d.value, max: d.max };
+      if (!p.maxSeen.includes(d.max)) p.maxSeen.push(d.max);
+    });
+    api.addEventListener("b_preview_with_metadata", (e) => {
+      const d = e.detail, p = (window.__glmPreviews[d.nodeId] ??= { count: 0 });
+      p.count += 1;
+      p.type = d.blob?.type;
+      p.bytes = d.blob?.size;
+    });
   });
   const t0 = Date.now();
   const button = page.getByTestId("queue-button").locator("button").first();
@@ -97,6 +114,7 @@ async function queueFromUi(page, json, outDir, timeout) {
     return { save: save.map(desc), ar: ar.map(desc) };
   }, ids, { timeout, polling: 500 }).then((h) => h.jsonValue()).catch((e) => ({ error: String(e) }));
   const out = { ids, clickedMs: Date.now() - t0, ...shown };
+  Object.assign(out, await page.evaluate(() => ({ progress: window.__glmProgress, previews: window.__glmPreviews })));
   out.history = await page.evaluate(async () => (await (await fetch("/api/history?max_items=10")).json()));
   await fitView(page);
   out.screenshot = path.join(outDir, "frontend-glm_image_t2i-run.png");

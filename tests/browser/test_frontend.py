@@ -3,7 +3,8 @@ playwright-core from tests/browser/node_modules): the pack's nodes are registere
 every UI-format workflow in workflows/ loads the way drag & drop loads it, with no missing node types
 and no broken links, and the frontend's own graphToPrompt() gives the committed API copy; the size
 preset widget snaps to the 32-px grid and shows the token counts; the text-to-image workflow queued
-with the Queue button shows its output image on Save Image and the token-grid preview on the AR node.
+with the Queue button shows its output image on Save Image and the token-grid preview on the AR node,
+and progress (AR per token, decoder per step) and the decoder's latent previews reach the page.
 The Templates dialog lists the UI workflows under the pack, with their thumbnails. Screenshots of the
 canvas go to test-artifacts/; GLM_UPDATE_SCREENSHOTS=1 also writes the small copies the README shows
 to docs/screenshots/ and the template thumbnails workflows/<name>.jpg.
@@ -228,3 +229,24 @@ def _thumbnail(src: str, dst: str, size: int = 360) -> None:
         side = min(w, h) * 4 // 5
         box = ((w - side) // 2, (h - side) // 2 + 20, (w + side) // 2, (h + side) // 2 + 20)
         im.crop(box).resize((size, size), Image.LANCZOS).save(dst, quality=80, optimize=True)
+
+
+def test_progress_and_latent_previews_reach_the_frontend(frontend):
+    """While the queued workflow runs, the frontend receives progress for the AR node (per token,
+    up to the preview + full grid) and for the decoder (per step, up to `steps`), and latent preview
+    images of the decoder (the server runs with --preview-method auto)."""
+    from glm_image_core.ar_prompt import preview_grid
+    run = _run(frontend)
+    ui = gs.load_json(T2I)
+    by_type = {n["type"]: n for n in ui["nodes"]}
+    steps = by_type["GLMImageTokensToLatent"]["widgets_values"][2]
+    w, h = by_type["GLMImageTextToTokens"]["widgets_values"][1:3]
+    ph, pw = preview_grid(h // 32, w // 32)
+    tokens = ph * pw + (h // 32) * (w // 32)          # preview grid, then the full grid
+    ar, dec = run["progress"].get(str(run["ids"]["ar"])), run["progress"].get(str(run["ids"]["decoder"]))
+    assert ar and ar["maxSeen"] == [tokens] and ar["last"]["value"] == tokens, run["progress"]
+    assert ar["events"] >= tokens // 2, "the AR should report progress per token"
+    assert dec and dec["maxSeen"] == [steps] and dec["last"]["value"] == steps, run["progress"]
+    prev = run["previews"].get(str(run["ids"]["decoder"]))
+    assert prev and prev["count"] >= 1 and prev["bytes"] > 0, run["previews"]
+    assert prev["type"].startswith("image/"), prev

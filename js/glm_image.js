@@ -140,7 +140,7 @@ app.registerExtension({
         const text = message?.text?.join?.("\n") ?? String(message?.text ?? "");
         let shown = widget(this, "glyph_spans");
         if (!shown) shown = infoWidget(this, "glyph_spans", "glyph spans", { multiline: true });
-        shown.value = text;
+        shown.value = text.replace(/\n/g, "   ");          // one line on the canvas
         this.setDirtyCanvas?.(true, true);
         return r;
       };

@@ -148,6 +148,17 @@ async function checkTemplateBrowser(page, pack, outDir) {
   }
 }
 
+// Queue a glyph workflow with the Run button; the Glyph node then shows the spans it encoded.
+async function glyphSpansAfterRun(page, json, timeout) {
+  await loadWorkflow(page, json, "glyph-spans");
+  await page.getByTestId("queue-button").locator("button").first().click();
+  return await page.waitForFunction(() => {
+    const node = (window.app.graph.nodes ?? window.app.graph._nodes).find((n) => n.type === "GLMImageGlyphText");
+    const w = node?.widgets?.find((x) => x.name === "glyph_spans");
+    return w && w.value ? { value: w.value, shown: w._displayValue, label: w.label } : false;
+  }, null, { timeout, polling: 500 }).then((h) => h.jsonValue()).catch((e) => ({ error: String(e) }));
+}
+
 const args = parseArgs(process.argv.slice(2));
 const FLAGS = [
   "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -251,6 +262,10 @@ try {
     const json = JSON.parse(fs.readFileSync(args.run, "utf8"));
     result.sizePreset = await checkSizePreset(page, json);
     result.run = await queueFromUi(page, json, args.out, Number(args["run-timeout"] || 300000));
+  }
+  if (args["run-glyph"]) {
+    const json = JSON.parse(fs.readFileSync(args["run-glyph"], "utf8"));
+    result.glyphRun = await glyphSpansAfterRun(page, json, Number(args["run-timeout"] || 300000));
   }
   // Last: the dialog it opens stays open (Escape does not close it in 1.32.9).
   result.templates = await checkTemplateBrowser(page, args.pack, args.out);

@@ -22,6 +22,7 @@ import glmtest_server as gs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 T2I = os.path.join(gs.WORKFLOWS, "glm_image_t2i.json")
+GLYPH = os.path.join(gs.WORKFLOWS, "glm_image_text_rendering.json")
 DOCS_SCREENSHOTS = os.path.join(gs.ROOT, "docs", "screenshots")
 CHROMIUM = os.environ.get("GLM_CHROMIUM", "/usr/bin/chromium")
 NODE = shutil.which("node")
@@ -55,7 +56,7 @@ def frontend(server):
     workflows = gs.ui_workflow_paths()
     cmd = [NODE, os.path.join(HERE, "check_frontend.mjs"), "--url", server.url, "--chromium", CHROMIUM,
            "--out", gs.ARTIFACTS, "--pack", gs.PACK_NAME, "--nodes", ",".join(gs.PACK_NODE_IDS),
-           "--run", T2I, "--run-timeout", "400000", *workflows]
+           "--run", T2I, "--run-glyph", GLYPH, "--run-timeout", "400000", *workflows]
     proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=720)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, f"check_frontend.mjs printed no result (rc {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -250,3 +251,14 @@ def test_progress_and_latent_previews_reach_the_frontend(frontend):
     prev = run["previews"].get(str(run["ids"]["decoder"]))
     assert prev and prev["count"] >= 1 and prev["bytes"] > 0, run["previews"]
     assert prev["type"].startswith("image/"), prev
+
+
+def test_glyph_node_shows_the_spans_it_encoded_after_a_run(frontend):
+    """The text-rendering workflow queued with the Run button: the Glyph Text Regions node shows the
+    regions it encoded (one per line of its text), drawn on the node."""
+    g = frontend["glyphRun"]
+    assert "error" not in g, g.get("error")
+    glyph = next(n for n in gs.load_json(GLYPH)["nodes"] if n["type"] == "GLMImageGlyphText")
+    regions = [ln for ln in glyph["widgets_values"][0].splitlines() if ln.strip()]
+    assert g["value"] == "   ".join(f"{i + 1}: {r!r}" for i, r in enumerate(regions))
+    assert g["shown"] == g["value"], "the glyph spans are not drawn on the node"

@@ -9,7 +9,7 @@ import comfy.model_management as mm
 import comfy.sample
 import comfy.utils
 
-from .glyph import GlyphConditioning, encode_glyph
+from .glyph import encode_glyph
 from .types import CATEGORY, GlmDecoder, GlmGlyph, GlmReference, GlmTokens
 
 

@@ -8,9 +8,11 @@
 // extension scripts the page loaded, and per workflow: missing node types, broken links, node and
 // link counts, the frontend's own graphToPrompt() output, and the screenshot path (canvas fitted to
 // the graph). With --run WORKFLOW (the text-to-image one) it also checks the size preset widget
-// (`sizePreset`), then queues that workflow with the Queue button and waits for the Save Image and
-// token preview images to appear on their nodes (`run`). Last, it opens the Templates dialog at the
-// pack's entry (`templates`: card titles, thumbnail requests).
+// (`sizePreset`), then queues that workflow with the Run button and waits for the Save Image and
+// token preview images to appear on their nodes, recording the progress and latent preview events
+// the page received (`run`). With --run-glyph WORKFLOW it queues a glyph workflow and reads the
+// spans shown on the Glyph node (`glyphRun`). Last, it opens the Templates dialog at the pack's
+// entry (`templates`: card titles, thumbnail requests).
 import { chromium } from "playwright-core";
 import fs from "node:fs";
 import os from "node:os";
@@ -35,6 +37,11 @@ async function fitView(page) {
     window.app.canvas.setDirty(true, true);
   });
   await page.waitForTimeout(500);
+}
+
+// The Run (queue) button of the action bar, as a user clicks it.
+async function clickRun(page) {
+  await page.getByTestId("queue-button").locator("button").first().click();
 }
 
 async function loadWorkflow(page, json, name) {
@@ -70,7 +77,7 @@ async function checkSizePreset(page, json) {
   });
 }
 
-// Load the workflow, press the Queue button, wait until the Save Image node shows its output image
+// Load the workflow, press the Run button, wait until the Save Image node shows its output image
 // and the AR node its token preview image, then screenshot the canvas.
 async function queueFromUi(page, json, outDir, timeout) {
   await loadWorkflow(page, json, "glm_image_t2i (queued)");
@@ -101,8 +108,7 @@ async function queueFromUi(page, json, outDir, timeout) {
     });
   });
   const t0 = Date.now();
-  const button = page.getByTestId("queue-button").locator("button").first();
-  await button.click();
+  await clickRun(page);
   const shown = await page.waitForFunction((ids) => {
     const err = window.__glmRunError;
     if (err) return { error: `execution_error in node ${err.node_id} (${err.node_type}): ${err.exception_message}` };
@@ -150,8 +156,8 @@ async function checkTemplateBrowser(page, pack, outDir) {
 
 // Queue a glyph workflow with the Run button; the Glyph node then shows the spans it encoded.
 async function glyphSpansAfterRun(page, json, timeout) {
-  await loadWorkflow(page, json, "glyph-spans");
-  await page.getByTestId("queue-button").locator("button").first().click();
+  await loadWorkflow(page, json, "glm_image_text_rendering (queued)");
+  await clickRun(page);
   return await page.waitForFunction(() => {
     const node = (window.app.graph.nodes ?? window.app.graph._nodes).find((n) => n.type === "GLMImageGlyphText");
     const w = node?.widgets?.find((x) => x.name === "glyph_spans");

@@ -3,9 +3,9 @@ playwright-core from tests/browser/node_modules): the pack's nodes are registere
 every UI-format workflow in workflows/ loads the way drag & drop loads it, with no missing node types
 and no broken links, and the frontend's own graphToPrompt() gives the committed API copy; the size
 preset widget snaps to the 32-px grid and shows the token counts; the text-to-image workflow queued
-with the Queue button shows its output image on Save Image and the token-grid preview on the AR node,
-and progress (AR per token, decoder per step) and the decoder's latent previews reach the page.
-The Templates dialog lists the UI workflows under the pack, with their thumbnails. Screenshots of the
+with the Run (queue) button shows its output image on Save Image and the token-grid preview on the AR
+node, and progress (AR per token, decoder per step) and the decoder's latent previews reach the page;
+the text-rendering workflow queued the same way shows its glyph regions on the Glyph node. The Templates dialog lists the UI workflows under the pack, with their thumbnails. Screenshots of the
 canvas go to test-artifacts/; GLM_UPDATE_SCREENSHOTS=1 also writes the small copies the README shows
 to docs/screenshots/ and the template thumbnails workflows/<name>.jpg.
 

@@ -470,6 +470,8 @@ def main(argv=None) -> int:
         ap.error("--res must be a multiple of 32, at least 256 (the nodes' range)")
     if a.size == "full" and not cuda:
         ap.error("--size full needs --device cuda (the real model in fp32 needs ~70 GB of RAM)")
+    if a.profile and (a.isolate or cuda):
+        ap.error("--profile runs in-process (CPU without --isolate)")
 
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
     import torch
@@ -505,8 +507,6 @@ def main(argv=None) -> int:
             "load_average_start": round(os.getloadavg()[0], 2),
             "mode": ("each side in its own subprocess, one after the other" if isolate
                      else "both sides in one process, alternating")}
-    if a.profile and isolate:
-        ap.error("--profile runs in-process (CPU without --isolate)")
     work = tempfile.mkdtemp(prefix="glm-bench-")
     try:
         mem = {}

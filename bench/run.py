@@ -40,7 +40,9 @@ in a fresh subprocess (imports, load, one run): its VmHWM, and the RSS right aft
 CUDA (``--device cuda``; also on CPU with ``--isolate``): both sides do not fit on one GPU at full
 size, so each runs in its own subprocess, one after the other (warm-up, then the reps), reporting
 ``torch.cuda.max_memory_allocated``. ``--size full`` (default there) writes the real-size config
-with random bf16 weights drawn on the GPU into a temporary folder, once.
+with random bf16 weights drawn on the GPU into a temporary folder under ``.cache/`` (about 35 GB,
+removed at the end unless ``--keep-checkpoint``; ``--folder`` reuses one). Not yet run on a GPU:
+the CUDA path is exercised on the CPU only (``--isolate --dtype bf16``, tests/host/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -455,6 +457,11 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also write profile_{ar,dit}.txt to --out (torch.profiler over the pack's AR / DiT steps)")
     ap.add_argument("--out", default=RESULTS, help="folder for latest.md / latest.json (default bench/results)")
+    ap.add_argument("--folder", default=None,
+                    help="an existing GLM-Image checkpoint folder to use instead of writing one (--size then only "
+                         "labels the report)")
+    ap.add_argument("--keep-checkpoint", action="store_true",
+                    help="--size full: keep the written folder (its path is printed) for a later --folder run")
     ap.add_argument("--_worker", nargs=2, metavar=("SIDE", "FOLDER"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
@@ -484,7 +491,11 @@ def main(argv=None) -> int:
 
     os.makedirs(a.out, exist_ok=True)
     tmp = None
-    if a.size == "full":
+    if a.folder:
+        folder = os.path.abspath(a.folder)
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            ap.error(f"--folder {a.folder}: no model_index.json there (not a GLM-Image checkpoint folder)")
+    elif a.size == "full":
         from glm_image_core.tiny_checkpoint import write_checkpoint
         # on the checkout's disk (/tmp may be a RAM disk): ~35 GB, removed at the end
         os.makedirs(os.path.join(C.ROOT, ".cache"), exist_ok=True)
@@ -493,13 +504,16 @@ def main(argv=None) -> int:
         folder = write_checkpoint(os.path.join(tmp, "GLM-Image-full"), "full", seed=0,
                                   max_shard_bytes=5 * 1024 ** 3, dtype=_weight_dtype(a)[0], device=a.device)
         torch.cuda.empty_cache()
-        print(f"wrote the full-size random bf16 checkpoint in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        print(f"wrote the full-size random {a.dtype} checkpoint to {folder} in {time.perf_counter() - t:.0f} s",
+              file=sys.stderr)
+        if a.keep_checkpoint:
+            tmp = None
     else:
         folder = C.cached_checkpoint(a.size)
 
     isolate = a.isolate or cuda
     dtype, _ = _weight_dtype(a)
-    meta = {"size": a.size, "res": a.res, "steps": a.steps, "reps": a.reps, "warmup": a.warmup,
+    meta = {"size": a.size, "folder": folder, "res": a.res, "steps": a.steps, "reps": a.reps, "warmup": a.warmup,
             "threads": a.threads, "device": a.device if not cuda else f"{a.device} ({torch.cuda.get_device_name()})",
             "dtype": str(dtype).replace("torch.", ""), "seed": a.seed, "cpus": os.cpu_count(),
             "torch": torch.__version__, "diffusers": _version("diffusers"), "transformers": _version("transformers"),

@@ -14,6 +14,10 @@ State-dict keys equal the official files (``model.language_model.*``, ``model.vi
 ``model.vqmodel.*``, ``lm_head.weight``). ``model.vqmodel.post_quant_conv`` (only used to decode VQ
 codes back to features, never at inference) is not built; :func:`load_ar` skips it.
 
+The model can be built in parts (``parts=``, see :data:`AR_PARTS`): ``("text",)`` is the decoder +
+``lm_head`` (all text-to-image needs), ``("vision",)`` the vision tower + VQ (tokenising reference
+images). The keys stay the official ones, so the two parts together load exactly the full key set.
+
 Every Linear / Conv2d / Embedding / LayerNorm is built through ``operations`` with ``dtype`` and
 ``device`` (ComfyUI passes ``comfy.ops.*``), so weights may be stored in another dtype or on another
 device than the activations: weights used directly (RMSNorm weight, VQ codebook, position table,
@@ -38,6 +42,26 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 
 IGNORED_KEYS = ("model.vqmodel.post_quant_conv.",)
+
+# The parts the model can be built from, and the state-dict key prefixes each one owns.
+AR_PARTS = {"text": ("model.language_model.", "lm_head."), "vision": ("model.visual.", "model.vqmodel.")}
+ALL_PARTS = tuple(AR_PARTS)
+
+
+def check_parts(parts: Sequence[str]) -> Tuple[str, ...]:
+    """``parts`` as a tuple in canonical order; a clear error for unknown or no parts."""
+    bad = [p for p in parts if p not in AR_PARTS]
+    if bad or not parts or isinstance(parts, str):
+        raise ValueError(f"AR parts must be a non-empty subset of {ALL_PARTS}, got {parts!r}")
+    return tuple(p for p in ALL_PARTS if p in parts)
+
+
+def part_of_key(key: str) -> Optional[str]:
+    """The part that owns state-dict ``key`` (None: no part, e.g. a stray key)."""
+    for part, prefixes in AR_PARTS.items():
+        if key.startswith(prefixes):
+            return part
+    return None
 
 
 def _cast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -443,23 +467,28 @@ class VQModel(nn.Module):
 
 
 class _Inner(nn.Module):
-    def __init__(self, config: dict, tcfg: TextConfig, dtype=None, device=None, operations=nn):
+    def __init__(self, config: dict, tcfg: TextConfig, parts: Sequence[str], dtype=None, device=None, operations=nn):
         super().__init__()
-        self.visual = VisionModel(config["vision_config"], dtype=dtype, device=device, operations=operations)
-        self.language_model = TextModel(tcfg, dtype=dtype, device=device, operations=operations)
-        self.vqmodel = VQModel(config["vq_config"], dtype=dtype, device=device, operations=operations)
+        if "vision" in parts:
+            self.visual = VisionModel(config["vision_config"], dtype=dtype, device=device, operations=operations)
+        if "text" in parts:
+            self.language_model = TextModel(tcfg, dtype=dtype, device=device, operations=operations)
+        if "vision" in parts:
+            self.vqmodel = VQModel(config["vq_config"], dtype=dtype, device=device, operations=operations)
 
 
 class GlmImageAR(nn.Module):
-    """GLM-Image AR model: ``GlmImageAR(config, dtype=None, device=None, operations=torch.nn)``.
+    """GLM-Image AR model: ``GlmImageAR(config, dtype=None, device=None, operations=torch.nn, parts=ALL_PARTS)``.
 
     ``config`` is ``vision_language_encoder/config.json`` as a dict. ``compute_dtype`` (default: the
     construction dtype, or float32) is the dtype of activations; set it when the weights are stored
-    in another dtype (ComfyUI manual cast).
+    in another dtype (ComfyUI manual cast). ``parts``: ``"text"`` (decoder + lm_head: :meth:`forward`)
+    and/or ``"vision"`` (vision tower + VQ: :meth:`image_features`, :meth:`image_tokens`).
     """
 
-    def __init__(self, config: dict, dtype=None, device=None, operations=nn):
+    def __init__(self, config: dict, dtype=None, device=None, operations=nn, parts: Sequence[str] = ALL_PARTS):
         super().__init__()
+        self.parts = check_parts(parts)
         for k in ("text_config", "vision_config", "vq_config"):
             if not isinstance(config.get(k), dict):
                 raise ValueError(f"AR config has no {k!r} section")
@@ -475,18 +504,27 @@ class GlmImageAR(nn.Module):
         self.codebook_size = int(q["num_embeddings"])
         self.compute_dtype = dtype if (dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2) \
             else torch.float32
-        self.model = _Inner(config, self.text_config, dtype=dtype, device=device, operations=operations)
-        self.lm_head = operations.Linear(self.text_config.hidden_size, self.text_config.vision_vocab_size,
-                                         bias=False, dtype=dtype, device=device)
+        self.model = _Inner(config, self.text_config, self.parts, dtype=dtype, device=device, operations=operations)
+        if "text" in self.parts:
+            self.lm_head = operations.Linear(self.text_config.hidden_size, self.text_config.vision_vocab_size,
+                                             bias=False, dtype=dtype, device=device)
 
     # ---- helpers -------------------------------------------------------------------
+    def _require(self, part: str) -> None:
+        if part not in self.parts:
+            what = "text generation (forward)" if part == "text" else "reference tokenising (image features/tokens)"
+            raise RuntimeError(f"this AR model was built with parts={self.parts}; {what} needs the {part!r} part")
+
     @property
     def language_model(self) -> TextModel:
+        self._require("text")
         return self.model.language_model
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        # lm_head (text part): the embedding table may stay in RAM under a partial load
+        head = self.lm_head if "text" in self.parts else self.model.vqmodel.quant_conv
+        return head.weight.device
 
     @device.setter
     def device(self, value) -> None:
@@ -516,11 +554,13 @@ class GlmImageAR(nn.Module):
     # ---- vision ----------------------------------------------------------------------
     def image_features(self, pixel_rows: torch.Tensor, grids: Sequence[Tuple[int, int]], dtype=None) -> torch.Tensor:
         """Vision-tower features [sum(h*w), C] of images packed as pixel rows [N, 3*p*p]."""
+        self._require("vision")
         dtype = dtype or self.compute_dtype
         return self.model.visual(pixel_rows.to(dtype), [(int(h), int(w)) for h, w in grids])
 
     def image_tokens(self, features: torch.Tensor, grids: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
         """VQ id grids [h, w] (int64) per image from packed features."""
+        self._require("vision")
         out = []
         for f, (h, w) in zip(features.split([int(h) * int(w) for h, w in grids]), grids):
             out.append(self.model.vqmodel.encode_ids(f, int(h), int(w)).view(int(h), int(w)))
@@ -545,9 +585,10 @@ FP8_WEIGHT_KEYS = re.compile(r"model\.(language_model\.layers|visual\.blocks)\.\
 
 
 def load_ar(component_dir: str, dtype: torch.dtype = torch.float32, device="cpu", operations=nn,
-            cpu_gemv_layout: bool = False, compute_dtype=None) -> GlmImageAR:
+            cpu_gemv_layout: bool = False, compute_dtype=None, parts: Sequence[str] = ALL_PARTS) -> GlmImageAR:
     """Build :class:`GlmImageAR` from an official ``vision_language_encoder/`` folder (config.json +
     safetensors, sharded or not) with strict key checking (``post_quant_conv`` is skipped).
+    ``parts``: which parts to build; only their keys are read (strictly), other parts' keys are skipped.
 
     Weights are cast to ``dtype`` (floating tensors only) and placed on ``device``; the model is
     built on the meta device first, so no memory is spent on initial values. ``cpu_gemv_layout``:
@@ -556,15 +597,20 @@ def load_ar(component_dir: str, dtype: torch.dtype = torch.float32, device="cpu"
     config = ckpt.read_json(os.path.join(component_dir, "config.json"))
     return build_ar(config, ckpt.weight_files(component_dir), dtype=dtype, device=device, operations=operations,
                     cpu_gemv_layout=cpu_gemv_layout, compute_dtype=compute_dtype,
-                    what=f"GLM-Image AR model (from {component_dir})")
+                    what=f"GLM-Image AR model (from {component_dir})", parts=parts)
 
 
 def build_ar(config: dict, files: Sequence[str], dtype: torch.dtype = torch.float32, device="cpu", operations=nn,
-             cpu_gemv_layout: bool = False, compute_dtype=None, what: str = "GLM-Image AR model") -> GlmImageAR:
+             cpu_gemv_layout: bool = False, compute_dtype=None, what: str = "GLM-Image AR model",
+             parts: Sequence[str] = ALL_PARTS) -> GlmImageAR:
     """:class:`GlmImageAR` from a config dict and safetensors files (a folder's shards or one single
     file); see :func:`load_ar`. ``dtype``: storage dtype (fp8: see ``checkpoint.storage_dtypes``)."""
-    sd = ckpt.load_safetensors(files, device="cpu")
-    model = GlmImageAR(config, dtype=dtype, device="meta", operations=operations)
+    parts = check_parts(parts)
+    if parts != ALL_PARTS:
+        what = f"{what}, {'+'.join(parts)} part"
+    # Keys of the parts not built are never read; keys of no part stay in, to be reported as unexpected.
+    sd = ckpt.load_safetensors(files, device="cpu", keep=lambda k: part_of_key(k) in parts + (None,))
+    model = GlmImageAR(config, dtype=dtype, device="meta", operations=operations, parts=parts)
     if compute_dtype is not None:
         model.compute_dtype = compute_dtype
     own = model.state_dict()

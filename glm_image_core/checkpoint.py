@@ -177,16 +177,19 @@ def safetensors_header(path: str) -> Tuple[Dict[str, str], Dict[str, Tuple[str, 
 
 
 def load_safetensors(paths: Iterable[str], device: str | torch.device = "cpu",
-                     dtype: StorageDtype = None) -> Dict[str, torch.Tensor]:
+                     dtype: StorageDtype = None, keep: Optional[Callable[[str], bool]] = None) -> Dict[str, torch.Tensor]:
     """Load and merge safetensors files; a truncated or corrupt file gives a CheckpointError naming it.
 
     ``dtype``: storage dtype of the floating tensors, one dtype or a per-key rule (:func:`storage_dtypes`).
+    ``keep``: read only the keys it accepts (the others are never read from disk).
     """
     sd: Dict[str, torch.Tensor] = {}
     for p in paths:
         try:
             with safe_open(p, framework="pt", device=str(device)) as f:
                 for k in f.keys():
+                    if keep is not None and not keep(k):
+                        continue
                     sd[k] = cast_for_storage(k, f.get_tensor(k), dtype)
         except CheckpointError:
             raise

@@ -302,9 +302,12 @@ def glyph_tokenizer(src: Source):
                                       f"{src.name} (tokenizer/)")
 
 
-def builder(src: Source, component: str) -> Callable[..., torch.nn.Module]:
+def builder(src: Source, component: str, ar_parts: Optional[Sequence[str]] = None) -> Callable[..., torch.nn.Module]:
     """``build(dtype, device, operations, compute_dtype=None)`` -> the component's network with its
-    weights loaded from ``src`` (strict key check)."""
+    weights loaded from ``src`` (strict key check). ``ar_parts``: for ``"ar"``, the parts to build
+    (``ar_model.AR_PARTS``; default all)."""
+    if ar_parts is not None and component != "ar":
+        raise ValueError(f"ar_parts applies to the AR only, not {component!r}")
     files = src.weight_files(component)
     what = f"{COMPONENTS[component].title} ({src.name})"
     if component == "dit":
@@ -312,10 +315,11 @@ def builder(src: Source, component: str) -> Callable[..., torch.nn.Module]:
         cfg = src.json("transformer/config.json")
         return lambda dt, dev, ops, compute_dtype=None: build_dit(cfg, files, dt, dev, ops, compute_dtype, what)
     if component == "ar":
-        from .ar_model import build_ar
+        from .ar_model import ALL_PARTS, build_ar
         cfg = src.json("vision_language_encoder/config.json")
+        parts = tuple(ar_parts or ALL_PARTS)
         return lambda dt, dev, ops, compute_dtype=None: build_ar(cfg, files, dt, dev, ops,
-                                                                 compute_dtype=compute_dtype, what=what)
+                                                                 compute_dtype=compute_dtype, what=what, parts=parts)
     if component == "glyph_encoder":
         from .glyph import build_glyph_encoder
         cfg = src.json("text_encoder/config.json")

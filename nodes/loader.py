@@ -41,9 +41,13 @@ def resolve_folder(name: str) -> str:
 def ar_handle(src: sf.Source, weight_dtype: str, compute_dtype: str = "auto") -> GLMARModel:
     """The GLM_AR payload from an official folder or an AR single file (weights read on first use)."""
     assets = sf.ar_assets(src)
-    spec = ComponentSpec("AR model", src.name, src.weight_files("ar"), sf.builder(src, "ar"), role="text_encoder",
-                         weight_dtype=weight_dtype, compute_dtype=compute_dtype)
-    return GLMARModel(folder=src.name, model=LazyComponent(spec), tokenizer=assets.tokenizer,
+
+    def part(name: str, ar_part: str) -> LazyComponent:
+        return LazyComponent(ComponentSpec(name, src.name, src.weight_files("ar"), sf.builder(src, "ar", (ar_part,)),
+                                           role="text_encoder", weight_dtype=weight_dtype,
+                                           compute_dtype=compute_dtype))
+    return GLMARModel(folder=src.name, model=part("AR model", "text"), vision=part("AR vision tower", "vision"),
+                      tokenizer=assets.tokenizer,
                       processor_config=assets.processor_config, generation_config=assets.generation_config,
                       config=assets.config)
 

@@ -116,9 +116,13 @@ class LazyComponent:
 
 @dataclass
 class GLMARModel:
-    """Payload of the GLM_AR socket."""
+    """Payload of the GLM_AR socket. The AR is two networks built from the same files: ``model``, the
+    text part (decoder + lm_head, all Text → Semantic Tokens needs) and ``vision``, the vision tower +
+    VQ (built and loaded only when Reference Edit tokenises a reference), so a text-to-image run
+    never puts the vision weights on the device."""
     folder: str
-    model: LazyComponent
+    model: LazyComponent               # ar_model.GlmImageAR(parts=("text",))
+    vision: LazyComponent              # ar_model.GlmImageAR(parts=("vision",))
     tokenizer: object                  # glm_image_core.ar_prompt.GlmTokenizer
     processor_config: dict             # image processor settings (patch size, pixel range, mean/std)
     generation_config: dict

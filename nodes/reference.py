@@ -131,9 +131,9 @@ class GLMImageReferenceEdit(io.ComfyNode):
             latent = decoder.normalize(raw.float().cpu())
             # Every time: the VAE encode above may have made ComfyUI unload the AR on a small card.
             patches = (th // ar_prompt.GRID_FACTOR) * (tw // ar_prompt.GRID_FACTOR)
-            model = ar.model.load(memory_required=memory_plan.vision_activation_bytes(
-                ar.config, patches, ar.model.compute_dtype.itemsize))
+            model = ar.vision.load(memory_required=memory_plan.vision_activation_bytes(
+                ar.config, patches, ar.vision.compute_dtype.itemsize))
             ids = ar_generate.tokenize_reference(model, img, ar.processor_config,
-                                                 device=ar.model.load_device, dtype=ar.model.compute_dtype)
+                                                 device=ar.vision.load_device, dtype=ar.vision.compute_dtype)
             items.append(ReferenceImage(image=img.cpu(), ar_ids=ids.cpu(), latent=latent, note=note))
         return io.NodeOutput(References(items=items, ar_name=ar.name, decoder_name=decoder.name))

@@ -82,7 +82,7 @@ def interrupt_on_first_call(module: torch.nn.Module):
 def models(host):
     ar = glmtest_host.node_output(host, "1", 0)
     decoder = glmtest_host.node_output(host, "1", 1)
-    return ar.model.patcher.model, decoder.dit.patcher.model
+    return ar, decoder.dit.patcher.model
 
 
 CASES = ["ar_prefill", "ar_decode", "reference_images", "reference_cache_write", "dit_steps"]
@@ -108,8 +108,9 @@ def test_interrupt_leaves_nothing_behind_and_the_rerun_is_exact(host, case):
                 (case == "dit_steps" and node_id == "3" and value == 1):
             mm.interrupt_current_processing()
 
-    module = {"ar_prefill": ar, "reference_images": ar.model.visual, "reference_cache_write": dit.transformer_blocks[0]}
-    with progress_hook(hook), (interrupt_on_first_call(module[case]) if case in module
+    module = {"ar_prefill": lambda: ar.model.patcher.model, "reference_images": lambda: ar.vision.patcher.model.model.visual,
+              "reference_cache_write": lambda: dit.transformer_blocks[0]}
+    with progress_hook(hook), (interrupt_on_first_call(module[case]()) if case in module
                                else contextlib.nullcontext([True])) as fired:
         ok, res = host.run(g)
     assert fired, "the interrupt point was never reached"

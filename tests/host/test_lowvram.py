@@ -63,7 +63,7 @@ def test_every_network_is_in_a_model_patcher_sized_by_its_weights(host, handles,
     import comfy.model_patcher
     ar, decoder = handles
     vae = pack_module("nodes.vae_adapter").load_glm_vae(os.path.join(tiny_ckpt, "vae"))
-    patchers = {"AR": ar.model.patcher, "DiT": decoder.dit.patcher, "glyph encoder": decoder.glyph_encoder.patcher,
+    patchers = {"AR": ar.model.patcher, "AR vision": ar.vision.patcher, "DiT": decoder.dit.patcher, "glyph encoder": decoder.glyph_encoder.patcher,
                 "VAE": vae.patcher}
     for name, p in patchers.items():
         assert isinstance(p, comfy.model_patcher.ModelPatcher), name

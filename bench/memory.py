@@ -6,8 +6,8 @@ ComfyUI's model management.
     .venv/bin/python bench/memory.py --size tiny --execute --device cpu   # the execute path, tiny, on CPU
 
 The plan builds the full-size networks (real GLM-Image configs, glm_image_core.memory_plan) on the
-meta device, counts their parameters, and adds the activation estimates of each stage: the AR
-with its KV cache, the glyph encoder, one DiT step with CFG (cond + uncond in one sweep) and the
+meta device, counts their parameters, and adds the activation estimates of each stage: the AR's
+text part with its KV cache (an edit first loads the AR's vision part alone to tokenise a reference), the glyph encoder, one DiT step with CFG (cond + uncond in one sweep) and the
 VAE decode, for AR/DiT weights in bf16 and in fp8 (the loader's fp8 rule), loaded whole or
 partially (lowvram: only the layers in flight on the device). ComfyUI evicts each stage before the
 next when the card is short, so the run's peak is the largest stage.
@@ -64,7 +64,7 @@ def md_table(head, rows) -> str:
 
 def sizes_table(stats) -> str:
     rows = []
-    for c in mp.COMPONENTS:
+    for c in mp.COMPONENTS[:1] + (mp.AR_TEXT, mp.AR_VISION) + mp.COMPONENTS[1:]:
         s = stats[c]
         comp = "bf16" if s.fp8able else "bf16 (stays bf16)"
         rows.append([mp.COMPONENT_NAMES[c], f"{s.total / 1e9:.3f} B", f"{s.fp8able / max(s.total, 1):.0%}",
@@ -84,6 +84,16 @@ def plan_table(plans) -> str:
                          mp.gib(s.full), mp.gib(s.lowvram()), mp.gib(s.card_full())])
         rows.append([wd, "**run peak**", "", "", "", "", f"**{mp.gib(plan.peak_full)}**",
                      f"**{mp.gib(plan.peak_lowvram())}**", f"**{mp.gib(plan.card_full)}**"])
+    return md_table(["weights", "stage", "stored as", "weights GiB", "activations GiB", "cast copy GiB",
+                     "peak (whole) GiB", "peak (lowvram) GiB", "card for whole load GiB"], rows)
+
+
+def vision_stage_table(edit_plans) -> str:
+    rows = []
+    for wd, plan in edit_plans.items():
+        s = plan.stages[0]
+        rows.append([wd, s.name, s.weight_dtype, mp.gib(s.weights), mp.gib(s.activations), mp.gib(s.cast_buffer),
+                     mp.gib(s.full), mp.gib(s.lowvram()), mp.gib(s.card_full())])
     return md_table(["weights", "stage", "stored as", "weights GiB", "activations GiB", "cast copy GiB",
                      "peak (whole) GiB", "peak (lowvram) GiB", "card for whole load GiB"], rows)
 
@@ -110,13 +120,15 @@ def comfy_host(device: str):
 
 def build_random(component: str, config: dict, weight_dtype: str, compute: torch.dtype, device, seed: int = 0):
     """The network with comfy.ops layers and random weights (std 0.02, norms 1) stored per the
-    loader's rule for ``weight_dtype`` (fp8: FP8_WEIGHT_KEYS in float8_e4m3fn, the rest in compute)."""
+    loader's rule for ``weight_dtype`` (fp8: FP8_WEIGHT_KEYS in float8_e4m3fn, the rest in compute).
+    The AR is its text part, the network the nodes load for text → tokens."""
     import comfy.ops
     from glm_image_core import checkpoint as ckpt
     fp8 = weight_dtype == "fp8" and mp.fp8_weight_keys(component) is not None
     storage = torch.float8_e4m3fn if fp8 else compute
     ops = comfy.ops.pick_operations(storage, compute, load_device=torch.device(device))
-    model = mp.build_component(component, config, device="meta", dtype=compute, operations=ops)
+    model = mp.build_component(component, config, device="meta", dtype=compute, operations=ops,
+                               ar_parts=("text",) if component == mp.AR else None)
     model.to_empty(device=device)
     rule = ckpt.storage_dtypes(storage, mp.fp8_weight_keys(component), compute) if fp8 else None
     g = torch.Generator(device=device).manual_seed(seed)
@@ -466,17 +478,23 @@ def main(argv=None) -> int:
     stats = mp.component_stats(configs)
     plans = {wd: mp.plan_run(configs, stats, wd, args.width, args.height, args.prompt_tokens, args.glyph_tokens)
              for wd in ("bf16", "fp8")}
+    edit_plans = {wd: mp.plan_run(configs, stats, wd, args.width, args.height, args.prompt_tokens, args.glyph_tokens,
+                                  reference=(args.width, args.height)) for wd in ("bf16", "fp8")}
     md = [f"# GLM-Image device memory plan ({args.size} size, {args.width}×{args.height} text-to-image)", "",
           "Planned figures (glm_image_core/memory_plan.py), not measurements. GiB = 2^30 bytes. "
           "'card for whole load' adds ComfyUI's free-memory reserve and ~0.5 GiB CUDA context.", "",
           "## Parameters per component", "", sizes_table(stats), "",
           "## Stages (ComfyUI evicts each stage before the next; lowvram = only layers in flight on the device)", "",
-          plan_table(plans), "", "## GPU memory → settings", "", cards_table(plans), ""]
+          plan_table(plans), "",
+          "## Reference Edit: the AR's vision part (loaded only to tokenise a reference; the other stages as above)",
+          "", vision_stage_table(edit_plans), "",
+          "## GPU memory → settings", "", cards_table(plans), ""]
     out = {"size": args.size, "width": args.width, "height": args.height, "torch": torch.__version__,
            "machine": platform.machine(), "configs": configs,
            "parameters": {c: vars(s) | {"total": s.total, "bytes": {d: s.bytes(d) for d in mp.DTYPE_BYTES}}
                           for c, s in stats.items()},
            "plans": {wd: p.to_dict() for wd, p in plans.items()},
+           "edit_plans": {wd: p.to_dict() for wd, p in edit_plans.items()},
            "cards": {str(g): mp.settings_for_card(plans, g) for g in CARDS_GIB}}
 
     rows, when = None, ""

@@ -19,7 +19,7 @@ Plain PyTorch; never imports comfy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -74,19 +74,30 @@ def full_size_configs() -> Dict[str, dict]:
 
 
 COMPONENTS = ("vision_language_encoder", "text_encoder", "transformer", "vae")
+AR = "vision_language_encoder"
+# The AR is loaded as two networks (nodes: GLMARModel.model / .vision; ar_model.AR_PARTS): the text
+# part for the AR stage, the vision part only when a Reference Edit tokenises a reference.
+AR_TEXT, AR_VISION = f"{AR}/text", f"{AR}/vision"
 COMPONENT_NAMES = {"vision_language_encoder": "AR model", "text_encoder": "glyph encoder",
-                   "transformer": "DiT", "vae": "VAE"}
+                   "transformer": "DiT", "vae": "VAE", AR_TEXT: "AR text part", AR_VISION: "AR vision part"}
 
 
-def build_component(component: str, config: dict, device="meta", dtype=torch.float32, operations=None) -> nn.Module:
+def ar_part_key(part: str) -> str:
+    """The :func:`component_stats` key of one AR part (``"text"`` or ``"vision"``)."""
+    return f"{AR}/{part}"
+
+
+def build_component(component: str, config: dict, device="meta", dtype=torch.float32, operations=None,
+                    ar_parts=None) -> nn.Module:
     """The network of ``component`` (a checkpoint folder name) built from ``config``, its layers from
     ``operations`` (default: torch.nn without random init); on the meta device it costs no memory.
-    Activations run in ``dtype``."""
+    Activations run in ``dtype``. ``ar_parts``: for the AR, the parts to build (default all)."""
     from .dit import no_init_ops
     ops = operations or no_init_ops
     if component == "vision_language_encoder":
-        from .ar_model import GlmImageAR
-        return GlmImageAR(config, dtype=dtype, device=device, operations=operations or nn)
+        from .ar_model import ALL_PARTS, GlmImageAR
+        return GlmImageAR(config, dtype=dtype, device=device, operations=operations or nn,
+                          parts=ar_parts or ALL_PARTS)
     if component == "transformer":
         from .dit import GlmImageDiT
         return GlmImageDiT(config, dtype=dtype, device=device, operations=ops, compute_dtype=dtype)
@@ -172,8 +183,14 @@ def weight_stats(model: nn.Module, fp8_keys=None) -> WeightStats:
 
 
 def component_stats(configs: Dict[str, dict]) -> Dict[str, WeightStats]:
-    """:func:`weight_stats` of every component, built on the meta device from ``configs``."""
-    return {c: weight_stats(build_component(c, configs[c]), fp8_weight_keys(c)) for c in COMPONENTS}
+    """:func:`weight_stats` of every component, built on the meta device from ``configs``, plus each
+    AR part on its own (keys :data:`AR_TEXT`, :data:`AR_VISION`)."""
+    from .ar_model import AR_PARTS
+    stats = {c: weight_stats(build_component(c, configs[c]), fp8_weight_keys(c)) for c in COMPONENTS}
+    for part in AR_PARTS:
+        stats[ar_part_key(part)] = weight_stats(build_component(AR, configs[AR], ar_parts=(part,)),
+                                                fp8_weight_keys(AR))
+    return stats
 
 
 # --------------------------------------------------------------------------------------
@@ -313,13 +330,18 @@ def vae_decode_activation_bytes(vae_config: dict, width: int, height: int, batch
 @dataclass
 class Stage:
     name: str
-    component: str
+    component: str             # checkpoint folder of the network
     weight_dtype: str          # storage dtype of this stage's weights
     weights: int               # bytes of the whole network
     activations: int           # bytes (estimate) at the peak of the call
     cast_buffer: int           # bytes of per-call weight copies (fp8 → compute dtype; one layer in flight)
     stream_unit: int           # bytes (compute dtype) of the largest castable layer: the lowvram stream unit
     resident_floor: int        # bytes outside streamable layers (norm weights...), counted as resident in lowvram
+    network: str = ""          # the :func:`component_stats` key of the network loaded (default: ``component``)
+
+    @property
+    def network_name(self) -> str:
+        return COMPONENT_NAMES[self.network or self.component]
 
     @property
     def full(self) -> int:
@@ -362,7 +384,8 @@ class RunPlan:
     def to_dict(self) -> dict:
         return {"width": self.width, "height": self.height, "weight_dtype": self.weight_dtype,
                 "compute_dtype": self.compute_dtype,
-                "stages": [dict(name=s.name, component=s.component, weight_dtype=s.weight_dtype, weights=s.weights,
+                "stages": [dict(name=s.name, component=s.component, network=s.network or s.component,
+                                weight_dtype=s.weight_dtype, weights=s.weights,
                                 activations=s.activations, cast_buffer=s.cast_buffer, stream_unit=s.stream_unit,
                                 resident_floor=s.resident_floor, full=s.full, lowvram=s.lowvram(),
                                 card_full=s.card_full()) for s in self.stages],
@@ -372,27 +395,34 @@ class RunPlan:
 
 def plan_run(configs: Dict[str, dict], stats: Dict[str, WeightStats], weight_dtype: str = "bf16",
              width: int = 1024, height: int = 1024, prompt_tokens: int = 256, glyph_tokens: int = 128,
-             cfg_passes: int = 2, batch: int = 1) -> RunPlan:
+             cfg_passes: int = 2, batch: int = 1, reference: Optional[Tuple[int, int]] = None) -> RunPlan:
     """The stages of a text-to-image run and their device memory, for AR/DiT weights stored in
     ``weight_dtype`` (``bf16``, ``fp16``, ``fp32`` or ``fp8``; compute in bf16, fp32 for fp32).
     The glyph encoder and the VAE stay in the compute dtype (the loader keeps them out of fp8).
-    ``stats``: :func:`weight_stats` of each component; ``glyph_tokens``: ByT5 bytes of the quoted text."""
+    ``stats``: :func:`component_stats`; ``glyph_tokens``: ByT5 bytes of the quoted text. The AR stage
+    loads only the AR's text part. ``reference`` (width, height): an edit, which first tokenises one
+    reference of that size with the AR's vision part (a stage of its own)."""
     compute = "fp32" if weight_dtype == "fp32" else ("fp16" if weight_dtype == "fp16" else "bf16")
     cb = DTYPE_BYTES[compute]
     plan = RunPlan(width, height, weight_dtype, compute)
 
-    def stage(name, comp, wdt, acts):
-        st = stats[comp]
+    def stage(name, comp, wdt, acts, network=""):
+        st = stats[network or comp]
         fp8 = wdt == "fp8" and st.fp8able > 0
         wdt = wdt if fp8 or wdt != "fp8" else compute
         stored = st.bytes(wdt, compute)
         cast = st.largest_fp8_layer * cb if fp8 else 0
         floor = st.loose * (cb if fp8 else DTYPE_BYTES[wdt])
-        plan.stages.append(Stage(name, comp, wdt, stored, int(acts), cast, st.largest_layer * cb, floor))
+        plan.stages.append(Stage(name, comp, wdt, stored, int(acts), cast, st.largest_layer * cb, floor, network))
 
+    if reference is not None:
+        from .ar_prompt import GRID_FACTOR
+        rw, rh = reference
+        stage(f"AR vision: tokenise a {rw}×{rh} reference", AR, weight_dtype,
+              vision_activation_bytes(configs[AR], (rh // GRID_FACTOR) * (rw // GRID_FACTOR), cb), AR_VISION)
     stage("AR: text → tokens (KV cache)", "vision_language_encoder", weight_dtype,
           ar_activation_bytes(configs["vision_language_encoder"]["text_config"], prompt_tokens, width, height,
-                              batch, cb))
+                              batch, cb), AR_TEXT)
     stage("glyph encoder", "text_encoder", compute,
           glyph_activation_bytes(configs["text_encoder"], glyph_tokens + 1, 1, cb))
     stage(f"DiT step (CFG batch {cfg_passes})", "transformer", weight_dtype,
@@ -426,6 +456,6 @@ def settings_for_card(plans: Dict[str, RunPlan], card_gib: float) -> str:
                       ("bf16", "bf16 + partial loading (ComfyUI picks it; or --lowvram)")):
         if wd in plans and plans[wd].card_lowvram() <= card:
             worst = min(plans[wd].stages, key=lambda st: resident_fraction(st, card))
-            return f"{label}; {resident_fraction(worst, card):.0%} of the {COMPONENT_NAMES[worst.component]} " \
+            return f"{label}; {resident_fraction(worst, card):.0%} of the {worst.network_name} " \
                    "weights resident, the rest streamed per layer"
     return "not enough: use --novram or --cpu"

@@ -119,10 +119,25 @@ def test_run_peak_is_the_largest_stage(configs, stats):
     bf16, fp8 = (mp.plan_run(configs, stats, wd, 512, 512) for wd in ("bf16", "fp8"))
     # fp8 stores the fp8-able weights in 1 byte and casts one layer at a time to bf16
     for a, b in zip(bf16.stages, fp8.stages):
-        st = stats[a.component]
+        st = stats[a.network or a.component]
         assert a.weights - b.weights == st.fp8able, a.name
         assert b.cast_buffer == st.largest_fp8_layer * 2
     assert fp8.stages[1].weight_dtype == fp8.stages[3].weight_dtype == "bf16"   # glyph encoder, VAE
+
+
+def test_ar_stage_counts_only_the_text_part_and_an_edit_adds_the_vision_part(configs, stats):
+    text, vision, full = stats[mp.AR_TEXT], stats[mp.AR_VISION], stats["vision_language_encoder"]
+    assert text.total + vision.total == full.total and text.fp8able + vision.fp8able == full.fp8able
+    assert vision.total == full.unused_in_t2i > 0 and text.unused_in_t2i == 0
+    for wd in ("bf16", "fp8"):
+        t2i = mp.plan_run(configs, stats, wd, 512, 512)
+        assert t2i.stages[0].network == mp.AR_TEXT and t2i.stages[0].weights == text.bytes(wd)
+        edit = mp.plan_run(configs, stats, wd, 512, 512, reference=(256, 192))
+        v = edit.stages[0]
+        assert (v.component, v.network, v.weights) == ("vision_language_encoder", mp.AR_VISION, vision.bytes(wd))
+        # a 256×192 reference is 8×6 AR tokens; bf16 activations for both weight dtypes
+        assert v.activations == mp.vision_activation_bytes(configs["vision_language_encoder"], 8 * 6, 2)
+        assert [s.name for s in edit.stages[1:]] == [s.name for s in t2i.stages]
 
 
 def test_settings_table_prefers_the_lightest_setting_that_fits():

@@ -7,8 +7,8 @@ ComfyUI's model management.
 
 The plan builds the full-size networks (real GLM-Image configs, glm_image_core.memory_plan) on the
 meta device, counts their parameters, and adds the activation estimates of each stage: the AR's
-text part with its KV cache (an edit first loads the AR's vision part alone to tokenise a reference), the glyph encoder, one DiT step with CFG (cond + uncond in one sweep) and the
-VAE decode, for AR/DiT weights in bf16 and in fp8 (the loader's fp8 rule), loaded whole or
+text part with its KV cache (an edit first loads the AR's vision part alone to tokenise a
+reference), the glyph encoder, one DiT step with CFG (cond + uncond in one sweep) and the VAE decode, for AR/DiT weights in bf16 and in fp8 (the loader's fp8 rule), loaded whole or
 partially (lowvram: only the layers in flight on the device). ComfyUI evicts each stage before the
 next when the card is short, so the run's peak is the largest stage.
 
@@ -76,26 +76,27 @@ def sizes_table(stats) -> str:
                      "largest streamed layer", "unused by t2i"], rows)
 
 
+STAGE_HEAD = ["weights", "stage", "stored as", "weights GiB", "activations GiB", "cast copy GiB",
+              "peak (whole) GiB", "peak (lowvram) GiB", "card for whole load GiB"]
+
+
+def stage_row(wd: str, s) -> list:
+    return [wd, s.name, s.weight_dtype, mp.gib(s.weights), mp.gib(s.activations), mp.gib(s.cast_buffer),
+            mp.gib(s.full), mp.gib(s.lowvram()), mp.gib(s.card_full())]
+
+
 def plan_table(plans) -> str:
     rows = []
     for wd, plan in plans.items():
-        for s in plan.stages:
-            rows.append([wd, s.name, s.weight_dtype, mp.gib(s.weights), mp.gib(s.activations), mp.gib(s.cast_buffer),
-                         mp.gib(s.full), mp.gib(s.lowvram()), mp.gib(s.card_full())])
+        rows += [stage_row(wd, s) for s in plan.stages]
         rows.append([wd, "**run peak**", "", "", "", "", f"**{mp.gib(plan.peak_full)}**",
                      f"**{mp.gib(plan.peak_lowvram())}**", f"**{mp.gib(plan.card_full)}**"])
-    return md_table(["weights", "stage", "stored as", "weights GiB", "activations GiB", "cast copy GiB",
-                     "peak (whole) GiB", "peak (lowvram) GiB", "card for whole load GiB"], rows)
+    return md_table(STAGE_HEAD, rows)
 
 
 def vision_stage_table(edit_plans) -> str:
-    rows = []
-    for wd, plan in edit_plans.items():
-        s = plan.stages[0]
-        rows.append([wd, s.name, s.weight_dtype, mp.gib(s.weights), mp.gib(s.activations), mp.gib(s.cast_buffer),
-                     mp.gib(s.full), mp.gib(s.lowvram()), mp.gib(s.card_full())])
-    return md_table(["weights", "stage", "stored as", "weights GiB", "activations GiB", "cast copy GiB",
-                     "peak (whole) GiB", "peak (lowvram) GiB", "card for whole load GiB"], rows)
+    """The first stage of each edit plan: the AR's vision part tokenising the reference."""
+    return md_table(STAGE_HEAD, [stage_row(wd, plan.stages[0]) for wd, plan in edit_plans.items()])
 
 
 def cards_table(plans) -> str:

@@ -45,32 +45,11 @@ CUDA_CONTEXT = 512 * MIB
 # --------------------------------------------------------------------------------------
 
 def full_size_configs() -> Dict[str, dict]:
-    """config.json of each network of the official checkpoint, keyed by component folder."""
-    ar = {
-        "image_token_id": 167855, "image_start_token_id": 16384, "image_end_token_id": 16385,
-        "text_config": {
-            "vocab_size": 168064, "vision_vocab_size": 16512, "hidden_size": 4096, "intermediate_size": 13696,
-            "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
-            "hidden_act": "silu", "rms_norm_eps": 1e-5, "attention_bias": True,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                                "mrope_section": [8, 12, 12]},
-        },
-        "vision_config": {"depth": 40, "hidden_size": 1536, "num_heads": 16, "intermediate_size": 6144,
-                          "hidden_act": "gelu", "attention_bias": True, "layer_norm_eps": 1e-6, "patch_size": 16,
-                          "image_size": 2048, "spatial_merge_size": 1, "in_channels": 3},
-        "vq_config": {"embed_dim": 2048, "num_embeddings": 16384, "latent_channels": 1536, "in_channels": 3},
-    }
-    dit = {"patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 30, "attention_head_dim": 128,
-           "num_attention_heads": 32, "text_embed_dim": 1472, "time_embed_dim": 512, "condition_dim": 256,
-           "prior_vq_quantizer_codebook_size": 16384}
-    t5 = {"d_model": 1472, "vocab_size": 384, "d_ff": 3584, "d_kv": 64, "num_heads": 6, "num_layers": 12,
-          "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "relative_attention_num_buckets": 32,
-          "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6, "tie_word_embeddings": True}
-    vae = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 512, 1024, 1024],
-           "layers_per_block": 3, "norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": False,
-           "use_quant_conv": False, "use_post_quant_conv": False,
-           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
-    return {"vision_language_encoder": ar, "transformer": dit, "text_encoder": t5, "vae": vae}
+    """config.json of each network of the official checkpoint, keyed by component folder (the
+    "full" size of :mod:`glm_image_core.tiny_checkpoint`, the one place these values live)."""
+    from .tiny_checkpoint import configs_for
+    files = configs_for("full")
+    return {c: files[f"{c}/config.json"] for c in ("vision_language_encoder", "transformer", "text_encoder", "vae")}
 
 
 COMPONENTS = ("vision_language_encoder", "text_encoder", "transformer", "vae")

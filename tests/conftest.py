@@ -42,6 +42,20 @@ def tiny_ckpt(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tok(tiny_ckpt):
+    """The tiny checkpoint's AR tokenizer (processor/ files; read-only)."""
+    from glm_image_core import ar_prompt
+    return ar_prompt.GlmTokenizer.from_folder(os.path.join(tiny_ckpt, "processor"))
+
+
+@pytest.fixture(scope="session")
+def proc_cfg(tiny_ckpt):
+    """The tiny checkpoint's image-processor settings (processor/processor_config.json)."""
+    from glm_image_core import ar_prompt
+    return ar_prompt.read_processor_config(os.path.join(tiny_ckpt, "processor"))
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt_sharded(tmp_path_factory) -> str:
     """Same weights as tiny_ckpt, with AR and DiT split into shards + index json (official layout)."""
     from glm_image_core.tiny_checkpoint import write_checkpoint

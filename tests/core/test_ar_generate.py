@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glm_image_core import ar_generate, ar_model, ar_prompt
+from glm_image_core import ar_generate, ar_model
 from glm_image_core.checkpoint import CheckpointError
 
 PROMPT = "A photo of a cat"
@@ -15,16 +15,6 @@ PROMPT = "A photo of a cat"
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
     return ar_model.load_ar(os.path.join(tiny_ckpt, "vision_language_encoder"))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_ckpt):
-    return ar_prompt.GlmTokenizer.from_folder(os.path.join(tiny_ckpt, "processor"))
-
-
-@pytest.fixture(scope="module")
-def proc_cfg(tiny_ckpt):
-    return ar_prompt.read_processor_config(os.path.join(tiny_ckpt, "processor"))
 
 
 class _BiasedHead(torch.nn.Module):

@@ -33,11 +33,6 @@ def test_ar_target_grid_floors_and_rejects_tiny():
         ar_prompt.target_grid(16, 64)
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_ckpt):
-    return ar_prompt.GlmTokenizer.from_folder(os.path.join(tiny_ckpt, "processor"))
-
-
 def test_ar_prompt_layout_t2i(tok):
     lay = ar_prompt.build_prompt(tok, "a cat", 768, 1152)
     assert lay.grids == [(36, 24), (19, 13)]

@@ -87,16 +87,6 @@ def ours(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_ckpt):
-    return ar_prompt.GlmTokenizer.from_folder(os.path.join(tiny_ckpt, "processor"))
-
-
-@pytest.fixture(scope="module")
-def proc_cfg(tiny_ckpt):
-    return ar_prompt.read_processor_config(os.path.join(tiny_ckpt, "processor"))
-
-
-@pytest.fixture(scope="module")
 def clean_pipe(clean_ckpt):
     return glmtest_oracle.load_reference_pipeline(clean_ckpt)
 

@@ -117,7 +117,7 @@ def test_reference_cache_write_read_two_references(models):
 @torch.no_grad()
 def test_packed_passes_equal_separate_passes(models):
     _, ours = models
-    x, ehs, ids, kw = _inputs_dummy = _inputs(models[0].config, B=1, L=7)
+    x, ehs, ids, kw = _inputs(models[0].config, B=1, L=7)
     temb = ours.time_embed(kw["timestep"], kw["target_size"], kw["crop_coords"])
     ctxs = [ours.project_glyph(ehs), ours.project_glyph(ehs[:, :1]), ours.project_glyph(ehs[:, :3])]
     pri = [ours.project_prior(ids, False), ours.project_prior(ids, True), ours.project_prior(ids, False)]

@@ -1,5 +1,4 @@
 """glm_image_core.vae.GlmImageVAE against diffusers' AutoencoderKL (the oracle), fp32 on CPU."""
-import json
 import os
 
 import pytest

@@ -20,9 +20,12 @@ UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 CONFIG_FILES = {"vision_language_encoder": "config.json", "text_encoder": "config.json",
                 "transformer": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-# safetensors header dtype names of the floating types a GLM-Image checkpoint may hold
-SAFETENSORS_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# safetensors header dtype names (read by the header checks, written by the single-file converter)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+# ... of the floating types a GLM-Image checkpoint may hold
+SAFETENSORS_FLOAT_DTYPES = {k: v for k, v in SAFETENSORS_DTYPES.items() if v.is_floating_point}
 
 # How a loader stores each tensor: one dtype for every floating tensor, or ``fn(key, tensor) -> dtype``
 # (None keeps the file's dtype), see :func:`storage_dtypes`.

@@ -6,7 +6,7 @@ the shifted sigmas. Deterministic: no random numbers are drawn.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 

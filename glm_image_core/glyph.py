@@ -8,12 +8,11 @@ Plain PyTorch: no transformers import. Parameter names are those of transformers
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn

@@ -338,10 +338,8 @@ def builder(src: Source, component: str, ar_parts: Optional[Sequence[str]] = Non
 
 CONVERT_DTYPES = {"as_stored": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                   "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
-             torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-_ST_DTYPES = {v: k for k, v in _ST_NAMES.items()}
+_ST_DTYPES = ckpt.SAFETENSORS_DTYPES
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def fp8_weight_keys(component: str) -> Optional[re.Pattern]:

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from .loading import build_loaded, default_compute_dtype
 
 IGNORED_KEYS = ("model.vqmodel.post_quant_conv.",)
 
@@ -502,8 +503,7 @@ class GlmImageAR(nn.Module):
         self.image_start_token_id = int(config.get("image_start_token_id", 16384))
         self.image_end_token_id = int(config.get("image_end_token_id", 16385))
         self.codebook_size = int(q["num_embeddings"])
-        self.compute_dtype = dtype if (dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2) \
-            else torch.float32
+        self.compute_dtype = default_compute_dtype(dtype)
         self.model = _Inner(config, self.text_config, self.parts, dtype=dtype, device=device, operations=operations)
         if "text" in self.parts:
             self.lm_head = operations.Linear(self.text_config.hidden_size, self.text_config.vision_vocab_size,
@@ -608,22 +608,16 @@ def build_ar(config: dict, files: Sequence[str], dtype: torch.dtype = torch.floa
     parts = check_parts(parts)
     if parts != ALL_PARTS:
         what = f"{what}, {'+'.join(parts)} part"
+    def make(ops):
+        m = GlmImageAR(config, dtype=dtype, device="meta", operations=ops, parts=parts)
+        if compute_dtype is not None:
+            m.compute_dtype = compute_dtype
+        return m
+    compute = compute_dtype or default_compute_dtype(dtype)
     # Keys of the parts not built are never read; keys of no part stay in, to be reported as unexpected.
-    sd = ckpt.load_safetensors(files, device="cpu", keep=lambda k: part_of_key(k) in parts + (None,))
-    model = GlmImageAR(config, dtype=dtype, device="meta", operations=operations, parts=parts)
-    if compute_dtype is not None:
-        model.compute_dtype = compute_dtype
-    own = model.state_dict()
-    ckpt.check_state_dict_keys(own, sd, what, IGNORED_KEYS)
-    storage = ckpt.storage_dtypes(dtype, FP8_WEIGHT_KEYS, model.compute_dtype)
-    new_sd = {}
-    for k in own:
-        t = ckpt.cast_for_storage(k, sd.pop(k), storage)
-        # a fresh, aligned copy (safetensors tensors may sit at unaligned offsets: 1-ulp GEMM differences)
-        new_sd[k] = t.to(device=device, copy=True)
-    del sd
-    model.load_state_dict(new_sd, strict=True, assign=True)
-    model.train(False).requires_grad_(False)
+    model = build_loaded(make, operations, files, what, storage=ckpt.storage_dtypes(dtype, FP8_WEIGHT_KEYS, compute),
+                         device=device, keep=lambda k: part_of_key(k) in parts + (None,),
+                         ignore_unexpected=IGNORED_KEYS, fresh_copy=True)
     if cpu_gemv_layout:
         _relayout_for_cpu_gemv(model)
     return model

@@ -209,16 +209,17 @@ def load_component(folder: str, component: str, device="cpu", dtype=None):
     return cfg, load_safetensors(weight_files(cdir), device=device, dtype=dtype)
 
 
-def check_state_dict_keys(own: Dict[str, torch.Tensor], sd: Dict[str, torch.Tensor], what: str,
+def check_state_dict_keys(own: Dict[str, object], sd: Dict[str, torch.Tensor], what: str,
                           ignore_unexpected: Iterable[str] = ()) -> None:
-    """Raise a readable CheckpointError when ``sd`` does not fit ``own`` (a module's state dict):
-    missing, unexpected and mis-shaped keys. ``ignore_unexpected``: key prefixes present in official
-    files but unused at inference (e.g. the VQ ``post_quant_conv``)."""
+    """Raise a readable CheckpointError when ``sd`` does not fit ``own`` ({key: shape or tensor}, what
+    the network declares): missing, unexpected and mis-shaped keys. ``ignore_unexpected``: key
+    prefixes present in official files but unused at inference (e.g. the VQ ``post_quant_conv``)."""
     ign = tuple(ignore_unexpected)
-    missing = sorted(k for k in own if k not in sd)
-    unexpected = sorted(k for k in sd if k not in own and not k.startswith(ign))
-    shape_bad = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                       for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape))
+    shapes = {k: tuple(getattr(v, "shape", v)) for k, v in own.items()}
+    missing = sorted(k for k in shapes if k not in sd)
+    unexpected = sorted(k for k in sd if k not in shapes and not k.startswith(ign))
+    shape_bad = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {shapes[k]}"
+                       for k in shapes if k in sd and tuple(sd[k].shape) != shapes[k])
     if missing or unexpected or shape_bad:
         def show(xs):
             return ", ".join(xs[:8]) + (f" … (+{len(xs) - 8} more)" if len(xs) > 8 else "")
@@ -231,11 +232,3 @@ def check_state_dict_keys(own: Dict[str, torch.Tensor], sd: Dict[str, torch.Tens
             parts.append(f"{len(shape_bad)} shape mismatch(es): {show(shape_bad)}")
         raise CheckpointError(f"weights do not match the {what}: " + "; ".join(parts))
 
-
-def load_state_dict_strict(module: torch.nn.Module, sd: Dict[str, torch.Tensor], what: str,
-                           ignore_unexpected: Iterable[str] = ()) -> None:
-    """``module.load_state_dict`` with a readable error for missing, unexpected and mis-shaped keys
-    (see :func:`check_state_dict_keys`)."""
-    own = module.state_dict()
-    check_state_dict_keys(own, sd, what, ignore_unexpected)
-    module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)

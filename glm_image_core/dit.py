@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import load_safetensors, load_state_dict_strict, read_json, storage_dtypes, weight_files
+from .checkpoint import read_json, storage_dtypes, weight_files
+from .loading import build_loaded, default_compute_dtype
 
 # Official GLM-Image DiT values (transformer/config.json); used only for keys a config lacks.
 DEFAULT_DIT_CONFIG = {
@@ -50,71 +51,6 @@ DEFAULT_DIT_CONFIG = {
 }
 
 CACHE_MODES = (None, "skip", "write", "read")
-
-
-# --------------------------------------------------------------------------------------
-# Operations without random init (what ComfyUI's ``disable_weight_init`` does): building a
-# multi-billion-parameter model with torch's default init would take minutes.
-# --------------------------------------------------------------------------------------
-
-class _NoInitLinear(nn.Linear):
-    def reset_parameters(self):
-        return None
-
-
-class _NoInitEmbedding(nn.Embedding):
-    def reset_parameters(self):
-        return None
-
-
-class _NoInitLayerNorm(nn.LayerNorm):
-    def reset_parameters(self):
-        return None
-
-
-class _NoInitConv2d(nn.Conv2d):
-    def reset_parameters(self):
-        return None
-
-
-class _NoInitGroupNorm(nn.GroupNorm):
-    def reset_parameters(self):
-        return None
-
-
-class no_init_ops:
-    """``operations`` namespace like torch.nn but leaving parameters uninitialised (weights are
-    loaded right after construction)."""
-    Linear = _NoInitLinear
-    Embedding = _NoInitEmbedding
-    LayerNorm = _NoInitLayerNorm
-    Conv2d = _NoInitConv2d
-    GroupNorm = _NoInitGroupNorm
-
-
-def default_compute_dtype(storage_dtype) -> torch.dtype:
-    """Activations dtype for a given weight storage dtype: the same for fp32/fp16/bf16 (and fp64),
-    float32 otherwise (e.g. fp8 storage cast per forward by ComfyUI's ops). Override with the
-    model's ``compute_dtype`` attribute."""
-    if storage_dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        return storage_dtype
-    return torch.float32
-
-
-def _loading_ops(operations):
-    return no_init_ops if operations is torch.nn else operations
-
-
-def _assign_strict(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, ignore_unexpected=()) -> None:
-    """Strict-load ``sd`` into ``model`` built on the meta device, without a second copy of the
-    weights: validate with ``load_state_dict_strict`` (copying into meta tensors is a no-op),
-    then assign the loaded tensors as the parameters."""
-    import warnings
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
-        load_state_dict_strict(model, sd, what, ignore_unexpected=ignore_unexpected)
-    own = model.state_dict()
-    model.load_state_dict({k: sd[k] for k in own}, strict=True, assign=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -575,9 +511,8 @@ def build_dit(config: dict, files: Sequence[str], dtype=torch.float32, device="c
               compute_dtype=None, what: str = "GLM-Image DiT") -> GlmImageDiT:
     """``GlmImageDiT`` from a config dict and safetensors files (a folder's shards or one single
     file), strict load. ``dtype``: storage dtype (fp8: see ``checkpoint.storage_dtypes``)."""
-    model = GlmImageDiT(config, dtype=dtype, device="meta", operations=_loading_ops(operations),
-                        compute_dtype=compute_dtype)
-    sd = load_safetensors(files, device=device, dtype=storage_dtypes(dtype, FP8_WEIGHT_KEYS, model.compute_dtype))
-    _assign_strict(model, sd, what)
-    model.train(False).requires_grad_(False)
-    return model
+    def make(ops):
+        return GlmImageDiT(config, dtype=dtype, device="meta", operations=ops, compute_dtype=compute_dtype)
+    compute = compute_dtype or default_compute_dtype(dtype)
+    return build_loaded(make, operations, files, what, storage=storage_dtypes(dtype, FP8_WEIGHT_KEYS, compute),
+                        device=device)

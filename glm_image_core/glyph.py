@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_safetensors, read_json, storage_dtypes, weight_files
-from .dit import _assign_strict, _loading_ops, default_compute_dtype
+from .checkpoint import CheckpointError, read_json, storage_dtypes, weight_files
+from .loading import build_loaded, default_compute_dtype
 
 MAX_GLYPH_TOKENS = 2048  # the pipeline's max_sequence_length default
 
@@ -409,14 +409,15 @@ def build_glyph_encoder(config: dict, files: Sequence[str], dtype=torch.float32,
                         compute_dtype=None, what: str = "GLM-Image glyph encoder") -> GlyphT5Encoder:
     """``GlyphT5Encoder`` from a config dict and safetensors files (a folder's or one single file).
     The T5 encoder is small and numerically sensitive: an fp8 request stores it in the compute dtype."""
-    model = GlyphT5Encoder(config, dtype=dtype, device="meta", operations=_loading_ops(operations),
-                           compute_dtype=compute_dtype)
-    sd = load_safetensors(files, device=device, dtype=storage_dtypes(dtype, None, model.compute_dtype))
-    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
-        sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")
-    _assign_strict(model, sd, what, ignore_unexpected=("encoder.embed_tokens.weight",))
-    model.train(False).requires_grad_(False)
-    return model
+    def make(ops):
+        return GlyphT5Encoder(config, dtype=dtype, device="meta", operations=ops, compute_dtype=compute_dtype)
+
+    def tied_embedding(sd):   # the official file may hold the shared table under its encoder alias
+        if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
+            sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")
+    compute = compute_dtype or default_compute_dtype(dtype)
+    return build_loaded(make, operations, files, what, storage=storage_dtypes(dtype, None, compute), device=device,
+                        rename=tied_embedding, ignore_unexpected=("encoder.embed_tokens.weight",))
 
 
 # --------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .loading import no_init_ops
+
 GIB = 1024 ** 3
 MIB = 1024 ** 2
 
@@ -71,7 +73,6 @@ def build_component(component: str, config: dict, device="meta", dtype=torch.flo
     """The network of ``component`` (a checkpoint folder name) built from ``config``, its layers from
     ``operations`` (default: torch.nn without random init); on the meta device it costs no memory.
     Activations run in ``dtype``. ``ar_parts``: for the AR, the parts to build (default all)."""
-    from .dit import no_init_ops
     ops = operations or no_init_ops
     if component == "vision_language_encoder":
         from .ar_model import ALL_PARTS, GlmImageAR

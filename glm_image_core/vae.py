@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .loading import build_loaded
 
 GROUP_NORM_EPS = 1e-6
 
@@ -305,10 +306,8 @@ def build_vae(config: dict, files: Sequence[str], dtype: Optional[torch.dtype] =
               operations=nn, what: str = "GLM-Image VAE") -> GlmImageVAE:
     """The VAE from a config dict and safetensors files (a folder's or one single file); see :func:`load_vae`."""
     dtype = dtype or torch.float32
-    model = GlmImageVAE(config, dtype=dtype, device=device, operations=operations)
-    sd = ckpt.load_safetensors(files, device="cpu", dtype=dtype)
-    ckpt.load_state_dict_strict(model, sd, what)
-    return model.train(False).requires_grad_(False)
+    return build_loaded(lambda ops: GlmImageVAE(config, dtype=dtype, device="meta", operations=ops), operations,
+                        files, what, storage=dtype, device=device if device is not None else "cpu")
 
 
 # --------------------------------------------------------------------------------------

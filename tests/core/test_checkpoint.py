@@ -57,4 +57,4 @@ def test_truncated_safetensors_is_named(tmp_path):
 def test_strict_load_names_bad_keys():
     m = torch.nn.Linear(2, 3)
     with pytest.raises(ckpt.CheckpointError, match=r"missing key.*bias.*unexpected key.*extra.*shape mismatch.*weight"):
-        ckpt.load_state_dict_strict(m, {"weight": torch.zeros(3, 3), "extra": torch.zeros(1)}, "test layer")
+        ckpt.check_state_dict_keys(m.state_dict(), {"weight": torch.zeros(3, 3), "extra": torch.zeros(1)}, "test layer")

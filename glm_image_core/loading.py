@@ -1,0 +1,127 @@
+"""One way to build a network and put its weights in: meta build → read tensors → cast → assign.
+
+Every GLM-Image network (AR, DiT, glyph encoder, VAE) is loaded by :func:`build_loaded`, so loading
+behaves the same whatever ``operations`` namespace builds the layers:
+
+* the file's keys and shapes are checked against what the network *declares* (its state dict when
+  built from its config with plain torch layers on the meta device), never against the instance
+  being loaded: ComfyUI's ``comfy.ops`` layers under dynamic VRAM (ComfyUI >= 0.16) are created with
+  ``weight = bias = None`` (Linear) or meta weights (Embedding) and only get weights through
+  ``_load_from_state_dict``, so their own ``state_dict()`` lacks them;
+* the weights go in through ``load_state_dict(..., assign=True)``, the path ComfyUI's ops implement
+  for lazy layers (and what its core loaders do for dynamic patchers), so no second copy is made;
+* afterwards every declared key must hold a real (non-meta) tensor of its declared shape.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+
+
+# Operations without random init (what ComfyUI's ``disable_weight_init`` does): building a
+# multi-billion-parameter model with torch's default init would take minutes.
+class _NoInitLinear(nn.Linear):
+    def reset_parameters(self):
+        return None
+
+
+class _NoInitEmbedding(nn.Embedding):
+    def reset_parameters(self):
+        return None
+
+
+class _NoInitLayerNorm(nn.LayerNorm):
+    def reset_parameters(self):
+        return None
+
+
+class _NoInitConv2d(nn.Conv2d):
+    def reset_parameters(self):
+        return None
+
+
+class _NoInitGroupNorm(nn.GroupNorm):
+    def reset_parameters(self):
+        return None
+
+
+class no_init_ops:
+    """``operations`` namespace like torch.nn but leaving parameters uninitialised (weights are
+    loaded right after construction)."""
+    Linear = _NoInitLinear
+    Embedding = _NoInitEmbedding
+    LayerNorm = _NoInitLayerNorm
+    Conv2d = _NoInitConv2d
+    GroupNorm = _NoInitGroupNorm
+
+
+def loading_ops(operations):
+    """``operations`` to build a network that is about to be loaded: torch.nn without its init."""
+    return no_init_ops if operations is nn else operations
+
+
+def default_compute_dtype(storage_dtype) -> torch.dtype:
+    """Activations dtype for a given weight storage dtype: the same for fp32/fp16/bf16 (and fp64),
+    float32 otherwise (e.g. fp8 storage cast per forward by ComfyUI's ops). Override with the
+    model's ``compute_dtype`` attribute."""
+    if storage_dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return storage_dtype
+    return torch.float32
+
+
+Shapes = Dict[str, Tuple[int, ...]]
+
+
+def declared_shapes(make: Callable[[object], nn.Module]) -> Shapes:
+    """{key: shape} the network declares: ``make(no_init_ops)`` (a build on the meta device with plain
+    torch layers) and its state dict. Independent of how any host allocates its layers."""
+    with torch.device("meta"):
+        ref = make(no_init_ops)
+    return {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+
+
+def build_loaded(make: Callable[[object], nn.Module], operations, files: Sequence[str], what: str,
+                 storage: ckpt.StorageDtype = None, device="cpu", keep: Optional[Callable[[str], bool]] = None,
+                 rename: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None,
+                 ignore_unexpected: Iterable[str] = (), fresh_copy: bool = False) -> nn.Module:
+    """Build a network and load its weights from safetensors ``files`` (a folder's shards or one file).
+
+    ``make(operations) -> nn.Module`` builds it on the meta device (it passes ``device="meta"``);
+    ``storage``: how each floating tensor is stored (``checkpoint.storage_dtypes``); ``device``: where
+    the weights go; ``keep``: the keys to read (others are never read from disk); ``rename``: edits
+    the read dict in place (e.g. a tied-embedding alias); ``ignore_unexpected``: key prefixes of the
+    official files unused at inference; ``fresh_copy``: place each tensor in a fresh allocation (the
+    safetensors buffer may be unaligned, which changes some CPU GEMM results by one ulp).
+    Raises :class:`checkpoint.CheckpointError` naming missing, unexpected and mis-shaped keys.
+    """
+    declared = declared_shapes(make)
+    sd = ckpt.load_safetensors(files, device="cpu" if fresh_copy else device, keep=keep)
+    if rename is not None:
+        rename(sd)
+    ckpt.check_state_dict_keys(declared, sd, what, ignore_unexpected)
+    model = make(loading_ops(operations))
+    weights = {}
+    for k in declared:
+        t = ckpt.cast_for_storage(k, sd.pop(k), storage)
+        weights[k] = t.to(device=device, copy=True) if fresh_copy else t
+    del sd
+    model.load_state_dict(weights, strict=False, assign=True)
+    del weights
+    _check_loaded(model, declared, what)
+    return model.train(False).requires_grad_(False)
+
+
+def _check_loaded(model: nn.Module, declared: Shapes, what: str) -> None:
+    """Every declared key holds a real tensor of its declared shape (a layer that ignored
+    ``assign`` or lost a weight would otherwise fail much later, or compute on zeros)."""
+    got = model.state_dict()
+    bad = [k for k, shape in declared.items()
+           if k not in got or got[k] is None or got[k].is_meta or tuple(got[k].shape) != shape]
+    if bad:
+        raise ckpt.CheckpointError(f"loading the {what} left {len(bad)} weight(s) unset: "
+                                   f"{', '.join(bad[:8])}{' …' if len(bad) > 8 else ''}")

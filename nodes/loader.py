@@ -44,7 +44,7 @@ def ar_handle(src: sf.Source, weight_dtype: str, compute_dtype: str = "auto") ->
 
     def part(name: str, ar_part: str) -> LazyComponent:
         return LazyComponent(ComponentSpec(name, src.name, src.weight_files("ar"), sf.builder(src, "ar", (ar_part,)),
-                                           role="text_encoder", weight_dtype=weight_dtype,
+                                           weight_dtype=weight_dtype,
                                            compute_dtype=compute_dtype))
     return GLMARModel(folder=src.name, model=part("AR model", "text"), vision=part("AR vision tower", "vision"),
                       tokenizer=assets.tokenizer,
@@ -55,7 +55,7 @@ def ar_handle(src: sf.Source, weight_dtype: str, compute_dtype: str = "auto") ->
 def glyph_encoder_handle(src: sf.Source, weight_dtype: str = "default", compute_dtype: str = "auto") -> GLMGlyphEncoder:
     """The glyph encoder (ByT5) and its tokenizer from an official folder or a glyph-encoder single file."""
     spec = ComponentSpec("glyph encoder", src.name, src.weight_files("glyph_encoder"), sf.builder(src, "glyph_encoder"),
-                         role="text_encoder", weight_dtype=weight_dtype, compute_dtype=compute_dtype)
+                         weight_dtype=weight_dtype, compute_dtype=compute_dtype)
     return GLMGlyphEncoder(source=src.name, encoder=LazyComponent(spec), tokenizer=sf.glyph_tokenizer(src))
 
 

@@ -23,6 +23,7 @@ import comfy.model_patcher
 import comfy.ops
 
 from ..glm_image_core import checkpoint as ckpt
+from . import host
 
 log = logging.getLogger("GLM-Image")
 
@@ -62,7 +63,6 @@ class ComponentSpec:
     build: Callable[[torch.dtype, torch.device, object, torch.dtype], torch.nn.Module]
     weight_dtype: str = "default"
     compute_dtype: str = "auto"
-    role: str = "diffusion"            # "diffusion" | "text_encoder": picks ComfyUI's device policy
     supported_compute: tuple = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -73,10 +73,7 @@ class LazyComponent:
         self.spec = spec
         self._patcher: Optional[comfy.model_patcher.ModelPatcher] = None
         self._lock = threading.Lock()
-        if spec.role == "text_encoder":
-            self.load_device, self.offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
-        else:
-            self.load_device, self.offload_device = mm.get_torch_device(), mm.unet_offload_device()
+        self.load_device, self.offload_device = host.main_devices()
 
     def dtypes(self):
         """(weight storage dtype, compute dtype) for this component on its load device."""
@@ -98,8 +95,7 @@ class LazyComponent:
                          self.spec.name, weight, compute, self.spec.source)
                 model = self.spec.build(weight, self.offload_device, ops, compute)
                 model.train(False).requires_grad_(False)
-                self._patcher = comfy.model_patcher.ModelPatcher(
-                    model, load_device=self.load_device, offload_device=self.offload_device)
+                self._patcher = host.new_patcher(model, self.load_device, self.offload_device)
                 self._patcher.glm_compute_dtype = compute
             return self._patcher
 

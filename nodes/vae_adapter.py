@@ -23,10 +23,10 @@ from typing import Sequence, Tuple
 import torch
 
 import comfy.model_management as mm
-import comfy.model_patcher
 import comfy.ops
 import comfy.sd
 
+from . import host
 from ..glm_image_core.vae import GlmImageVAE, VaeConfig, fit_latent_to_rgb, load_vae
 
 log = logging.getLogger("GLM-Image")
@@ -108,7 +108,9 @@ class GlmImageComfyVAE(comfy.sd.VAE):
         self.latent_dim = 2
         self.output_channels = cfg.out_channels
         self.process_input = lambda image: image * 2.0 - 1.0
-        self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
+        # In place, and returned: ComfyUI >= 0.18 calls it on a slice of its output buffer and ignores
+        # the return value; older hosts use the return value.
+        self.process_output = lambda image: image.add_(1.0).div_(2.0).clamp_(0.0, 1.0)
         self.working_dtypes = list(WORKING_DTYPES)
         self.disable_offload = False
         self.not_video = False
@@ -122,8 +124,7 @@ class GlmImageComfyVAE(comfy.sd.VAE):
         self.device = device
         self.vae_dtype = vae_dtype
         self.output_device = mm.intermediate_device()
-        self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=device,
-                                                        offload_device=offload_device)
+        self.patcher = host.new_patcher(self.first_stage_model, device, offload_device)
         self.glm_config = cfg
         log.info("GLM-Image VAE load device: %s, offload device: %s, dtype: %s", device, offload_device, vae_dtype)
         self.model_size()

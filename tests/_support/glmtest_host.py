@@ -1,4 +1,4 @@
-"""The real ComfyUI 0.3.75 host, driven in-process (no server): import it once per test run,
+"""The real ComfyUI host (0.3.75 or 0.33.0, chosen by COMFYUI_DIR), driven in-process (no server): import it once per test run,
 load this pack through ComfyUI's own custom-node loader, and run API-format prompts through
 `execution.validate_prompt` + `execution.PromptExecutor`. Nothing of ComfyUI is faked; only the
 object the executor reports progress to (normally the aiohttp PromptServer) is a small recorder.
@@ -7,6 +7,7 @@ See shared/spec/comfyui-host.md §4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
@@ -19,6 +20,14 @@ PACK_NODE_IDS = (
     "GLMImageTokensToLatent", "GLMImageSaveTokens", "GLMImageLoadTokens",
     "GLMImageARLoader", "GLMImageGlyphEncoderLoader", "GLMImageDiTLoader", "GLMImageVAELoader",
 )
+
+
+def comfy_version() -> tuple:
+    """The host's ComfyUI version as a tuple, read from its comfyui_version.py (no import)."""
+    import re
+    with open(os.path.join(COMFY_DIR, "comfyui_version.py"), encoding="utf-8") as f:
+        m = re.search(r'__version__\s*=\s*"([0-9.]+)"', f.read())
+    return tuple(int(x) for x in m.group(1).split("."))
 
 
 class ProgressRecorder:
@@ -65,8 +74,30 @@ class Host:
                 raise RuntimeError("IMPORT FAILED: ComfyUI could not load the GLM-Image pack (see log above)")
         asyncio.run(load())
         self.server = ProgressRecorder()
+        self.preview_method = None           # see previews()
+        # "ram_inactive": ComfyUI >= 0.2x reads it in execute(); older hosts ignore it.
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
-                                                 cache_args={"lru": 0, "ram": 0})
+                                                 cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+
+    @contextlib.contextmanager
+    def previews(self, method: str = "latent2rgb"):
+        """Latent previews on ("latent2rgb", "auto") or off ("none") for the runs inside, on every host:
+        ComfyUI >= 0.2x resets ``args.preview_method`` per prompt from the prompt's extra data (what the
+        frontend sends), older hosts read ``args.preview_method`` (the --preview-method flag)."""
+        from comfy.cli_args import LatentPreviewMethod, args
+        old = args.preview_method, self.preview_method
+        args.preview_method, self.preview_method = LatentPreviewMethod(method), method
+        try:
+            yield
+        finally:
+            args.preview_method, self.preview_method = old
+
+    def cached_output(self, node_id: str):
+        """The executor's cache entry of a node (None when it has none), on every host."""
+        entry = self.executor.caches.outputs.get(node_id)
+        if asyncio.iscoroutine(entry):       # ComfyUI >= 0.2x: the cache's get is async
+            entry = asyncio.run(entry)
+        return entry
 
     @property
     def models_dir(self) -> str:
@@ -86,7 +117,10 @@ class Host:
         if not ok:
             return False, {"error": err, "node_errors": node_errors}
         self.server.events.clear()
-        self.executor.execute(prompt, pid, {"client_id": "pytest"}, outs)
+        extra = {"client_id": "pytest"}
+        if self.preview_method is not None:
+            extra["preview_method"] = self.preview_method
+        self.executor.execute(prompt, pid, extra, outs)
         return self.executor.success, self.executor.history_result
 
     def run_ok(self, prompt: dict) -> dict:
@@ -110,7 +144,7 @@ class Host:
 
 def node_output(host: "Host", node_id: str, index: int = 0):
     """The value a node produced in the last run (read from the executor's output cache)."""
-    entry = host.executor.caches.outputs.get(node_id)
+    entry = host.cached_output(node_id)
     if entry is None:
         raise KeyError(f"node {node_id} has no cached output")
     outs = entry.outputs if hasattr(entry, "outputs") else entry

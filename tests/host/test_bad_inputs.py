@@ -265,11 +265,20 @@ def test_grayscale_png_reference_runs_like_its_rgb_copy(host):
     gray = Image.linear_gradient("L").resize((256, 192))
     gray.save(os.path.join(inp, "t9_gray.png"))
     gray.convert("RGB").save(os.path.join(inp, "t9_gray_rgb.png"))
-    refs = []
+    refs, pixels = [], []
     for name in ("t9_gray.png", "t9_gray_rgb.png"):
         host.run_ok(edit_graph({"class_type": "LoadImage", "inputs": {"image": name}}))
         refs.append(glmtest_host.node_output(host, "3").items[0])
-    assert torch.equal(refs[0].ar_ids, refs[1].ar_ids) and torch.equal(refs[0].latent, refs[1].latent)
+        pixels.append(glmtest_host.node_output(host, "2"))
+    if torch.equal(pixels[0], pixels[1]):      # ComfyUI 0.3.75: PIL decodes both files to the same pixels
+        assert torch.equal(refs[0].ar_ids, refs[1].ar_ids) and torch.equal(refs[0].latent, refs[1].latent)
+    else:
+        # ComfyUI >= 0.2x decodes PNGs through PyAV, whose gray -> RGB conversion is off the 1/255 grid
+        # by up to one level: the host gives other pixels, so the pack's result may differ as little.
+        assert (pixels[0] - pixels[1]).abs().max() <= 1 / 255 + 1e-6
+        agree = (refs[0].ar_ids == refs[1].ar_ids).float().mean().item()
+        rel = ((refs[0].latent - refs[1].latent).norm() / refs[1].latent.norm()).item()
+        assert agree >= 0.9 and rel < 0.02, (agree, rel)
 
 
 def loaded_models(host):

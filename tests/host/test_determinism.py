@@ -24,33 +24,24 @@ def graph(seed, batch_size=1):
             "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}}}
 
 
-@pytest.fixture
-def previews_on():
-    from comfy.cli_args import LatentPreviewMethod, args
-    old = args.preview_method
-    args.preview_method = LatentPreviewMethod.Latent2RGB
-    yield
-    args.preview_method = old
-
-
 def latent(host):
     return glmtest_host.node_output(host, "3")["samples"].clone()
 
 
-def test_latent_previews_do_not_change_the_result(host, previews_on):
+def test_latent_previews_do_not_change_the_result(host):
     import comfy.utils
     previews = []
     comfy.utils.set_progress_bar_global_hook(lambda v, t, preview, node_id=None: previews.append(preview))
     try:
-        host.run_ok(graph(11))
+        with host.previews("latent2rgb"):
+            host.run_ok(graph(11))
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     with_previews = latent(host)
     assert any(p is not None for p in previews), "no latent preview was produced"
-    from comfy.cli_args import LatentPreviewMethod, args
-    args.preview_method = LatentPreviewMethod.NoPreviews
-    host.run_ok(graph(12))              # another seed in between: the next run recomputes
-    host.run_ok(graph(11))
+    with host.previews("none"):
+        host.run_ok(graph(12))          # another seed in between: the next run recomputes
+        host.run_ok(graph(11))
     assert torch.equal(latent(host), with_previews)
 
 

@@ -100,12 +100,15 @@ def test_interrupt_leaves_nothing_behind_and_the_rerun_is_exact(host, case):
     host.run_ok(other)        # the cache now holds another seed's outputs: the next run of g recomputes
 
     seen = []                 # (node, value, total) progress reports
+    interrupted_at = []       # the progress value at which the hook interrupted
 
     def hook(value, total, preview, node_id=None):
         import comfy.model_management as mm
         seen.append((node_id, value, total))
-        if (case == "ar_decode" and node_id == "2" and value == 7) or \
-                (case == "dit_steps" and node_id == "3" and value == 1):
+        # ">=": ComfyUI >= 0.2x throttles progress reports, so not every token reaches the hook
+        if not interrupted_at and ((case == "ar_decode" and node_id == "2" and 7 <= value < total) or
+                                   (case == "dit_steps" and node_id == "3" and value == 1)):
+            interrupted_at.append(value)
             mm.interrupt_current_processing()
 
     module = {"ar_prefill": lambda: ar.model.patcher.model, "reference_images": lambda: ar.vision.patcher.model.model.visual,
@@ -127,7 +130,7 @@ def test_interrupt_leaves_nothing_behind_and_the_rerun_is_exact(host, case):
         assert not ar_tokens, "tokens were sampled after an interrupt during the prefill"
     elif case == "ar_decode":
         total = [t for n, _, t in seen if n == "2"][-1]
-        assert max(ar_tokens) == 7 < total, (max(ar_tokens), total)
+        assert interrupted_at and max(ar_tokens) == interrupted_at[0] < total, (max(ar_tokens), interrupted_at, total)
     elif case == "reference_cache_write":
         assert not dit_steps, "DiT steps ran after an interrupt during the reference cache write"
     elif case == "dit_steps":
@@ -135,7 +138,7 @@ def test_interrupt_leaves_nothing_behind_and_the_rerun_is_exact(host, case):
 
     # nothing partial is cached: the interrupted node and everything after it have no output
     for node in {"2": ("2", "3", "4", "5"), "7": ("7", "2", "3", "4", "5"), "3": ("3", "4", "5")}[target]:
-        assert host.executor.caches.outputs.get(node) is None, f"node {node} kept an output after the interrupt"
+        assert host.cached_output(node) is None, f"node {node} kept an output after the interrupt"
     assert "5" not in (res.get("outputs") or {})
 
     # the next run is exactly the uninterrupted result

@@ -231,9 +231,12 @@ def test_file_names_never_leave_the_models_folder(host, model_dirs, name):
     assert "not found under models/vae/" in msg, msg
 
 
-def test_dit_loader_fits_latent_previews_from_an_optional_vae(host, model_dirs, monkeypatch):
-    from comfy.cli_args import LatentPreviewMethod, args
-    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Auto)
+def test_dit_loader_fits_latent_previews_from_an_optional_vae(host, model_dirs):
+    with host.previews("auto"):
+        _check_previews_fitted(host)
+
+
+def _check_previews_fitted(host):
     g = single_file_graph()
     host.run_ok(g)
     assert glmtest_host.node_output(host, "12").previewer() is None          # no VAE linked: no previews

@@ -22,6 +22,22 @@ PACK_NODE_IDS = (
 )
 
 
+def has_dynamic_vram() -> bool:
+    """True when the host has ComfyUI's dynamic VRAM (>= 0.16), read from its source (no import)."""
+    mm_file = os.path.join(COMFY_DIR, "comfy", "memory_management.py")
+    return os.path.isfile(mm_file) and "aimdo_enabled" in open(mm_file, encoding="utf-8").read()
+
+
+def enable_dynamic_vram() -> None:
+    """Switch dynamic VRAM on in this process with ComfyUI's own switches, exactly as its main.py
+    does on NVIDIA (``--enable-dynamic-vram`` itself cannot start without a GPU). Must run before
+    any model is built: comfy.ops layers read it when they are constructed."""
+    import comfy.memory_management
+    import comfy.model_patcher
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+
+
 def comfy_version() -> tuple:
     """The host's ComfyUI version as a tuple, read from its comfyui_version.py (no import)."""
     import re
@@ -47,7 +63,7 @@ class ProgressRecorder:
 class Host:
     """A live in-process ComfyUI with this pack loaded."""
 
-    def __init__(self, base_dir: str, cpu: bool = True):
+    def __init__(self, base_dir: str, cpu: bool = True, dynamic_vram: bool = False):
         if not os.path.isfile(os.path.join(COMFY_DIR, "main.py")):
             raise RuntimeError(f"ComfyUI host not found at {COMFY_DIR}: run `make host` first")
         if COMFY_DIR not in sys.path:
@@ -66,6 +82,8 @@ class Host:
         import nodes
         import execution
         self.folder_paths, self.nodes, self.execution = folder_paths, nodes, execution
+        if dynamic_vram:
+            enable_dynamic_vram()
 
         async def load():
             await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)

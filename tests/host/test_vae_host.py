@@ -90,6 +90,17 @@ def test_stock_vae_decode_matches_diffusers(host, vae, ref):
     assert (img - want).abs().max().item() <= 1e-5
 
 
+def test_stock_vae_decode_equals_the_direct_decode(host, vae):
+    """Stock VAEDecode (whatever the host does with ``process_output``: ComfyUI >= 0.18 calls it on its
+    own output buffer and ignores the return value) gives exactly the network's decode mapped to [0, 1]."""
+    z = raw_latents(2, 5, 7, seed=3)
+    (img,) = node(host, "VAEDecode", "decode", vae, {"samples": z})
+    with torch.inference_mode():
+        direct = vae.first_stage_model.decode(z.to(vae.vae_dtype)).float()
+    want = ((direct + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
+    assert torch.equal(img, want), (img - want).abs().max()
+
+
 def test_decode_goes_through_model_management(host, vae):
     import comfy.model_management as mm
     mm.unload_all_models()

@@ -1,7 +1,8 @@
 # ComfyUI-GLM-Image: build, test, demo. Everything is installed explicitly into this checkout
 # (.venv, .host, .cache, tests/browser/node_modules); Debian chromium is the only system package.
 #
-#   make test       the whole suite (core, parity, host, server, browser): what CI runs (.ci/run)
+#   make test       the whole suite (core, parity, host, server, browser) on ComfyUI 0.3.75, and the
+#                   host-dependent tiers (host, server, browser) on ComfyUI 0.33.0: what CI runs (.ci/run)
 #   make demo       tiny checkpoint -> real ComfyUI server -> workflows/api/glm_image_t2i_api.json -> demo-output/
 #   make help       all targets
 
@@ -17,19 +18,25 @@ ART      := test-artifacts
 TIMEOUT  ?= 600
 PYTEST_ARGS ?=
 PYTEST   := OMP_NUM_THREADS=1 $(PY) -m pytest
+# HOST=33: run a tier target against the ComfyUI 0.33.0 host (make host33) instead of 0.3.75
+ifeq ($(HOST),33)
+PYTEST   := OMP_NUM_THREADS=1 COMFYUI_DIR=$(CURDIR)/.host33/ComfyUI COMFY_PYTHON=$(CURDIR)/.venv33/bin/python \
+            .venv33/bin/python -m pytest
+endif
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: help host tiny browser-deps test test-core test-fast test-host test-server test-browser \
+.PHONY: help host host33 tiny browser-deps test test-core test-fast test-host test-server test-browser \
         workflows-check demo bench memory clean distclean
 
 help:
 	@echo "make host          install the ComfyUI 0.3.75 test host + venv (scripts/install_host.sh; idempotent)"
+	@echo "make host33        install the ComfyUI 0.33.0 test host + its venv (scripts/install_host33.sh; idempotent)"
 	@echo "make tiny          write the tiny random-weight checkpoint to $(TINY) (when missing or stale)"
 	@echo "make browser-deps  Debian chromium + playwright-core for the browser tier (scripts/install_browser.sh)"
-	@echo "make test          host + browser deps, then the WHOLE suite (per-test timeout $(TIMEOUT)s)"
+	@echo "make test          both hosts + browser deps, then the WHOLE suite on both hosts (per-test timeout $(TIMEOUT)s)"
 	@echo "make test-core     core tier only (plain PyTorch)"
 	@echo "make test-fast     everything except the server and browser tiers"
-	@echo "make test-host | test-server | test-browser   one tier"
+	@echo "make test-host | test-server | test-browser   one tier (ComfyUI 0.3.75; HOST=33 for 0.33.0)"
 	@echo "make workflows-check  committed workflows/api/*_api.json == conversion of their UI twins"
 	@echo "make demo          run workflows/api/glm_image_t2i_api.json on the tiny checkpoint; PNG -> demo-output/"
 	@echo "make bench         pack vs official pipeline, medium checkpoint, CPU (bench/run.py \$$BENCH_ARGS; ~5 min)"
@@ -39,6 +46,9 @@ help:
 
 host:
 	bash scripts/install_host.sh
+
+host33:
+	bash scripts/install_host33.sh
 
 tiny: host $(TINY)/model_index.json
 
@@ -52,11 +62,10 @@ $(TINY)/model_index.json: glm_image_core/tiny_checkpoint.py
 browser-deps:
 	bash scripts/install_browser.sh
 
-# The whole suite. pytest's exit code is kept in $(ART)/pytest-exit-code for .ci/run.
-test: host browser-deps
-	@mkdir -p $(ART); rm -f $(ART)/pytest-exit-code
-	$(PYTEST) tests -q -rfEsx --timeout=$(TIMEOUT) --junitxml=$(ART)/junit.xml $(PYTEST_ARGS); \
-	  rc=$$?; echo $$rc > $(ART)/pytest-exit-code; exit $$rc
+# The whole suite on both hosts (scripts/run_tests.sh); pytest's exit code (0 only when both runs
+# passed) is kept in $(ART)/pytest-exit-code and one line per host in $(ART)/hosts.txt for .ci/run.
+test: host host33 browser-deps
+	TIMEOUT=$(TIMEOUT) bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 test-core: host
 	$(PYTEST) tests -q -rfEsx -m core --timeout=$(TIMEOUT) $(PYTEST_ARGS)
@@ -93,4 +102,4 @@ clean:
 	find . -path ./.venv -prune -o -path ./.host -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf .venv .host
+	rm -rf .venv .host .venv33 .host33

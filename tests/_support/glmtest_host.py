@@ -38,6 +38,22 @@ def enable_dynamic_vram() -> None:
     comfy.memory_management.aimdo_enabled = True
 
 
+def _host_source(rel: str) -> str:
+    with open(os.path.join(COMFY_DIR, rel), encoding="utf-8") as f:
+        return f.read()
+
+
+def frontend_version() -> str:
+    """The frontend package version the host pins in its requirements.txt (1.32.9 for 0.3.75)."""
+    import re
+    return re.search(r"comfyui-frontend-package==([0-9.]+)", _host_source("requirements.txt")).group(1)
+
+
+def host_throttles_progress() -> bool:
+    """True when the host's ProgressBar drops updates closer than 100 ms / 0.5% (ComfyUI >= 0.2x)."""
+    return "PROGRESS_THROTTLE_MIN_INTERVAL" in _host_source(os.path.join("comfy", "utils.py"))
+
+
 def comfy_version() -> tuple:
     """The host's ComfyUI version as a tuple, read from its comfyui_version.py (no import)."""
     import re

@@ -12,7 +12,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, "scripts")
 WORKFLOWS = os.path.join(ROOT, "workflows")
-ARTIFACTS = os.path.join(ROOT, "test-artifacts")
+# per host when both hosts run (scripts/run_tests.sh sets GLM_ARTIFACTS)
+ARTIFACTS = os.environ.get("GLM_ARTIFACTS", os.path.join(ROOT, "test-artifacts"))
 if SCRIPTS not in sys.path:
     sys.path.insert(0, SCRIPTS)
 

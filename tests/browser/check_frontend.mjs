@@ -1,4 +1,4 @@
-// Drives the real ComfyUI frontend (1.32.9, served by the test server) in headless Chromium with
+// Drives the real ComfyUI frontend (1.32.9 with ComfyUI 0.3.75, 1.49.6 with 0.33.0; served by the test server) in headless Chromium with
 // playwright-core. Run by test_frontend.py, which starts the server and checks the JSON this prints.
 //
 //   node check_frontend.mjs --url http://127.0.0.1:PORT --chromium /usr/bin/chromium \
@@ -39,9 +39,12 @@ async function fitView(page) {
   await page.waitForTimeout(500);
 }
 
-// The Run (queue) button of the action bar, as a user clicks it.
+// The Run (queue) button of the action bar, as a user clicks it. Frontend 1.32 puts the test id on
+// a wrapper around the button, 1.49 on the button itself.
 async function clickRun(page) {
-  await page.getByTestId("queue-button").locator("button").first().click();
+  const q = page.getByTestId("queue-button");
+  const inner = q.locator("button");
+  await ((await inner.count()) > 0 ? inner.first() : q.first()).click();
 }
 
 async function loadWorkflow(page, json, name) {

@@ -18,6 +18,7 @@ import subprocess
 
 import pytest
 
+import glmtest_host
 import glmtest_server as gs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -70,7 +71,7 @@ def frontend(server):
 
 @pytest.mark.timeout(900)
 def test_frontend_registers_every_pack_node(frontend):
-    assert frontend["frontendVersion"] == "1.32.9", frontend["frontendVersion"]
+    assert frontend["frontendVersion"] == glmtest_host.frontend_version(), frontend["frontendVersion"]
     assert sorted(frontend["registered"]) == sorted(gs.PACK_NODE_IDS)
 
 
@@ -246,7 +247,10 @@ def test_progress_and_latent_previews_reach_the_frontend(frontend):
     tokens = ph * pw + (h // 32) * (w // 32)          # preview grid, then the full grid
     ar, dec = run["progress"].get(str(run["ids"]["ar"])), run["progress"].get(str(run["ids"]["decoder"]))
     assert ar and ar["maxSeen"] == [tokens] and ar["last"]["value"] == tokens, run["progress"]
-    assert ar["events"] >= tokens // 2, "the AR should report progress per token"
+    if glmtest_host.host_throttles_progress():   # the host forwards at most one update per 100 ms
+        assert ar["events"] >= 2, "the AR should report progress while it samples"
+    else:
+        assert ar["events"] >= tokens // 2, "the AR should report progress per token"
     assert dec and dec["maxSeen"] == [steps] and dec["last"]["value"] == steps, run["progress"]
     prev = run["previews"].get(str(run["ids"]["decoder"]))
     assert prev and prev["count"] >= 1 and prev["bytes"] > 0, run["previews"]

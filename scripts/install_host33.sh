@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Installs the second test host, ComfyUI 0.33.0 (what users run today), beside the 0.3.75 one, into
+# project-local folders that git ignores:
+#   .venv33/            its own Python 3.11 venv: torch 2.14.1 + torchvision 0.29.1, 0.33's requirements
+#                       (comfy-kitchen, comfy-aimdo, frontend 1.49.6, av, ...), the pack's requirements
+#                       and requirements-dev (pytest, the diffusers/transformers oracle)
+#   .host33/ComfyUI/    ComfyUI 0.33.0 source, with this checkout linked into custom_nodes/
+# Where the source comes from, first that works:
+#   1. ../shared/hosts/comfyui-0.33.0.tar.gz (a source snapshot beside the checkout; GLM_HOST33_TARBALL overrides)
+#   2. git clone of the upstream release tag v0.33.0
+# When neither works, .host33/UNAVAILABLE holds the reason, the 0.33 tiers are skipped with it
+# (tests/run_hosts.sh prints it in CI's summary) and this script exits 0.
+# Idempotent: every step is skipped when its stamp is newer than its inputs.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VENV33:-$ROOT/.venv33}
+HOST_DIR=${HOST33_DIR:-$ROOT/.host33}
+PY=${PYTHON:-python3.11}
+VERSION=0.33.0
+TARBALL=${GLM_HOST33_TARBALL:-$ROOT/../shared/hosts/comfyui-$VERSION.tar.gz}
+GIT_URL=https://github.com/comfyanonymous/ComfyUI.git
+TORCHAUDIO=2.11.1   # 0.33 imports torchaudio unconditionally; only its Python part is needed (see below)
+PIP="$VENV/bin/python -m pip"
+t0=$(date +%s)
+
+stamp_ok() { # stamp_ok STAMP INPUT... : true when STAMP exists and is newer than every INPUT
+  local s=$1; shift
+  [ -f "$s" ] || return 1
+  for f in "$@"; do [ "$f" -nt "$s" ] && return 1; done
+  return 0
+}
+
+mkdir -p "$HOST_DIR"
+if [ ! -f "$HOST_DIR/ComfyUI/main.py" ]; then
+  rm -rf "$HOST_DIR/ComfyUI.tmp" "$HOST_DIR/UNAVAILABLE"; mkdir -p "$HOST_DIR/ComfyUI.tmp"
+  if [ -f "$TARBALL" ]; then
+    echo "[host33] unpacking ComfyUI $VERSION from $TARBALL"
+    tar xzf "$TARBALL" -C "$HOST_DIR/ComfyUI.tmp"
+    mv "$HOST_DIR/ComfyUI.tmp/ComfyUI" "$HOST_DIR/ComfyUI"
+  elif command -v git >/dev/null && timeout 120 git clone -q --depth 1 --branch "v$VERSION" "$GIT_URL" "$HOST_DIR/ComfyUI.tmp/ComfyUI" 2>/dev/null; then
+    echo "[host33] cloned ComfyUI v$VERSION"
+    mv "$HOST_DIR/ComfyUI.tmp/ComfyUI" "$HOST_DIR/ComfyUI"
+  else
+    echo "ComfyUI $VERSION source not available: no $TARBALL and git clone of tag v$VERSION failed" > "$HOST_DIR/UNAVAILABLE"
+    rm -rf "$HOST_DIR/ComfyUI.tmp"
+    echo "[host33] SKIPPED: $(cat "$HOST_DIR/UNAVAILABLE")"
+    exit 0
+  fi
+  rm -rf "$HOST_DIR/ComfyUI.tmp"
+fi
+grep -q "__version__ = \"$VERSION\"" "$HOST_DIR/ComfyUI/comfyui_version.py" \
+  || { echo "[host33] $HOST_DIR/ComfyUI is not ComfyUI $VERSION" >&2; exit 1; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[host33] creating venv $VENV"
+  "$PY" -m venv "$VENV"
+  $PIP install -q --upgrade pip
+fi
+
+if ! stamp_ok "$VENV/.torch-stamp"; then
+  echo "[host33] installing torch 2.14.1 + torchvision 0.29.1"
+  $PIP install -q torch==2.14.1 torchvision==0.29.1
+  # torchaudio: 0.33's comfy/ldm and nodes import it at module level. No torchaudio on the registry
+  # matches torch 2.14.1's C ABI, but its Python part imports without the C extension, which is all
+  # that the code paths GLM-Image touches need; --no-deps keeps it from replacing torch.
+  $PIP install -q --no-deps "torchaudio==$TORCHAUDIO"
+  touch "$VENV/.torch-stamp"
+fi
+
+REQ_HOST="$HOST_DIR/requirements-host.txt"
+CONS="$HOST_DIR/constraints-host.txt"
+# torch/torchvision/torchaudio are installed above; comfy-angle (OpenGL nodes) is not needed here.
+grep -vE '^(torch|torchvision|torchaudio|comfy-angle)\s*$' "$HOST_DIR/ComfyUI/requirements.txt" > "$REQ_HOST.new"
+cmp -s "$REQ_HOST.new" "$REQ_HOST" 2>/dev/null && rm "$REQ_HOST.new" || mv "$REQ_HOST.new" "$REQ_HOST"
+printf 'torch==2.14.1\ntorchvision==0.29.1\ntransformers==5.17.0\n' > "$CONS.new"
+cmp -s "$CONS.new" "$CONS" 2>/dev/null && rm "$CONS.new" || mv "$CONS.new" "$CONS"
+
+if ! stamp_ok "$VENV/.deps-stamp" "$REQ_HOST" "$CONS" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt"; then
+  echo "[host33] installing ComfyUI $VERSION, pack and dev requirements"
+  $PIP install -q -r "$REQ_HOST" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" -c "$CONS"
+  touch "$VENV/.deps-stamp"
+fi
+
+mkdir -p "$HOST_DIR/ComfyUI/custom_nodes"
+link="$HOST_DIR/ComfyUI/custom_nodes/ComfyUI-GLM-Image"
+if [ "$(readlink "$link" 2>/dev/null)" != "$ROOT" ]; then
+  rm -rf "$link"; ln -s "$ROOT" "$link"
+fi
+echo "[host33] ready in $(( $(date +%s) - t0 ))s: $HOST_DIR/ComfyUI (venv $VENV)"

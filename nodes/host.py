@@ -20,15 +20,6 @@ def core_model_patcher() -> type:
     return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
-def dynamic_vram_enabled() -> bool:
-    """True when ComfyUI runs with dynamic VRAM (comfy-aimdo) on."""
-    try:
-        import comfy.memory_management as memory_management
-    except ImportError:          # ComfyUI < 0.16
-        return False
-    return bool(getattr(memory_management, "aimdo_enabled", False))
-
-
 def new_patcher(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
     """Wrap a loaded network as ComfyUI wraps its own: record the dtype every weight is stored in
     (the dynamic loader casts to it; construction-time dtypes differ under mixed fp8 storage), then

@@ -159,3 +159,24 @@ def test_pack_holds_no_models_in_module_globals(host, handles):
             assert not isinstance(val, torch.nn.Module), f"{name}.{attr} holds a network"
             assert type(val).__name__ not in ("ModelPatcher", "LazyComponent", "GLMARModel", "GLMDecoderModel"), \
                 f"{name}.{attr} holds a model"
+
+
+def test_every_network_loads_on_the_main_device_in_every_vram_mode(host, tiny_ckpt):
+    """The device policy, for each VRAM state ComfyUI has (set as its main.py sets it from the flags):
+    the AR text part, its vision tower, the glyph encoder and the DiT load on ComfyUI's main torch
+    device and offload where diffusion models do — never the text-encoder policy, which is the CPU
+    under --lowvram/--novram (ComfyUI 0.3.75) and would run a 10B AR there in fp32."""
+    import comfy.model_management as mm
+    loader = pack_module("nodes.loader")
+    old = mm.vram_state
+    try:
+        for state in mm.VRAMState:
+            mm.vram_state = state
+            ar, dec = loader.load_ar_handle(tiny_ckpt, "default"), loader.load_decoder_handle(tiny_ckpt, "default")
+            for name, comp in (("AR text", ar.model), ("AR vision", ar.vision), ("glyph encoder", dec.glyph_encoder),
+                               ("DiT", dec.dit)):
+                want = (mm.get_torch_device(), mm.unet_offload_device())
+                assert (comp.load_device, comp.offload_device) == want, (state, name)
+                assert comp.patcher.load_device == want[0] and comp.patcher.offload_device == want[1], (state, name)
+    finally:
+        mm.vram_state = old

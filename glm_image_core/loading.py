@@ -87,31 +87,48 @@ def declared_shapes(make: Callable[[object], nn.Module]) -> Shapes:
 
 def build_loaded(make: Callable[[object], nn.Module], operations, files: Sequence[str], what: str,
                  storage: ckpt.StorageDtype = None, device="cpu", keep: Optional[Callable[[str], bool]] = None,
-                 rename: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None,
-                 ignore_unexpected: Iterable[str] = (), fresh_copy: bool = False) -> nn.Module:
+                 aliases: Optional[Dict[str, str]] = None, ignore_unexpected: Iterable[str] = (),
+                 fresh_copy: bool = False) -> nn.Module:
     """Build a network and load its weights from safetensors ``files`` (a folder's shards or one file).
 
     ``make(operations) -> nn.Module`` builds it on the meta device (it passes ``device="meta"``);
     ``storage``: how each floating tensor is stored (``checkpoint.storage_dtypes``); ``device``: where
-    the weights go; ``keep``: the keys to read (others are never read from disk); ``rename``: edits
-    the read dict in place (e.g. a tied-embedding alias); ``ignore_unexpected``: key prefixes of the
-    official files unused at inference; ``fresh_copy``: place each tensor in a fresh allocation (the
-    safetensors buffer may be unaligned, which changes some CPU GEMM results by one ulp).
-    Raises :class:`checkpoint.CheckpointError` naming missing, unexpected and mis-shaped keys.
+    the weights go; ``keep``: the keys to read (others are never read from disk); ``aliases``:
+    {file key: network key} used when the network key itself is absent (e.g. a tied embedding);
+    ``ignore_unexpected``: key prefixes of the official files unused at inference; ``fresh_copy``:
+    never use a tensor in place from the mapped file (see ``checkpoint.iter_safetensors``).
+
+    Streams: the keys and shapes are checked from the files' headers before any weight is read,
+    then each tensor is read, cast, placed and assigned to its layer before the next is read, so
+    the peak is the loaded network plus one tensor. Raises :class:`checkpoint.CheckpointError`
+    naming missing, unexpected and mis-shaped keys.
     """
     declared = declared_shapes(make)
-    sd = ckpt.load_safetensors(files, device="cpu" if fresh_copy else device, keep=keep)
-    if rename is not None:
-        rename(sd)
-    ckpt.check_state_dict_keys(declared, sd, what, ignore_unexpected)
+    found: Dict[str, Tuple[int, ...]] = {}
+    for path in files:
+        for k, (_, shape) in ckpt.safetensors_header(path)[1].items():
+            if keep is None or keep(k):
+                found[k] = shape
+    rename = {a: b for a, b in (aliases or {}).items() if a in found and b not in found}
+    found = {rename.get(k, k): v for k, v in found.items()}
+    ckpt.check_state_dict_keys(declared, found, what, ignore_unexpected)
+
     model = make(loading_ops(operations))
-    weights = {}
-    for k in declared:
-        t = ckpt.cast_for_storage(k, sd.pop(k), storage)
-        weights[k] = t.to(device=device, copy=True) if fresh_copy else t
-    del sd
-    model.load_state_dict(weights, strict=False, assign=True)
-    del weights
+    owner = {k: k.rpartition(".") for k in declared}          # key -> (module path, ".", param name)
+    pending: Dict[str, Dict[str, torch.Tensor]] = {}          # module path -> its tensors read so far
+    need: Dict[str, int] = {}
+    for k, (mod, _, _) in owner.items():
+        need[mod] = need.get(mod, 0) + 1
+    wanted = lambda k: rename.get(k, k) in declared and (keep is None or keep(k))   # noqa: E731
+    for k, t in ckpt.iter_safetensors(files, device=device, dtype=storage, keep=wanted, fresh=fresh_copy):
+        k = rename.get(k, k)
+        mod, _, name = owner[k]
+        group = pending.setdefault(mod, {})
+        group[name] = t
+        del t
+        if len(group) == need[mod]:        # a layer's tensors are all there: hand them over
+            module = model.get_submodule(mod) if mod else model
+            module.load_state_dict(pending.pop(mod), strict=False, assign=True)
     _check_loaded(model, declared, what)
     return model.train(False).requires_grad_(False)
 

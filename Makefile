@@ -26,7 +26,7 @@ endif
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: help host host33 tiny browser-deps test test-core test-fast test-host test-server test-browser \
-        workflows-check demo bench memory clean distclean
+        workflows-check demo bench memory fullsize clean distclean
 
 help:
 	@echo "make host          install the ComfyUI 0.3.75 test host + venv (scripts/install_host.sh; idempotent)"
@@ -41,6 +41,7 @@ help:
 	@echo "make demo          run workflows/api/glm_image_t2i_api.json on the tiny checkpoint; PNG -> demo-output/"
 	@echo "make bench         pack vs official pipeline, medium checkpoint, CPU (bench/run.py \$$BENCH_ARGS; ~5 min)"
 	@echo "make memory        GPU memory plan of a 1024² t2i (bench/memory.py \$$MEMORY_ARGS, e.g. --cpu-check; measured when CUDA is there)"
+	@echo "make fullsize      the official-size random checkpoint on this machine: loading RSS, parity, whole t2i (~1-2 h; not in make test)"
 	@echo "make clean         remove caches, artifacts, demo output, node_modules (keeps .venv/.host)"
 	@echo "make distclean     clean + remove .venv and .host"
 
@@ -96,6 +97,14 @@ bench: host
 # Device-memory plan (any machine); on a CUDA machine it also runs the stages and measures them.
 memory: host tiny
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) bench/memory.py $(MEMORY_ARGS)
+
+# Opt-in heavy tier (tests/fullsize): writes .cache/models/diffusers/GLM-Image-full-bf16 (~34 GB) once,
+# then bench/results/fullsize.{md,json}. Runs on the 0.33 host when installed. FULLSIZE_ARGS: e.g. -k t2i.
+FULLSIZE_ARGS ?=
+FULLSIZE_HOST = $(if $(wildcard .host33/ComfyUI/main.py),COMFYUI_DIR=$(CURDIR)/.host33/ComfyUI .venv33/bin/python,$(PY))
+fullsize: host
+	GLM_FULLSIZE=1 OMP_NUM_THREADS=$$(nproc) $(FULLSIZE_HOST) -m pytest tests/fullsize -q -rfEsx -p no:cacheprovider \
+	  --junitxml=$(ART)/fullsize-junit.xml $(FULLSIZE_ARGS)
 
 clean:
 	rm -rf .cache $(ART) demo-output tests/browser/node_modules

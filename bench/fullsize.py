@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""GLM-Image at the official size on this machine (CPU, 24 GiB RAM, weights ≈ 36 GB): one job per
+fresh process, each printing one line ``RESULT <json>``. ``tests/fullsize`` (``make fullsize``) runs
+them, asserts their bounds and writes ``bench/results/fullsize.{md,json}``.
+
+    python bench/fullsize.py checkpoint [--folder F]              write (or reuse) the random bf16 folder
+    python bench/fullsize.py load COMPONENT DTYPE [--folder F]     stream one network in: time, peak RSS
+    python bench/fullsize.py t2i DTYPE [--folder F]                the whole text-to-image through ComfyUI
+    python bench/fullsize.py ar-logits ours|official|ours-perturbed [--folder F] --out FILE
+    python bench/fullsize.py dit-forward ours|official|ours-perturbed [--folder F] --out FILE
+
+COMPONENT: ar_text | ar_vision | dit | glyph_encoder | vae; DTYPE: bf16 | fp8 (fp8_e4m3fn storage of the
+AR's and DiT's block Linear weights; compute stays bf16). Peak RSS is the process's VmHWM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "_support"))
+
+import torch  # noqa: E402
+
+FOLDER = os.path.join(ROOT, ".cache", "models", "diffusers", "GLM-Image-full-bf16")
+SHARD_BYTES = 5_000_000_000          # the official folder's shard size
+PROMPT = 'a cozy bakery storefront at sunrise, a hand-painted wooden sign that says "FRESH BREAD"'
+SIZE, STEPS, CFG, SEED = 256, 2, 1.5, 42
+GIB = 1024 ** 3
+
+
+def vm_hwm() -> int:
+    """Peak resident set size of this process in bytes (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def result(obj: dict) -> None:
+    print("RESULT " + json.dumps(obj), flush=True)
+
+
+# ---- the checkpoint ------------------------------------------------------------------------
+
+def checkpoint(folder: str) -> dict:
+    """Write the full-size random folder in bf16 (or reuse it: a stamp names the writer's version)."""
+    from glm_image_core import tiny_checkpoint
+    stamp = os.path.join(folder, ".written-by")
+    import hashlib
+    version = hashlib.sha256(open(tiny_checkpoint.__file__, "rb").read()).hexdigest()[:16]
+    if os.path.isfile(stamp) and open(stamp).read().strip() == version:
+        return {"folder": folder, "written": False}
+    t0 = time.perf_counter()
+    tmp = folder + ".tmp"
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    tiny_checkpoint.write_checkpoint(tmp, "full", seed=0, max_shard_bytes=SHARD_BYTES, dtype=torch.bfloat16)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
+    with open(stamp, "w") as f:
+        f.write(version + "\n")
+    return {"folder": folder, "written": True, "seconds": time.perf_counter() - t0, "peak_rss": vm_hwm()}
+
+
+def checkpoint_facts(folder: str) -> dict:
+    from glm_image_core import checkpoint as ckpt
+    out = {}
+    for comp in ("vision_language_encoder", "transformer", "text_encoder", "vae"):
+        files = ckpt.weight_files(os.path.join(folder, comp))
+        dtypes, n = set(), 0
+        for p in files:
+            for st, shape in ckpt.safetensors_header(p)[1].values():
+                dtypes.add(st)
+                n += 1
+        out[comp] = {"files": [os.path.basename(p) for p in files], "bytes": [os.path.getsize(p) for p in files],
+                     "dtypes": sorted(dtypes), "tensors": n}
+    return out
+
+
+# ---- streamed loading ----------------------------------------------------------------------
+
+COMPONENTS = ("ar_text", "ar_vision", "dit", "glyph_encoder", "vae")
+STORAGE = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+def build(folder: str, component: str, dtype: str):
+    """The network as the pack builds it (plain torch layers, compute bf16), weights streamed in."""
+    from glm_image_core import ar_model, checkpoint as ckpt, dit, glyph, vae
+    storage = STORAGE[dtype]
+    if component in ("glyph_encoder", "vae") and dtype != "bf16":
+        raise SystemExit(f"{component} is never stored in {dtype}")
+    if component.startswith("ar_"):
+        d = os.path.join(folder, "vision_language_encoder")
+        return ar_model.build_ar(ckpt.read_json(os.path.join(d, "config.json")), ckpt.weight_files(d), dtype=storage,
+                                 compute_dtype=torch.bfloat16, parts=(component[3:],))
+    if component == "dit":
+        return dit.load_dit(os.path.join(folder, "transformer"), dtype=storage, compute_dtype=torch.bfloat16)
+    if component == "glyph_encoder":
+        return glyph.load_glyph_encoder(os.path.join(folder, "text_encoder"), dtype=storage)
+    return vae.load_vae(os.path.join(folder, "vae"), dtype=storage)
+
+
+def load(folder: str, component: str, dtype: str) -> dict:
+    base = vm_hwm()
+    t0 = time.perf_counter()
+    model = build(folder, component, dtype)
+    seconds = time.perf_counter() - t0
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    by_dtype: dict = {}
+    for t in model.state_dict().values():
+        by_dtype[str(t.dtype)] = by_dtype.get(str(t.dtype), 0) + t.numel() * t.element_size()
+    return {"component": component, "dtype": dtype, "seconds": seconds, "final_bytes": size,
+            "bytes_by_dtype": by_dtype, "peak_rss": vm_hwm(), "rss_before": base,
+            "params": sum(t.numel() for t in model.state_dict().values())}
+
+
+# ---- the whole text-to-image through ComfyUI ----------------------------------------------
+
+def t2i(folder: str, dtype: str) -> dict:
+    """Load GLM-Image → Text → Semantic Tokens (256²) → Semantic Tokens → Latent (2 steps, cfg 1.5) → stock
+    VAE Decode, in the real ComfyUI host in-process (COMFYUI_DIR), weights from the bf16 folder."""
+    import tempfile
+    import glmtest_host
+    base = tempfile.mkdtemp(prefix="glm-fullsize-")
+    os.makedirs(os.path.join(base, "models", "diffusers"))
+    name = os.path.basename(folder)
+    os.symlink(folder, os.path.join(base, "models", "diffusers", name))
+    host = glmtest_host.Host(base)
+    import comfy.utils
+    events = []
+    comfy.utils.set_progress_bar_global_hook(
+        lambda v, t, preview, node_id=None: events.append((time.perf_counter(), node_id, v, t)))
+    wd = {"bf16": "default", "fp8": "fp8_e4m3fn"}[dtype]
+    prompt = {
+        "1": {"class_type": "GLMImageLoader", "inputs": {"model": name, "weight_dtype": wd, "compute_dtype": "bf16"}},
+        "2": {"class_type": "GLMImageTextToTokens", "inputs": {"ar": ["1", 0], "prompt": PROMPT, "width": SIZE,
+              "height": SIZE, "seed": SEED, "temperature": 0.9, "top_p": 0.75, "top_k": 0, "batch_size": 1}},
+        "3": {"class_type": "GLMImageTokensToLatent", "inputs": {"decoder": ["1", 1], "tokens": ["2", 0],
+              "seed": SEED, "steps": STEPS, "cfg": CFG}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 2]}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+    }
+    t0 = time.perf_counter()
+    host.run_ok(prompt)
+    total = time.perf_counter() - t0
+    image = glmtest_host.node_output(host, "4")
+    latent = glmtest_host.node_output(host, "3")["samples"]
+    tokens = glmtest_host.node_output(host, "2")
+
+    def rate(node):
+        ev = [(t, v) for t, n, v, _ in events if n == node]
+        if len(ev) < 2 or ev[-1][1] == ev[0][1]:
+            return None, None
+        return (ev[-1][0] - ev[0][0]) / (ev[-1][1] - ev[0][1]), ev[-1][0] - ev[0][0]
+    per_token, ar_decode_s = rate("2")
+    per_step, dit_steps_s = rate("3")
+    first = {n: min(t for t, m, _, _ in events if m == n) for n in ("2", "3") if any(m == n for _, m, _, _ in events)}
+    return {"dtype": dtype, "size": SIZE, "steps": STEPS, "cfg": CFG, "seconds": total,
+            "ar_s_per_token": per_token, "ar_decode_s": ar_decode_s, "ar_tokens": max(v for _, n, v, _ in events if n == "2"),
+            "dit_s_per_step": per_step, "dit_steps_s": dit_steps_s,
+            "until_first_token_s": first.get("2", t0) - t0, "peak_rss": vm_hwm(),
+            "image_shape": list(image.shape), "image_finite": bool(torch.isfinite(image).all()),
+            "image_mean": float(image.mean()), "image_std": float(image.std()),
+            "latent_finite": bool(torch.isfinite(latent).all()), "latent_std": float(latent.float().std()),
+            "grid": list(tokens.grid.shape), "comfyui": ".".join(map(str, glmtest_host.comfy_version()))}
+
+
+# ---- full-size parity against the official classes, one network per process --------------
+
+def _perturb(model: torch.nn.Module, key: str, scale: float) -> None:
+    w = dict(model.named_parameters())[key]
+    w.data = (w.data.float() * (1 + scale)).to(w.dtype)
+
+
+def ar_logits(folder: str, who: str, out: str) -> dict:
+    """Logits of the first sampled token (the last prefill position) of a 256² text-to-image prompt, bf16."""
+    from glm_image_core import ar_prompt
+    d = os.path.join(folder, "vision_language_encoder")
+    tok = ar_prompt.GlmTokenizer.from_folder(os.path.join(folder, "processor"))
+    lay = ar_prompt.build_prompt(tok, PROMPT, SIZE, SIZE)
+    ids = lay.filled_ids()[None]
+    pos, _ = ar_prompt.layout_positions(lay)
+    t0 = time.perf_counter()
+    if who == "official":
+        from transformers import GlmImageForConditionalGeneration
+        m = GlmImageForConditionalGeneration.from_pretrained(d, torch_dtype=torch.bfloat16).train(False)
+        load_s = time.perf_counter() - t0
+        with torch.no_grad():
+            logits = m(input_ids=ids, position_ids=pos[:, None]).logits[0, -1]
+    else:
+        m = build(folder, "ar_text", "bf16")
+        if who == "ours-perturbed":          # the negative control: one layer's MLP output 1% off
+            _perturb(m, "model.language_model.layers.20.mlp.down_proj.weight", 0.01)
+        load_s = time.perf_counter() - t0
+        with torch.no_grad():
+            logits = m(ids, pos, last_only=True)[0, -1]
+    _save(out, logits)
+    return {"who": who, "load_s": load_s, "seconds": time.perf_counter() - t0, "prompt_tokens": ids.shape[1],
+            "peak_rss": vm_hwm(), "finite": bool(torch.isfinite(logits).all())}
+
+
+def dit_forward(folder: str, who: str, out: str) -> dict:
+    """One DiT forward (CFG-conditional pass) at 256² with fixed random inputs, bf16."""
+    g = torch.Generator().manual_seed(0)
+    h = w = SIZE // 8
+    x = torch.randn(1, 16, h, w, generator=g).to(torch.bfloat16)
+    glyph = torch.randn(1, 12, 1472, generator=g).to(torch.bfloat16)
+    prior = torch.randint(0, 16384, (1, h * w // 4), generator=g)
+    kw = dict(timestep=torch.tensor([750.0]), target_size=torch.tensor([[float(SIZE), float(SIZE)]]),
+              crop_coords=torch.zeros(1, 2))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if who == "official":
+            from diffusers import GlmImageTransformer2DModel
+            m = GlmImageTransformer2DModel.from_pretrained(folder, subfolder="transformer",
+                                                           torch_dtype=torch.bfloat16).eval()
+            load_s = time.perf_counter() - t0
+            y = m(x, glyph, prior, torch.zeros_like(prior, dtype=torch.bool), **kw).sample
+        else:
+            m = build(folder, "dit", "bf16")
+            if who == "ours-perturbed":      # the negative control: one block's feed-forward 1% off
+                _perturb(m, "transformer_blocks.15.ff.net.2.weight", 0.01)
+            load_s = time.perf_counter() - t0
+            y = m(x, glyph, prior, torch.zeros_like(prior, dtype=torch.bool), **kw)
+    _save(out, y[0])
+    return {"who": who, "load_s": load_s, "seconds": time.perf_counter() - t0, "peak_rss": vm_hwm(),
+            "finite": bool(torch.isfinite(y).all())}
+
+
+def _save(path: str, t: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+    save_file({"x": t.detach().float().contiguous()}, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("job", choices=["checkpoint", "load", "t2i", "ar-logits", "dit-forward"])
+    ap.add_argument("args", nargs="*")
+    ap.add_argument("--folder", default=FOLDER)
+    ap.add_argument("--out")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    if a.job == "checkpoint":
+        r = checkpoint(a.folder)
+        r["layout"] = checkpoint_facts(a.folder)
+    elif a.job == "load":
+        r = load(a.folder, *a.args)
+    elif a.job == "t2i":
+        r = t2i(a.folder, *a.args)
+    elif a.job == "ar-logits":
+        r = ar_logits(a.folder, a.args[0], a.out)
+    else:
+        r = dit_forward(a.folder, a.args[0], a.out)
+    result(r)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""bench/results/fullsize.md from the figures tests/fullsize collects (bench/results/fullsize.json)."""
+from __future__ import annotations
+
+GIB = 1024 ** 3
+
+
+def _g(b) -> str:
+    return "–" if b is None else f"{b / GIB:.2f}"
+
+
+def _s(x, fmt="{:.1f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def markdown(r: dict) -> str:
+    m = r.get("machine", {})
+    out = ["# GLM-Image at the official size, on a CPU machine", "",
+           f"Machine: {m.get('cpus')} cores, {m.get('ram_gib')} GiB RAM, no GPU ({m.get('platform')}); {m.get('date')}.",
+           "Written by `make fullsize` (tests/fullsize, bench/fullsize.py): the random full-size checkpoint in the "
+           "official layout (bf16, shards ≤ 5 GB), each job in a fresh process; RSS is the process's peak (VmHWM), "
+           "interpreter and torch included.", ""]
+    ck = r.get("checkpoint")
+    if ck:
+        lay = ck.get("layout", {})
+        total = sum(sum(f["bytes"]) for f in lay.values())
+        out += ["## Checkpoint", "",
+                f"{total / 1e9:.1f} GB on disk: " + ", ".join(f"{c} {sum(f['bytes']) / 1e9:.1f} GB in {len(f['files'])} file(s)"
+                                                            for c, f in lay.items()) +
+                (f"; written in {ck['seconds'] / 60:.1f} min." if ck.get("written") else " (reused)."), ""]
+    if r.get("load"):
+        out += ["## Streamed loading (one network per process)", "",
+                "| network | storage | params | in memory (GiB) | peak RSS (GiB) | bound: memory + 1 GiB | load (s) |",
+                "|---|---|---|---|---|---|---|"]
+        order = {c: i for i, c in enumerate(("ar_text", "ar_vision", "dit", "glyph_encoder", "vae"))}
+        for x in sorted(r["load"], key=lambda x: (x["dtype"], order.get(x["component"], 9))):
+            ok = "ok" if x["peak_rss"] <= x["final_bytes"] + GIB else "**exceeded**"
+            out.append(f"| {x['component']} | {x['dtype']} | {x['params'] / 1e9:.3f} B | {_g(x['final_bytes'])} | "
+                       f"{_g(x['peak_rss'])} | {ok} | {x['seconds']:.1f} |")
+        out += ["", "bf16 weights stay in the file's pages (copy-on-write mapping): they are paged in when first "
+                "used and the OS can drop them again under memory pressure, so a stage that is done does not pin RAM.", ""]
+    for kind, title in (("ar-logits", "AR: logits of the first sampled token (256² prompt)"),
+                        ("dit-forward", "DiT: one forward at 256²")):
+        p = r.get(kind)
+        if p and "rel_l2" in p:
+            out += [f"## Parity with the official classes, bf16: {title}", "",
+                    f"relative L2 vs official: **{p['rel_l2']:.4f}** (tolerance {p['tolerance']:.4f}); negative control "
+                    f"(one layer's weights ×1.01): {p['rel_l2_negative_control']:.4f}. Official load {p['official']['load_s']:.0f} s, "
+                    f"peak RSS {_g(p['official']['peak_rss'])} GiB; ours {p['ours']['load_s']:.0f} s, {_g(p['ours']['peak_rss'])} GiB.", ""]
+    if r.get("t2i"):
+        out += ["## Whole text-to-image through ComfyUI (256², 2 steps, cfg 1.5, compute bf16)", "",
+                "| storage | ComfyUI | total (min) | AR s/token | AR tokens | DiT s/step | peak RSS (GiB) | image |",
+                "|---|---|---|---|---|---|---|---|"]
+        for x in r["t2i"]:
+            img = "finite" if x.get("image_finite") else "NOT finite"
+            out.append(f"| {x['dtype']} | {x.get('comfyui', '?')} | {x['seconds'] / 60:.1f} | {_s(x['ar_s_per_token'], '{:.2f}')} | "
+                       f"{x['ar_tokens']} | {_s(x['dit_s_per_step'])} | {_g(x['peak_rss'])} | {x['image_shape']} {img} |")
+        out.append("")
+    return "\n".join(out) + "\n"

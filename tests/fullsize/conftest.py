@@ -1,0 +1,38 @@
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS = os.path.join(ROOT, "bench", "results")
+
+
+@pytest.fixture(scope="session")
+def fullsize_report():
+    """Figures the full-size tests collect; written to bench/results/fullsize.{json,md} at the end,
+    merged into the previous report (a run of some tests keeps the others' last figures)."""
+    path = os.path.join(RESULTS, "fullsize.json")
+    old = json.load(open(path)) if os.path.isfile(path) else {}
+    report: dict = {}
+    yield report
+    import platform
+    import time
+    merged = dict(old)
+    merged.update(report)
+    if "load" in report and "load" in old:       # keep the rows of loads not re-run
+        seen = {(r["component"], r["dtype"]) for r in report["load"]}
+        merged["load"] = report["load"] + [r for r in old["load"] if (r["component"], r["dtype"]) not in seen]
+    if "t2i" in report and "t2i" in old:
+        seen = {r["dtype"] for r in report["t2i"]}
+        merged["t2i"] = report["t2i"] + [r for r in old["t2i"] if r["dtype"] not in seen]
+    merged["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                         "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
+                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=2)
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import fullsize_report as fr
+    with open(os.path.join(RESULTS, "fullsize.md"), "w") as f:
+        f.write(fr.markdown(merged))

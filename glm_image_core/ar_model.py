@@ -617,7 +617,7 @@ def build_ar(config: dict, files: Sequence[str], dtype: torch.dtype = torch.floa
     # Keys of the parts not built are never read; keys of no part stay in, to be reported as unexpected.
     model = build_loaded(make, operations, files, what, storage=ckpt.storage_dtypes(dtype, FP8_WEIGHT_KEYS, compute),
                          device=device, keep=lambda k: part_of_key(k) in parts + (None,),
-                         ignore_unexpected=IGNORED_KEYS, fresh_copy=True)
+                         ignore_unexpected=IGNORED_KEYS)
     if cpu_gemv_layout:
         _relayout_for_cpu_gemv(model)
     return model

@@ -180,9 +180,16 @@ def safetensors_header(path: str) -> Tuple[Dict[str, str], Dict[str, Tuple[str, 
     return meta, tensors
 
 
-# Tensors whose data start on this boundary in the file may be used in place (see iter_safetensors):
-# the same alignment a fresh torch allocation has, so CPU kernels round the same either way.
-MAP_ALIGNMENT = 64
+# fp32 tensors are used in place only when their data start on this boundary in the file (the alignment
+# of a fresh torch allocation): CPU fp32 GEMMs round differently on unaligned data, which would break
+# the bit-exact CPU parity with the official pipeline (it copies). 16- and 8-bit tensors only need their
+# natural alignment: the official safetensors files align the data section to 8 bytes, not 64.
+FP32_MAP_ALIGNMENT = 64
+
+
+def _mappable(offset: int, dtype: torch.dtype) -> bool:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return offset % (FP32_MAP_ALIGNMENT if itemsize >= 4 else itemsize) == 0
 
 
 def iter_safetensors(paths: Iterable[str], device: str | torch.device = "cpu", dtype: StorageDtype = None,
@@ -194,7 +201,7 @@ def iter_safetensors(paths: Iterable[str], device: str | torch.device = "cpu", d
     A tensor kept in the file's dtype on the CPU is not copied: it is a view of the file mapped
     copy-on-write, so its pages are file-backed (the OS can drop and re-read them under memory
     pressure instead of swapping) and cost no RAM until touched — unless ``fresh`` or its data is
-    not ``MAP_ALIGNMENT``-aligned in the file. Anything else is read into a new tensor (never
+    not aligned in the file (see ``FP32_MAP_ALIGNMENT``). Anything else is read into a new tensor (never
     through a mapping: pages only read to be cast do not stay in the process).
     ``keep``: the keys to read (others are never read from disk). A truncated or corrupt file gives
     a CheckpointError naming it.
@@ -218,7 +225,7 @@ def iter_safetensors(paths: Iterable[str], device: str | torch.device = "cpu", d
                 probe = torch.empty(shape, dtype=file_dtype, device="meta")   # what the storage rule looks at
                 want = storage_dtype_of(dtype, key, probe) or file_dtype
                 if (not fresh and want == file_dtype and device.type == "cpu" and end > start
-                        and (base + start) % MAP_ALIGNMENT == 0):
+                        and _mappable(base + start, file_dtype)):
                     if mapped is None:
                         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                     t = torch.frombuffer(mapped, dtype=file_dtype, count=(end - start) // probe.element_size(),

@@ -87,16 +87,15 @@ def declared_shapes(make: Callable[[object], nn.Module]) -> Shapes:
 
 def build_loaded(make: Callable[[object], nn.Module], operations, files: Sequence[str], what: str,
                  storage: ckpt.StorageDtype = None, device="cpu", keep: Optional[Callable[[str], bool]] = None,
-                 aliases: Optional[Dict[str, str]] = None, ignore_unexpected: Iterable[str] = (),
-                 fresh_copy: bool = False) -> nn.Module:
+                 aliases: Optional[Dict[str, str]] = None, ignore_unexpected: Iterable[str] = ()) -> nn.Module:
     """Build a network and load its weights from safetensors ``files`` (a folder's shards or one file).
 
     ``make(operations) -> nn.Module`` builds it on the meta device (it passes ``device="meta"``);
     ``storage``: how each floating tensor is stored (``checkpoint.storage_dtypes``); ``device``: where
     the weights go; ``keep``: the keys to read (others are never read from disk); ``aliases``:
     {file key: network key} used when the network key itself is absent (e.g. a tied embedding);
-    ``ignore_unexpected``: key prefixes of the official files unused at inference; ``fresh_copy``:
-    never use a tensor in place from the mapped file (see ``checkpoint.iter_safetensors``).
+    ``ignore_unexpected``: key prefixes of the official files unused at inference. Tensors kept in the
+    file's dtype on the CPU stay in the file's pages (see ``checkpoint.iter_safetensors``).
 
     Streams: the keys and shapes are checked from the files' headers before any weight is read,
     then each tensor is read, cast, placed and assigned to its layer before the next is read, so
@@ -120,7 +119,7 @@ def build_loaded(make: Callable[[object], nn.Module], operations, files: Sequenc
     for k, (mod, _, _) in owner.items():
         need[mod] = need.get(mod, 0) + 1
     wanted = lambda k: rename.get(k, k) in declared and (keep is None or keep(k))   # noqa: E731
-    for k, t in ckpt.iter_safetensors(files, device=device, dtype=storage, keep=wanted, fresh=fresh_copy):
+    for k, t in ckpt.iter_safetensors(files, device=device, dtype=storage, keep=wanted):
         k = rename.get(k, k)
         mod, _, name = owner[k]
         group = pending.setdefault(mod, {})

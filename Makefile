@@ -26,7 +26,7 @@ endif
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: help host host33 tiny browser-deps test test-core test-fast test-host test-server test-browser \
-        workflows-check demo bench memory fullsize clean distclean
+        workflows-check demo bench memory fullsize gpu-check clean distclean
 
 help:
 	@echo "make host          install the ComfyUI 0.3.75 test host + venv (scripts/install_host.sh; idempotent)"
@@ -42,6 +42,7 @@ help:
 	@echo "make bench         pack vs official pipeline, medium checkpoint, CPU (bench/run.py \$$BENCH_ARGS; ~5 min)"
 	@echo "make memory        GPU memory plan of a 1024² t2i (bench/memory.py \$$MEMORY_ARGS, e.g. --cpu-check; measured when CUDA is there)"
 	@echo "make fullsize      the official-size random checkpoint on this machine: loading RSS, parity, whole t2i (~1-2 h; not in make test)"
+	@echo "make gpu-check     on a CUDA machine: pack vs official at full size, memory caps, determinism (bench/gpu_check.py)"
 	@echo "make clean         remove caches, artifacts, demo output, node_modules (keeps .venv/.host)"
 	@echo "make distclean     clean + remove .venv and .host"
 
@@ -105,6 +106,11 @@ FULLSIZE_HOST = $(if $(wildcard .host33/ComfyUI/main.py),COMFYUI_DIR=$(CURDIR)/.
 fullsize: host
 	GLM_FULLSIZE=1 OMP_NUM_THREADS=$$(nproc) $(FULLSIZE_HOST) -m pytest tests/fullsize -q -rfEsx -p no:cacheprovider \
 	  --junitxml=$(ART)/fullsize-junit.xml $(FULLSIZE_ARGS)
+
+# The one prepared script for a lent GPU (bench/gpu_check.py; --dry-run runs in make test). Runs the
+# pack on the 0.33 host (dynamic VRAM on, as ComfyUI's default on NVIDIA) when it is installed.
+gpu-check: host host33
+	$(FULLSIZE_HOST) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .cache $(ART) demo-output tests/browser/node_modules

@@ -177,7 +177,7 @@ def pack_graph(model_name: str, res: int, steps: int, seed: int, weight_dtype: s
 class PackSide:
     name = "pack"
 
-    def __init__(self, folder: str, device: str, weight_dtype: str, base_dir: str):
+    def __init__(self, folder: str, device: str, weight_dtype: str, base_dir: str, host_kwargs: dict | None = None):
         import glmtest_host
         name = os.path.basename(os.path.normpath(folder))
         link = os.path.join(base_dir, "models", "diffusers", name)
@@ -187,7 +187,7 @@ class PackSide:
                 os.remove(link)
         if not os.path.exists(link):
             os.symlink(os.path.abspath(folder), link)
-        self.host = glmtest_host.Host(base_dir, cpu=(device == "cpu"))
+        self.host = glmtest_host.Host(base_dir, cpu=(device == "cpu"), **(host_kwargs or {}))
         self.model_name, self.device, self.weight_dtype = name, device, weight_dtype
         self.sync = _sync_fn(device)
         pack = glmtest_host.PACK_DIR.replace(".", "_x_")     # ComfyUI's module name for a custom-node folder
@@ -220,8 +220,10 @@ class PackSide:
             patches.restore()
         r = clock.results["ar"]
         out = {k: stage_times(clock.view(k), steps, r.num_generated, "ar", "ar", "denoise") for k in C.TIMERS}
+        import glmtest_host
+        image = glmtest_host.node_output(self.host, next(k for k, n in g.items() if n["class_type"] == "VAEDecode"))
         return out | {"ar_tokens": r.num_generated, "dit_calls": clock.view("wall").calls["dit"],
-                      "grid_sha": _grid_hash(r.grid[0])}
+                      "grid_sha": _grid_hash(r.grid[0]), "image_sha": _grid_hash((image * 65535).round())}
 
 
 # --------------------------------------------------------------------------------------

@@ -28,12 +28,39 @@ def has_dynamic_vram() -> bool:
     return os.path.isfile(mm_file) and "aimdo_enabled" in open(mm_file, encoding="utf-8").read()
 
 
-def enable_dynamic_vram() -> None:
+def init_aimdo() -> None:
+    """comfy-aimdo's process-wide start, as ComfyUI 0.33's main.py does it when dynamic VRAM is on
+    (every protocol version it knows)."""
+    import comfy_aimdo.control
+    from comfy.cli_args import args
+    headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024 ** 3)
+    try:
+        comfy_aimdo.control.init(simple_vram_headroom=headroom, nvml_pressure=not args.disable_nvml_pressure)
+    except TypeError:
+        try:
+            comfy_aimdo.control.init(simple_vram_headroom=headroom)
+        except TypeError:
+            comfy_aimdo.control.init()
+
+
+def enable_dynamic_vram(gpu: bool = False) -> None:
     """Switch dynamic VRAM on in this process with ComfyUI's own switches, exactly as its main.py
-    does on NVIDIA (``--enable-dynamic-vram`` itself cannot start without a GPU). Must run before
-    any model is built: comfy.ops layers read it when they are constructed."""
+    does on NVIDIA (``--enable-dynamic-vram`` itself cannot start without a GPU; on a GPU the
+    devices are registered with comfy-aimdo first, as main.py does). Must run before any model is
+    built: comfy.ops layers read it when they are constructed."""
     import comfy.memory_management
+    import comfy.model_management as mm
     import comfy.model_patcher
+    if gpu:
+        import comfy_aimdo.control
+        from comfy.cli_args import args
+        devices = mm.get_all_torch_devices()
+        try:
+            ok = comfy_aimdo.control.init_devices((d.index, int(args.vram_headroom * 1024 ** 3)) for d in devices)
+        except TypeError:
+            ok = comfy_aimdo.control.init_devices(d.index for d in devices)
+        if not ok:
+            raise RuntimeError("comfy-aimdo could not start on this GPU: dynamic VRAM is not available")
     comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
     comfy.memory_management.aimdo_enabled = True
 
@@ -79,13 +106,16 @@ class ProgressRecorder:
 class Host:
     """A live in-process ComfyUI with this pack loaded."""
 
-    def __init__(self, base_dir: str, cpu: bool = True, dynamic_vram: bool = False):
+    def __init__(self, base_dir: str, cpu: bool = True, dynamic_vram: bool = False, lowvram: bool = False):
         if not os.path.isfile(os.path.join(COMFY_DIR, "main.py")):
             raise RuntimeError(f"ComfyUI host not found at {COMFY_DIR}: run `make host` first")
         if COMFY_DIR not in sys.path:
             sys.path.insert(0, COMFY_DIR)
         from comfy.cli_args import args
         args.cpu = cpu                       # must precede the first import of comfy.model_management
+        args.lowvram = lowvram
+        if dynamic_vram and not cpu:
+            init_aimdo()                     # as main.py: before torch touches the GPU
         import folder_paths
         self.base_dir = base_dir
         for sub in ("output", "input", "temp", "models/diffusers", "models/upscale_models"):
@@ -99,7 +129,7 @@ class Host:
         import execution
         self.folder_paths, self.nodes, self.execution = folder_paths, nodes, execution
         if dynamic_vram:
-            enable_dynamic_vram()
+            enable_dynamic_vram(gpu=not cpu)
 
         async def load():
             await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)

@@ -99,4 +99,4 @@ def test_whole_text_to_image_completes(folder, fullsize_report, dtype):
     r = job("t2i", dtype, timeout=4 * 3600)
     fullsize_report.setdefault("t2i", []).append(r)
     assert r["image_shape"] == [1, 256, 256, 3] and r["image_finite"] and r["latent_finite"], r
-    assert r["grid"] == [8, 8], r
+    assert r["grid"] == [1, 8, 8], r

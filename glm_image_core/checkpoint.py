@@ -201,8 +201,8 @@ def iter_safetensors(paths: Iterable[str], device: str | torch.device = "cpu", d
     A tensor kept in the file's dtype on the CPU is not copied: it is a view of the file mapped
     copy-on-write, so its pages are file-backed (the OS can drop and re-read them under memory
     pressure instead of swapping) and cost no RAM until touched — unless ``fresh`` or its data is
-    not aligned in the file (see ``FP32_MAP_ALIGNMENT``). Anything else is read into a new tensor (never
-    through a mapping: pages only read to be cast do not stay in the process).
+    not aligned in the file (see ``FP32_MAP_ALIGNMENT``). Anything else is cast from the mapping into a
+    new tensor, and the pages it was read from are released at once (they do not stay in the process).
     ``keep``: the keys to read (others are never read from disk). A truncated or corrupt file gives
     a CheckpointError naming it.
     """
@@ -224,18 +224,24 @@ def iter_safetensors(paths: Iterable[str], device: str | torch.device = "cpu", d
                 start, end = offsets[key]["data_offsets"]
                 probe = torch.empty(shape, dtype=file_dtype, device="meta")   # what the storage rule looks at
                 want = storage_dtype_of(dtype, key, probe) or file_dtype
-                if (not fresh and want == file_dtype and device.type == "cpu" and end > start
-                        and _mappable(base + start, file_dtype)):
+                if end == start:
+                    t = torch.empty(shape, dtype=want, device=device)
+                elif (base + start) % probe.element_size():     # not even element-aligned: plain read
+                    t = torch.empty(shape, dtype=file_dtype)
+                    f.seek(base + start)
+                    f.readinto(memoryview(t.view(torch.uint8).numpy()).cast("B"))
+                    t = t.to(device=device, dtype=want)
+                else:
                     if mapped is None:
                         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                     t = torch.frombuffer(mapped, dtype=file_dtype, count=(end - start) // probe.element_size(),
                                          offset=base + start).view(shape)
-                else:
-                    t = torch.empty(shape, dtype=file_dtype)
-                    if end > start:
-                        f.seek(base + start)
-                        f.readinto(memoryview(t.view(torch.uint8).numpy()).cast("B"))
-                    t = t.to(device=device, dtype=want)
+                    if fresh or want != file_dtype or device.type != "cpu" or not _mappable(base + start, file_dtype):
+                        t = t.to(device=device, dtype=want, copy=True)
+                        # the pages only read to be cast leave this process now (unmodified copy-on-write
+                        # pages: the OS re-reads them from the file should a neighbour need them)
+                        lo = (base + start) // mmap.PAGESIZE * mmap.PAGESIZE
+                        mapped.madvise(mmap.MADV_DONTNEED, lo, base + end - lo)
                 yield key, t
                 del t
 

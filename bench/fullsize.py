@@ -135,8 +135,13 @@ def t2i(folder: str, dtype: str) -> dict:
     host = glmtest_host.Host(base)
     import comfy.utils
     events = []
-    comfy.utils.set_progress_bar_global_hook(
-        lambda v, t, preview, node_id=None: events.append((time.perf_counter(), node_id, v, t)))
+
+    def hook(v, t, preview, node_id=None):
+        events.append((time.perf_counter(), node_id, v, t))
+        if v % 10 == 0 or v == t:          # a progress line on stderr (the AR is long at full size)
+            print(f"[t2i {dtype}] node {node_id}: {v}/{t} at {events[-1][0] - t0:.0f} s", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    comfy.utils.set_progress_bar_global_hook(hook)
     wd = {"bf16": "default", "fp8": "fp8_e4m3fn"}[dtype]
     prompt = {
         "1": {"class_type": "GLMImageLoader", "inputs": {"model": name, "weight_dtype": wd, "compute_dtype": "bf16"}},
@@ -147,7 +152,6 @@ def t2i(folder: str, dtype: str) -> dict:
         "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 2]}},
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
     }
-    t0 = time.perf_counter()
     host.run_ok(prompt)
     total = time.perf_counter() - t0
     image = glmtest_host.node_output(host, "4")

@@ -43,9 +43,10 @@ def markdown(r: dict) -> str:
         p = r.get(kind)
         if p and "rel_l2" in p:
             out += [f"## Parity with the official classes, bf16: {title}", "",
-                    f"relative L2 vs official: **{p['rel_l2']:.4f}** (tolerance {p['tolerance']:.4f}); negative control "
-                    f"(one layer's weights ×1.01): {p['rel_l2_negative_control']:.4f}. Official load {p['official']['load_s']:.0f} s, "
-                    f"peak RSS {_g(p['official']['peak_rss'])} GiB; ours {p['ours']['load_s']:.0f} s, {_g(p['ours']['peak_rss'])} GiB.", ""]
+                    f"relative L2 vs official: **{p['rel_l2']:.2g}** (tolerance {p['tolerance']:.2g}: one bf16 rounding of "
+                    f"the output); negative control (one layer's weights ×1.01): {p['rel_l2_negative_control']:.2g}. Official load {p['official']['load_s']:.0f} s, "
+                    f"peak RSS {_g(p['official']['peak_rss'])} GiB; ours {p['ours']['load_s']:.1f} s, {_g(p['ours']['peak_rss'])} GiB "
+                    f"(file pages the forward touched included).", ""]
     if r.get("t2i"):
         out += ["## Whole text-to-image through ComfyUI (256², 2 steps, cfg 1.5, compute bf16)", "",
                 "| storage | ComfyUI | total (min) | AR s/token | AR tokens | DiT s/step | peak RSS (GiB) | image |",

@@ -25,39 +25,18 @@ from . import checkpoint as ckpt
 
 # Operations without random init (what ComfyUI's ``disable_weight_init`` does): building a
 # multi-billion-parameter model with torch's default init would take minutes.
-class _NoInitLinear(nn.Linear):
-    def reset_parameters(self):
-        return None
-
-
-class _NoInitEmbedding(nn.Embedding):
-    def reset_parameters(self):
-        return None
-
-
-class _NoInitLayerNorm(nn.LayerNorm):
-    def reset_parameters(self):
-        return None
-
-
-class _NoInitConv2d(nn.Conv2d):
-    def reset_parameters(self):
-        return None
-
-
-class _NoInitGroupNorm(nn.GroupNorm):
-    def reset_parameters(self):
-        return None
+def _without_init(layer: type) -> type:
+    return type(f"NoInit{layer.__name__}", (layer,), {"reset_parameters": lambda self: None})
 
 
 class no_init_ops:
     """``operations`` namespace like torch.nn but leaving parameters uninitialised (weights are
     loaded right after construction)."""
-    Linear = _NoInitLinear
-    Embedding = _NoInitEmbedding
-    LayerNorm = _NoInitLayerNorm
-    Conv2d = _NoInitConv2d
-    GroupNorm = _NoInitGroupNorm
+    Linear = _without_init(nn.Linear)
+    Embedding = _without_init(nn.Embedding)
+    LayerNorm = _without_init(nn.LayerNorm)
+    Conv2d = _without_init(nn.Conv2d)
+    GroupNorm = _without_init(nn.GroupNorm)
 
 
 def loading_ops(operations):

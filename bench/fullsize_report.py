@@ -56,4 +56,11 @@ def markdown(r: dict) -> str:
             out.append(f"| {x['dtype']} | {x.get('comfyui', '?')} | {x['seconds'] / 60:.1f} | {_s(x['ar_s_per_token'], '{:.2f}')} | "
                        f"{x['ar_tokens']} | {_s(x['dit_s_per_step'])} | {_g(x['peak_rss'])} | {x['image_shape']} {img} |")
         out.append("")
+    part = r.get("t2i_fp8_partial")
+    if part and not any(x["dtype"] == "fp8" for x in r.get("t2i", [])):
+        out += [f"fp8 storage: **not completed here.** The AR reached {part['tokens_reached']} of {part['of']} tokens, at "
+                f"{part['s_per_token_uncontended']:.0f} s per token on the quiet machine ({part['note']}). On a CPU, fp8 "
+                "storage costs one fp8 → bf16 conversion of every weight of the AR per token (ComfyUI's manual cast, "
+                "comfy.ops), about 8.2 G elements; fp8 is a GPU format, and on this machine the whole run would take "
+                "about 2 hours.", ""]
     return "\n".join(out) + "\n"

@@ -20,7 +20,7 @@ if SUPPORT not in sys.path:
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-# The full-size tier (tests/fullsize: about an hour of CPU, ~34 GB of weights) is collected only when
+# The full-size tier (tests/fullsize: 20 min to 2.5 h of CPU, 35 GB of weights) is collected only when
 # asked for (GLM_FULLSIZE=1, which `make fullsize` sets), never by `make test`.
 collect_ignore = [] if os.environ.get("GLM_FULLSIZE") == "1" else ["fullsize"]
 

@@ -1,6 +1,7 @@
 """GLM-Image at the official size on this machine (2 cores, 24 GiB RAM, no GPU), with the random
 full-size bf16 checkpoint in the official layout (bench/fullsize.py writes it once to .cache/).
-Opt-in (GLM_FULLSIZE=1; `make fullsize`), never part of `make test`: about an hour of CPU.
+Opt-in (GLM_FULLSIZE=1; `make fullsize`), never part of `make test`: about 20 minutes of CPU, plus
+about 2 hours for the fp8 text-to-image (fp8 storage casts every weight on every token on a CPU).
 Every job runs in a fresh process (bench/fullsize.py) so peak RSS is its own; the figures go to
 bench/results/fullsize.{md,json} (tests/fullsize/conftest.py)."""
 import json

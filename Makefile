@@ -44,7 +44,7 @@ help:
 	@echo "make fullsize      the official-size random checkpoint on this machine: loading RSS, parity, whole t2i (~20 min + ~2 h for fp8; not in make test)"
 	@echo "make gpu-check     on a CUDA machine: pack vs official at full size, memory caps, determinism (bench/gpu_check.py)"
 	@echo "make clean         remove caches, artifacts, demo output, node_modules (keeps .venv/.host)"
-	@echo "make distclean     clean + remove .venv and .host"
+	@echo "make distclean     clean + remove .venv, .host, .venv33 and .host33"
 
 host:
 	bash scripts/install_host.sh

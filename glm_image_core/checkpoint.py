@@ -144,12 +144,6 @@ def storage_dtype_of(dtype: StorageDtype, key: str, t: torch.Tensor) -> Optional
     return dtype(key, t) if callable(dtype) else dtype
 
 
-def cast_for_storage(key: str, t: torch.Tensor, dtype: StorageDtype) -> torch.Tensor:
-    """``t`` in the storage dtype ``dtype`` gives for ``key`` (see :func:`storage_dtypes`)."""
-    dt = storage_dtype_of(dtype, key, t)
-    return t if dt is None or dt == t.dtype else t.to(dt)
-
-
 def check_safetensors_path(path: str, what: str = "weights") -> None:
     """Refuse, before opening it, a file that is not a .safetensors file (pickle-based formats are
     never opened: unpickling can run arbitrary code)."""
@@ -193,15 +187,15 @@ def _mappable(offset: int, dtype: torch.dtype) -> bool:
 
 
 def iter_safetensors(paths: Iterable[str], device: str | torch.device = "cpu", dtype: StorageDtype = None,
-                     keep: Optional[Callable[[str], bool]] = None, fresh: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+                     keep: Optional[Callable[[str], bool]] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """(key, tensor) of safetensors files, one tensor at a time: each is read, cast to its storage
     dtype (``dtype``: one dtype or a per-key rule, :func:`storage_dtypes`), placed on ``device`` and
     handed out before the next is read, so loading never holds more than the network being filled.
 
     A tensor kept in the file's dtype on the CPU is not copied: it is a view of the file mapped
     copy-on-write, so its pages are file-backed (the OS can drop and re-read them under memory
-    pressure instead of swapping) and cost no RAM until touched — unless ``fresh`` or its data is
-    not aligned in the file (see ``FP32_MAP_ALIGNMENT``). Anything else is cast from the mapping into a
+    pressure instead of swapping) and cost no RAM until touched — unless its data is not aligned in
+    the file (see ``FP32_MAP_ALIGNMENT``). Anything else is cast from the mapping into a
     new tensor, and the pages it was read from are released at once (they do not stay in the process).
     ``keep``: the keys to read (others are never read from disk). A truncated or corrupt file gives
     a CheckpointError naming it.
@@ -236,7 +230,7 @@ def iter_safetensors(paths: Iterable[str], device: str | torch.device = "cpu", d
                         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                     t = torch.frombuffer(mapped, dtype=file_dtype, count=(end - start) // probe.element_size(),
                                          offset=base + start).view(shape)
-                    if fresh or want != file_dtype or device.type != "cpu" or not _mappable(base + start, file_dtype):
+                    if want != file_dtype or device.type != "cpu" or not _mappable(base + start, file_dtype):
                         t = t.to(device=device, dtype=want, copy=True)
                         # the pages only read to be cast leave this process now (unmodified copy-on-write
                         # pages: the OS re-reads them from the file should a neighbour need them)

@@ -18,7 +18,16 @@ make_venv_with_torch() {
     $PIP install -q --upgrade pip
   fi
   if ! stamp_ok "$VENV/.torch-stamp"; then
-    echo "[$TAG] installing torch 2.14.1 + torchvision 0.29.1"
+    # TORCH_FROM: another venv of this checkout whose torch pair is already installed; its files are
+    # hard-linked (scripts/link_dists.py) so the two hosts share ~5.5 GB of disk instead of twice that.
+    # pip below then finds the pair installed; it installs it itself when linking is not possible.
+    if [ -n "${TORCH_FROM:-}" ] && [ -f "$TORCH_FROM/.torch-stamp" ] \
+       && "$TORCH_FROM/bin/python" "$ROOT/scripts/link_dists.py" \
+            "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" torch torchvision; then
+      echo "[$TAG] torch 2.14.1 + torchvision 0.29.1 linked from $TORCH_FROM"
+    else
+      echo "[$TAG] installing torch 2.14.1 + torchvision 0.29.1"
+    fi
     $PIP install -q torch==2.14.1 torchvision==0.29.1
     "$@"   # extra install commands for this host, run once with torch
     touch "$VENV/.torch-stamp"

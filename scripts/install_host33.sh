@@ -49,6 +49,8 @@ grep -q "__version__ = \"$VERSION\"" "$HOST_DIR/ComfyUI/comfyui_version.py" \
 # torchaudio: 0.33's comfy/ldm and nodes import it at module level. No torchaudio on the registry
 # matches torch 2.14.1's C ABI, but its Python part imports without the C extension, which is all
 # that the code paths GLM-Image touches need; --no-deps keeps it from replacing torch.
+# The torch pair is shared with the 0.3.75 host's venv when that one is installed (make test installs it first).
+TORCH_FROM=${TORCH_FROM-$ROOT/.venv}
 make_venv_with_torch $PIP install -q --no-deps "torchaudio==$TORCHAUDIO"
 
 # torch/torchvision/torchaudio are installed above.

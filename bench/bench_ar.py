@@ -12,6 +12,13 @@ Rows: ``ours`` (default loader: bit-exact with transformers), ``ours+cpu-layout`
 cpu_gemv_layout=True)``: big weights stored column-major for MKL's one-row GEMM; float-rounding-level
 logit differences), ``transformers``. Peak RSS is measured per side in a fresh subprocess.
 
+``--checkpoint deep``: the official depth (40 decoder layers) at a tiny width (tiny_checkpoint's
+"deep"), so a token costs almost no arithmetic and its time is per-token overhead (launches, Python,
+host reads): rows ``ours`` (exact step), ``ours-static-compiled`` (``StaticDecode`` under
+``torch.compile``; its one-time compile is reported apart) and ``transformers``, at ``--size`` (512
+by default there) and then at a second size not seen before in the run (``--size2``), writing
+``bench/results/ar-deep.{md,json}``. The issue's target: ≥ 4× transformers per token, tokens equal.
+
 Reading the numbers: a one-row decode step must stream every decoder weight and the lm_head once
 (130 MB at fp32 for the medium config), so on a CPU it is memory-bandwidth bound. The table's
 "weight GB/s" column shows how close each implementation gets; the footer gives this machine's
@@ -47,6 +54,10 @@ def _load(folder: str, which: str):
     return ar_model.load_ar(vle, cpu_gemv_layout=(which == "ours+cpu-layout")), tok
 
 
+# how each of our sides decodes (generate_tokens' decode/compile); the default is the exact step
+DECODE = {"ours": {}, "ours+cpu-layout": {}, "ours-static-compiled": dict(decode="static", compile=True)}
+
+
 def _run(which: str, obj, size: int, seed: int):
     """(seconds, tokens sampled, grid tokens)"""
     import torch
@@ -66,7 +77,7 @@ def _run(which: str, obj, size: int, seed: int):
         return dt, int(gen.numel()), gen
     m, tok = obj
     t = time.perf_counter()
-    r = ar_generate.generate_tokens(m, tok, PROMPT, size, size, seed)
+    r = ar_generate.generate_tokens(m, tok, PROMPT, size, size, seed, **DECODE[which])
     dt = time.perf_counter() - t
     return dt, r.num_generated, torch.cat([r.preview.reshape(-1), r.grid.reshape(-1)])
 
@@ -82,12 +93,15 @@ def _rss_child(folder: str, which: str, size: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--checkpoint", choices=("medium", "deep"), default="medium")
+    ap.add_argument("--size", type=int, default=None, help="image side (default 256; 512 for deep)")
+    ap.add_argument("--size2", type=int, default=480, help="deep: the second, unseen size")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
-    ap.add_argument("--folder", default=None, help="an existing medium checkpoint (default: write one)")
+    ap.add_argument("--folder", default=None, help="an existing checkpoint of that size (default: write one)")
     ap.add_argument("--no-rss", action="store_true", help="skip the per-side peak-RSS subprocesses")
     ap.add_argument("--_rss-child", nargs=2, metavar=("FOLDER", "WHICH"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    a.size = a.size or (512 if a.checkpoint == "deep" else 256)
 
     import torch
     torch.set_num_threads(a.threads)
@@ -100,7 +114,9 @@ def main(argv=None) -> int:
     if folder is None:
         from glm_image_core.tiny_checkpoint import write_checkpoint
         tmp = tempfile.TemporaryDirectory(prefix="glm-bench-ar-")
-        folder = write_checkpoint(os.path.join(tmp.name, "GLM-Image-medium"), "medium", seed=0)
+        folder = write_checkpoint(os.path.join(tmp.name, f"GLM-Image-{a.checkpoint}"), a.checkpoint, seed=0)
+    if a.checkpoint == "deep":
+        return _deep(a, folder, tmp)
     sides = ["ours", "ours+cpu-layout", "hf"]
     objs = {s: _load(folder, s) for s in sides}
     for s in sides:                       # warm-up (first-call allocations, lazy inits)
@@ -169,6 +185,62 @@ def main(argv=None) -> int:
               f"{min(base.values()):.0f} MB")
     print(f"tokens, seed 0: ours (unrestricted) == transformers: {same_unres}; ours (codebook-restricted) == "
           f"transformers: {same_restricted}; ours == ours+cpu-layout: {same_layout}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def _deep(a, folder: str, tmp) -> int:
+    """Per-token overhead at the official depth: exact step, static compiled step, transformers."""
+    import torch
+    sides = ["ours", "ours-static-compiled", "hf"]
+    objs = {s: _load(folder, s) for s in sides}
+    t = time.perf_counter()
+    _run("ours-static-compiled", objs["ours-static-compiled"], a.size, 123)   # compiles the step once
+    compile_s = time.perf_counter() - t
+    for s in sides:
+        _run(s, objs[s], 64, 123)                                              # warm-up
+    rows, toks = {}, {}
+    for size in (a.size, a.size2):
+        times = {s: [] for s in sides}
+        for rep in range(a.reps):
+            for s in (sides if rep % 2 == 0 else sides[::-1]):
+                dt, n, gen = _run(s, objs[s], size, rep)
+                times[s].append(dt / n)
+                if rep == 0:
+                    toks[(s, size)] = gen
+        rows[size] = {s: statistics.median(v) * 1e3 for s, v in times.items()}
+    same = {size: bool(torch.equal(toks[("ours", size)], toks[("ours-static-compiled", size)]))
+            for size in rows}
+    from glm_image_core import ar_generate
+    m, tok = objs["ours"]
+    same_hf = {}
+    for size in rows:
+        ru = ar_generate.generate_tokens(m, tok, PROMPT, size, size, 0, restrict_to_codebook=False)
+        unres = torch.cat([ru.preview.reshape(-1), ru.grid.reshape(-1)])
+        same_hf[size] = bool(torch.equal(unres, toks[("hf", size)][:unres.numel()]))
+    lines = [f"### AR decode, deep checkpoint (40 layers, width 64), CPU fp32, {a.threads} thread(s), "
+             f"median of {a.reps} alternating reps\n",
+             "| size | transformers ms/token | ours (exact) ms/token | ours (static, compiled) ms/token "
+             "| exact vs transformers | static vs transformers |", "|---|---|---|---|---|---|"]
+    for size, r in rows.items():
+        note = "" if size == a.size else " (not seen before)"
+        lines.append(f"| {size}×{size}{note} | {r['hf']:.2f} | {r['ours']:.2f} | {r['ours-static-compiled']:.2f} "
+                     f"| {r['hf'] / r['ours']:.2f}× | {r['hf'] / r['ours-static-compiled']:.2f}× |")
+    lines.append(f"\none-time torch.compile of the static step (first {a.size}² run, included nowhere above): "
+                 f"{compile_s:.1f} s. Tokens, seed 0: static == exact: {same}; ours (unrestricted) == "
+                 f"transformers: {same_hf}.")
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "ar-deep.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, "ar-deep.json"), "w") as f:
+        json.dump({"ms_per_token": {str(k): v for k, v in rows.items()}, "compile_s": compile_s,
+                   "static_equals_exact": {str(k): v for k, v in same.items()},
+                   "ours_equals_transformers": {str(k): v for k, v in same_hf.items()},
+                   "threads": a.threads, "reps": a.reps}, f, indent=2)
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -41,14 +41,18 @@ weights stored column-major: ~1.35x faster steps, float-rounding-level logit dif
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import ar_prompt, image_proc
+
+log = logging.getLogger(__name__)
 
 PHASE_PREFILL = "prefill"
 PHASE_PREVIEW = "preview"
@@ -88,7 +92,7 @@ class CodebookSampler:
     """
 
     def __init__(self, temperature: float, top_p: float, top_k: int, vocab_size: int, codebook_size: int,
-                 generator: torch.Generator, restrict: bool = True):
+                 generator: torch.Generator, restrict: bool = True, sync_free: bool = False):
         if not (temperature > 0):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not (0 < top_p <= 1.0):
@@ -102,6 +106,9 @@ class CodebookSampler:
         self.codebook_size = min(codebook_size, vocab_size)
         self.generator = generator
         self.restrict = restrict
+        # sync_free: the top-p mask by transformers' own sort + scatter (bit-identical, all on the
+        # device) instead of the faster CPU path, which reads one flag back to the host per token
+        self.sync_free = sync_free
         self._q = None
 
     def __call__(self, logits: torch.Tensor):
@@ -113,7 +120,8 @@ class CodebookSampler:
             kth = torch.topk(scores, self.top_k)[0][..., -1, None]
             scores = scores.masked_fill(scores < kth, -float("inf"))
         if self.top_p < 1.0:
-            scores = scores.masked_fill(top_p_remove_mask(scores, self.top_p), -float("inf"))
+            mask = (top_p_remove_mask_reference if self.sync_free else top_p_remove_mask)(scores, self.top_p)
+            scores = scores.masked_fill(mask, -float("inf"))
         probs = torch.nn.functional.softmax(scores, dim=-1)
         if self._q is None or self._q.shape != probs.shape or self._q.device != probs.device:
             self._q = torch.empty_like(probs)
@@ -183,7 +191,7 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
                     reference_grids: Optional[Sequence[torch.Tensor]] = None,
                     callback: Optional[Callable[[int, int, str], None]] = None, compile: bool = False,
                     device=None, dtype: Optional[torch.dtype] = None, restrict_to_codebook: bool = True,
-                    return_logits: bool = False) -> ARResult:
+                    return_logits: bool = False, decode: str = "auto") -> ARResult:
     """Sample the semantic-token grid(s) of ``prompt`` at ``width``×``height`` (multiples of 32).
 
     ``model``: :class:`glm_image_core.ar_model.GlmImageAR`; ``tokenizer``:
@@ -196,11 +204,15 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
     more positions than the model's context (``max_position_embeddings``) is refused up front.
     ``device``/``dtype``: where and in which dtype to compute (default: the model's device and
     ``model.compute_dtype``). ``compile=True`` runs the decode step through ``torch.compile``.
+    ``decode``: one of :data:`DECODE_MODES` (see :class:`StaticDecode`); ``"auto"`` is ``"graphs"`` on
+    CUDA and ``"exact"`` elsewhere.
     ``restrict_to_codebook=False`` / ``return_logits`` are for parity tests only.
     See the module docstring for the exact sampling semantics.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     for name, v in (("width", width), ("height", height)):
         if v % ar_prompt.GRID_FACTOR or v < ar_prompt.GRID_FACTOR:
             raise ValueError(f"{name} must be a positive multiple of {ar_prompt.GRID_FACTOR}, got {v}")
@@ -227,20 +239,32 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
     replaced = torch.zeros(B, dtype=torch.long, device=device)
     logits_log = [] if return_logits else None
 
+    if decode == "auto":
+        decode = "graphs" if device.type == "cuda" else "exact"
+    static = decode != "exact"
+    sampler.sync_free = static and device.type != "cpu"     # a host read costs nothing on the CPU
+
     with torch.no_grad():
-        cache = model.new_cache(B, L + n_gen, dtype=dtype, device=device)
+        cache = model.new_cache(B, cache_capacity(L + n_gen) if static else L + n_gen, dtype=dtype, device=device)
         t0 = time.perf_counter()
         inp = ids.to(device)[None].expand(B, L)
         logits = model(inp, pre_pos.to(device), cache=cache, start=0, last_only=True, dtype=dtype)
         # every decode step's rotary table at once: token k is fed back at decode column k
-        cos_all, sin_all = lm.rope(dec_pos[:, :max(n_gen - 1, 1)].to(device), dtype)   # [1, n, rot]
-        step = _make_step(model, cache, compile)
+        dec_cols = dec_pos[:, :max(n_gen - 1, 1)].to(device)
+        if static:
+            step = StaticDecode(model, cache, dec_cols, L, dtype, graphs=decode == "graphs", compile=compile)
+        else:
+            cos_all, sin_all = lm.rope(dec_cols, dtype)   # [1, n, rot]
+            step = _make_step(model, cache, compile)
         t1 = time.perf_counter()
         if callback is not None:
             callback(0, n_gen, PHASE_PREFILL)
         for i in range(n_gen):
             if i > 0:
-                logits = step(out[:, i - 1:i], cos_all[:, i - 1:i], sin_all[:, i - 1:i], L + i - 1)
+                if static:
+                    logits = step(out[:, i - 1:i])
+                else:
+                    logits = step(out[:, i - 1:i], cos_all[:, i - 1:i], sin_all[:, i - 1:i], L + i - 1)
             last = logits[:, -1].to(torch.float32)
             if logits_log is not None:
                 logits_log.append(last.clone())
@@ -281,6 +305,128 @@ def _make_step(model, cache, compile: bool):
     if compile:
         return torch.compile(step, dynamic=True)
     return step
+
+
+DECODE_MODES = ("auto", "exact", "static", "graphs")
+CACHE_BUCKET = 512
+
+
+def cache_capacity(positions: int) -> int:
+    """KV-cache rows for ``positions`` (prompt + generated tokens), rounded up to a multiple of
+    :data:`CACHE_BUCKET`: image sizes whose prompt and grid fall in one bucket share every shape of
+    the static decode step, so one compiled graph / CUDA graph serves them all."""
+    return -(-int(positions) // CACHE_BUCKET) * CACHE_BUCKET
+
+
+def _static_step(model, cache, tok, col, row, cos_t, sin_t, rows, dtype):
+    """One decode step of fixed shapes: token ``tok`` [B, 1], fed at decode column ``col`` and cache
+    row ``row`` (device tensors [1], advanced in place), attends the whole cache under the mask
+    ``rows <= row``. Module-level so that ``torch.compile`` caches one graph per shape."""
+    lm = model.language_model
+    x = lm.embed(tok, dtype, tok.device)
+    cos = cos_t.index_select(1, col)
+    sin = sin_t.index_select(1, col)
+    # additive (0 / -inf), made once here: a bool mask would be converted again in every layer
+    mask = torch.zeros_like(cos_t[0, :, 0]).masked_fill(rows > row, float("-inf")).view(1, 1, 1, -1)
+    logits = model.lm_head(lm(x, cos, sin, cache, row, last_only=True, attn_mask=mask))
+    col += 1
+    row += 1
+    return logits
+
+
+_COMPILED_STEP = {}
+
+
+class StaticDecode:
+    """The decode step built for GPUs: every shape fixed by the cache's capacity (bucketed, see
+    :func:`cache_capacity`), positions and rotary rows as device tensors advanced on the device, KV
+    rows written in place, attention over the whole cache with a position mask, no value read back
+    to the host. So the step can be captured once and replayed:
+
+    * ``graphs=True`` on CUDA: a CUDA graph, captured at the first call and replayed for every token
+      (falls back to eager, with one log line, when capture is not possible, e.g. weights streamed
+      from the CPU under ``--lowvram``);
+    * ``compile=True`` (or a backend name): ``torch.compile(fullgraph=True, dynamic=False)``, one
+      graph per bucket; after the first token the guards are not evaluated again (same objects).
+
+    Numerics: the same operations as the exact step except that attention spans the masked cache
+    (its reductions run over more, zero-weighted, terms), so logits may differ from the exact mode
+    at the float-rounding level. ``tests/core/test_ar_static_decode.py`` measures it; the exact mode
+    stays the parity reference.
+    """
+
+    def __init__(self, model, cache, dec_cols: torch.Tensor, first_row: int, dtype: torch.dtype,
+                 graphs: bool = False, compile: bool = False):
+        lm = model.language_model
+        device = cache.k[0].device
+        cap = cache.max_len
+        cos, sin = lm.rope(dec_cols, dtype)                                   # [1, n, rot]
+        pad = (0, 0, 0, cap - cos.shape[1])                                   # rows up to the capacity
+        self.args = dict(model=model, cache=cache,
+                         tok=torch.zeros(cache.k[0].shape[0], 1, dtype=torch.long, device=device),
+                         col=torch.zeros(1, dtype=torch.long, device=device),
+                         row=torch.full((1,), int(first_row), dtype=torch.long, device=device),
+                         cos_t=F.pad(cos, pad), sin_t=F.pad(sin, pad),
+                         rows=torch.arange(cap, device=device), dtype=dtype)
+        self.fn = _static_step
+        self.compiled = bool(compile)
+        self.calls = 0
+        if compile:
+            backend = compile if isinstance(compile, str) else "inductor"
+            if backend not in _COMPILED_STEP:
+                _COMPILED_STEP[backend] = torch.compile(_static_step, fullgraph=True, dynamic=False, backend=backend)
+            self.fn = _COMPILED_STEP[backend]
+        self.want_graph = graphs and device.type == "cuda" and _all_on(model, device)
+        if graphs and device.type == "cuda" and not self.want_graph:
+            log.info("GLM-Image AR: weights not all on %s (streamed); decoding without CUDA graphs", device)
+        self.graph = None
+        self.out = None
+
+    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1, V] after feeding ``tok`` [B, 1]; with a CUDA graph the returned tensor is a
+        static buffer that the next call overwrites."""
+        self.args["tok"].copy_(tok)
+        if self.want_graph and self.graph is None:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        self.calls += 1
+        if self.compiled and self.calls > 1:
+            # Same objects and shapes as the first call, whose guards passed: checking the ~500 guards
+            # (one per weight) again every token would cost more than the compiled step saves.
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self.fn(**self.args)
+        return self.fn(**self.args)
+
+    def _capture(self) -> None:
+        a = self.args
+        saved = a["col"].clone(), a["row"].clone()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):     # warm-up (lazy inits, workspace), not captured
+                self.fn(**a)
+            torch.cuda.current_stream().wait_stream(side)
+            # the warm-up wrote a cache row that the real step rewrites before reading it
+            a["col"].copy_(saved[0])
+            a["row"].copy_(saved[1])
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = self.fn(**a)
+            self.graph = graph
+        except Exception as e:                 # e.g. a host sync or a CPU weight inside an op
+            log.warning("GLM-Image AR: CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+            a["col"].copy_(saved[0])
+            a["row"].copy_(saved[1])
+            self.want_graph = False
+            self.out = None
+
+
+def _all_on(model, device: torch.device) -> bool:
+    """Whether every decoder and lm_head weight already lives on ``device`` (nothing streamed)."""
+    params = list(model.language_model.parameters()) + list(model.lm_head.parameters())
+    return all(p.device == device for p in params)
 
 
 # --------------------------------------------------------------------------------------

@@ -196,12 +196,16 @@ def rotary_fused(x: torch.Tensor, cos: torch.Tensor, sin_s: torch.Tensor) -> tor
 
 
 class KVCache:
-    """Pre-allocated static key/value cache: k, v [layers, B, kv_heads, max_len, head_dim]."""
+    """Pre-allocated static key/value cache: per layer, k[i] and v[i] [B, kv_heads, max_len, head_dim].
+
+    One tensor per layer, not one stacked tensor: a compiled decode step writes one row of each in
+    place, and a write into a slice of one big input tensor would make the compiler copy it whole."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device):
-        self.k = torch.zeros(num_layers, batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
 
 
@@ -220,7 +224,10 @@ class TextAttention(nn.Module):
         self.o_proj = operations.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
+                cache: Optional[KVCache] = None, start=0, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``start``: the cache row of x's first token. With ``attn_mask`` (static decode, see
+        ``ar_generate.StaticDecode``) ``start`` is a device tensor [L] of rows and the attention spans
+        the whole cache under the mask: every shape is the cache's, whatever the position."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
@@ -229,12 +236,19 @@ class TextAttention(nn.Module):
         qk = rotary_fused(torch.cat([q, k], dim=1), cos, sin)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         gqa = self.num_heads != self.num_kv_heads
+        if attn_mask is not None:
+            ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            ck[:, :, start] = k        # an index_put_, which the compiler keeps in place
+            cv[:, :, start] = v
+            out = F.scaled_dot_product_attention(q, ck, cv, attn_mask=attn_mask, scale=self.scaling, enable_gqa=gqa)
+            return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
         if cache is not None:
-            cache.k[self.layer_idx, :, :, start:start + L] = k
-            cache.v[self.layer_idx, :, :, start:start + L] = v
+            ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            ck[:, :, start:start + L] = k
+            cv[:, :, start:start + L] = v
             if start > 0:       # attend to everything cached so far (the new tokens included)
-                k = cache.k[self.layer_idx, :, :, :start + L]
-                v = cache.v[self.layer_idx, :, :, :start + L]
+                k = ck[:, :, :start + L]
+                v = cv[:, :, :start + L]
         causal = L > 1
         if causal and start > 0:
             # several new tokens after a cached prefix: explicit mask (not used by the generator)
@@ -269,9 +283,9 @@ class TextDecoderLayer(nn.Module):
         self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, eps, dtype=dtype, device=device)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, eps, dtype=dtype, device=device)
 
-    def forward(self, x, cos, sin, cache=None, start=0):
+    def forward(self, x, cos, sin, cache=None, start=0, attn_mask=None):
         residual = x
-        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, start, attn_mask)
         x = residual + self.post_self_attn_layernorm(h)
         residual = x
         h = self.mlp(self.post_attention_layernorm(x))
@@ -313,13 +327,15 @@ class TextModel(nn.Module):
         return recompose(cos).to(dtype), recompose(sin).to(dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache] = None, start: int = 0, last_only: bool = False) -> torch.Tensor:
+                cache: Optional[KVCache] = None, start=0, last_only: bool = False,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decoder stack on embeddings x [B, L, H] with rotary tables cos/sin [B or 1, L, rot]
-        (from :meth:`rope`); returns the final-normed hidden states (last position only if asked)."""
+        (from :meth:`rope`); returns the final-normed hidden states (last position only if asked).
+        ``start``/``attn_mask``: see :meth:`TextAttention.forward`."""
         cos = cos.unsqueeze(1)
         sin = signed_sin(sin).unsqueeze(1)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, start)
+            x = layer(x, cos, sin, cache, start, attn_mask)
         if last_only:
             x = x[:, -1:]
         return self.norm(x)

@@ -21,6 +21,17 @@ def size_error(name: str, value: int) -> str | None:
     return None
 
 
+def decode_mode(component) -> str:
+    """How the AR decodes (``glm_image_core.ar_generate.StaticDecode``): on the CPU the exact step (bit
+    parity with the official pipeline); on a GPU the static, sync-free step, replayed as a CUDA graph
+    when every weight stays resident (not under ``--lowvram`` streaming or dynamic VRAM)."""
+    if component.load_device.type == "cpu":
+        return "exact"
+    if component.load_device.type == "cuda" and component.fully_resident():
+        return "graphs"
+    return "static"
+
+
 def token_grid_image(grid: torch.Tensor) -> torch.Tensor:
     """A colour map of token ids [B,h,w] -> IMAGE [B,h*s,w*s,3] for the node's preview (hash -> hue)."""
     g = grid.to(torch.int64)
@@ -100,7 +111,8 @@ class GLMImageTextToTokens(io.ComfyNode):
             model, ar.tokenizer, prompt, width=width, height=height, seed=seed, temperature=temperature,
             top_p=top_p, top_k=top_k, batch_size=batch_size,
             reference_grids=None if reference is None else reference.ar_token_grids(),
-            callback=on_token, device=ar.model.load_device, dtype=ar.model.compute_dtype)
+            callback=on_token, device=ar.model.load_device, dtype=ar.model.compute_dtype,
+            decode=decode_mode(ar.model))
         tokens = GLMTokens(
             grid=result.grid.cpu(), preview=None if result.preview is None else result.preview.cpu(),
             width=width, height=height, prompt=prompt, seed=seed,

@@ -109,6 +109,14 @@ class LazyComponent:
         mm.load_models_gpu([p], memory_required=memory_required)
         return p.model
 
+    def fully_resident(self) -> bool:
+        """Every weight sits on the load device and stays there while the network runs: not partially
+        loaded (lowvram streaming) and not under dynamic VRAM, which may page weights in and out
+        behind a forward's back. Only then may a CUDA graph keep pointers to them across tokens."""
+        p = self.patcher
+        dynamic = getattr(p, "is_dynamic", lambda: False)()
+        return not dynamic and p.loaded_size() >= p.model_size()
+
 
 @dataclass
 class GLMARModel:

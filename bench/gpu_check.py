@@ -12,7 +12,10 @@ Jobs, each in a fresh process (one after the other; the official pipeline needs 
   fp8_e4m3fn storage at 1024² and 512²;
 * the pack under a 24 GiB and a 12 GiB cap (``torch.cuda.set_per_process_memory_fraction``) with
   ``--lowvram``;
-* the pack twice with the same seed: tokens and image must be equal.
+* the pack twice with the same seed: tokens and image must be equal;
+* the AR decode modes alone (``glm_image_core`` on the GPU, bf16, no ComfyUI): ms per token of the exact
+  step, the static step and the static step replayed as a CUDA graph, at 1024² and at 768² (a size
+  not seen before), with the tokens of each mode compared to the exact one's.
 Per job: seconds per image, AR ms per token, DiT seconds per step, and per stage (AR, glyph, DiT loop,
 VAE decode) the peak of ``torch.cuda.max_memory_allocated``, plus what ``nvidia-smi`` reports for the
 process at the end. A job that fails is reported as failed; the others still run. ``--budget-s`` stops
@@ -47,6 +50,8 @@ def plan(dry: bool) -> list:
         dict(name=f"official bf16 {big}²", side="official", res=big, steps=steps_big),
         dict(name=f"pack bf16 {big}²", side="pack", res=big, steps=steps_big, weight_dtype="bf16"),
         dict(name=f"pack fp8 {big}²", side="pack", res=big, steps=steps_big, weight_dtype="fp8_e4m3fn"),
+        dict(name=f"AR decode modes {'fp32' if dry else 'bf16'} {big}² / {small + (64 if dry else 256)}²", side="ar-modes",
+             res=big, res2=small + (64 if dry else 256)),
         dict(name=f"pack bf16 {small}², twice (determinism)", side="pack", res=small, steps=steps_small,
              weight_dtype="bf16", repeat=True),
         dict(name=f"official bf16 {small}²", side="official", res=small, steps=steps_small),
@@ -111,8 +116,32 @@ def nvidia_smi_used_mib() -> int | None:
     return None
 
 
+def run_ar_modes(spec: dict, folder: str, dry: bool) -> dict:
+    """ms/token of each ``generate_tokens(decode=...)`` mode on the plain-PyTorch AR (weights resident)."""
+    import torch
+    from glm_image_core import ar_generate, ar_model, ar_prompt
+    device, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
+    m = ar_model.load_ar(os.path.join(folder, "vision_language_encoder"), dtype=dtype, device=device,
+                         parts=("text",))
+    tok = ar_prompt.GlmTokenizer.from_folder(os.path.join(folder, "processor"))
+    from _common import PROMPT
+    modes, out = ("exact", "static", "graphs"), {}
+    for res in (spec["res"], spec["res2"]):
+        grids = {}
+        for mode in modes:
+            if res == spec["res"]:
+                ar_generate.generate_tokens(m, tok, PROMPT, 256, 256, 1, decode=mode)       # warm-up
+            r = ar_generate.generate_tokens(m, tok, PROMPT, res, res, 7, decode=mode)
+            out[f"{mode} {res}"] = 1e3 * r.decode_seconds / r.num_generated
+            grids[mode] = r.grid
+        out[f"tokens equal {res}"] = {k: bool(torch.equal(grids["exact"], v)) for k, v in grids.items()}
+    return {"name": spec["name"], "spec": spec, "ok": True, "ar_modes_ms_per_token": out}
+
+
 def run_job(spec: dict, folder: str, dry: bool) -> dict:
     import torch
+    if spec["side"] == "ar-modes":
+        return run_ar_modes(spec, folder, dry)
     import run as R
     cuda = not dry
     device = "cuda" if cuda else "cpu"
@@ -192,6 +221,11 @@ def markdown(res: dict) -> str:
     for j in res["jobs"]:
         if not j.get("ok"):
             lines.append(f"| {j['name']} | failed | | | | | | | | {j.get('error', '')[:120]} |")
+            continue
+        if "ar_modes_ms_per_token" in j:
+            r = j["ar_modes_ms_per_token"]
+            cells = "; ".join(f"{k}: {v:.2f} ms/token" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items())
+            lines.append(f"| {j['name']} | | | | | | | | | {cells} |")
             continue
         p = j["stage_peak_gib"]
         note = ""

@@ -246,6 +246,7 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
 
     with torch.no_grad():
         cache = model.new_cache(B, cache_capacity(L + n_gen) if static else L + n_gen, dtype=dtype, device=device)
+        _sync(device)
         t0 = time.perf_counter()
         inp = ids.to(device)[None].expand(B, L)
         logits = model(inp, pre_pos.to(device), cache=cache, start=0, last_only=True, dtype=dtype)
@@ -256,6 +257,7 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
         else:
             cos_all, sin_all = lm.rope(dec_cols, dtype)   # [1, n, rot]
             step = _make_step(model, cache, compile)
+        _sync(device)
         t1 = time.perf_counter()
         if callback is not None:
             callback(0, n_gen, PHASE_PREFILL)
@@ -273,6 +275,7 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
             replaced += rep
             if callback is not None:
                 callback(i + 1, n_gen, PHASE_PREVIEW if i < n_preview else PHASE_GRID)
+        _sync(device)
         t2 = time.perf_counter()
 
     grid = out[:, n_preview:].reshape(B, layout.token_h, layout.token_w).contiguous()
@@ -282,6 +285,13 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
     if logits_log is not None:
         res.logits = torch.stack(logits_log, dim=1)         # [B, n_gen, V] raw logits (float32)
     return res
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so the prefill/decode times are the work's, not the launches'
+    (twice per generation; the decode loop itself never waits)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def check_context(model, positions: int, prompt_tokens: int, width: int, height: int) -> None:

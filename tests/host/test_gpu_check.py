@@ -1,6 +1,6 @@
 """bench/gpu_check.py --dry-run: every code path of the GPU check (official pipeline, the pack with
 dynamic VRAM where the host has it, fp8, memory caps with --lowvram, the determinism repeat, the
-report) runs on the CPU with the medium checkpoint. It runs on the newest host installed (ComfyUI
+report, the AR decode modes) runs on the CPU with the medium checkpoint. It runs on the newest host installed (ComfyUI
 0.33, or 0.3.75 when the 0.33 host could not be installed), once per `make test`."""
 import json
 import os
@@ -20,9 +20,14 @@ if NEWEST:
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
         res = json.loads((tmp_path / "gpu-dry-run.json").read_text())
         names = [j["name"] for j in res["jobs"]]
-        assert len(names) == 8 and not res["not_run"], names
+        assert len(names) == 9 and not res["not_run"], names
         for j in res["jobs"]:
             assert j["ok"], j
+            if j["spec"]["side"] == "ar-modes":          # the AR decode modes alone
+                r = j["ar_modes_ms_per_token"]
+                assert all(r[f"{m} {s}"] > 0 for m in ("exact", "static", "graphs") for s in (256, 352)), r
+                assert r["tokens equal 256"] == r["tokens equal 352"] == {"exact": True, "static": True, "graphs": True}
+                continue
             assert j["image_s"] > 0 and j["ar_tokens"] > 0 and j["dit_s_per_step"] > 0, j
             assert set(j["stage_peak_gib"]) == {"ar", "glyph", "dit", "vae"}, j
         rep = [j for j in res["jobs"] if "repeat_equal" in j]

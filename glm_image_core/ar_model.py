@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from .attention import attention
 from .loading import build_loaded, default_compute_dtype
 
 IGNORED_KEYS = ("model.vqmodel.post_quant_conv.",)
@@ -235,12 +236,11 @@ class TextAttention(nn.Module):
         # q and k rotated together (cos / signed sin are [B, 1, L, rot], prepared once per forward)
         qk = rotary_fused(torch.cat([q, k], dim=1), cos, sin)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        gqa = self.num_heads != self.num_kv_heads
         if attn_mask is not None:
             ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
             ck[:, :, start] = k        # an index_put_, which the compiler keeps in place
             cv[:, :, start] = v
-            out = F.scaled_dot_product_attention(q, ck, cv, attn_mask=attn_mask, scale=self.scaling, enable_gqa=gqa)
+            out = attention(q, ck, cv, attn_mask, self.scaling)
             return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
         if cache is not None:
             ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
@@ -253,9 +253,9 @@ class TextAttention(nn.Module):
         if causal and start > 0:
             # several new tokens after a cached prefix: explicit mask (not used by the generator)
             mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=gqa)
+            out = attention(q, k, v, mask, self.scaling)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scaling, enable_gqa=gqa)
+            out = attention(q, k, v, None, self.scaling, causal)
         out = out.transpose(1, 2).reshape(B, L, -1)
         return self.o_proj(out)
 
@@ -362,7 +362,7 @@ class VisionAttention(nn.Module):
         v = v.transpose(0, 1).unsqueeze(0)
         outs = []
         for qi, ki, vi in zip(q.split(list(lengths), 2), k.split(list(lengths), 2), v.split(list(lengths), 2)):
-            o = F.scaled_dot_product_attention(qi, ki, vi, scale=self.scaling)
+            o = attention(qi, ki, vi, None, self.scaling)
             outs.append(o.transpose(1, 2).contiguous())
         out = torch.cat(outs, dim=1).reshape(n, -1).contiguous()
         return self.proj(out)

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import read_json, storage_dtypes, weight_files
+from .attention import attention
 from .loading import build_loaded, default_compute_dtype
 
 # Official GLM-Image DiT values (transformer/config.json); used only for keys a config lacks.
@@ -277,7 +278,7 @@ class GlmImageBlock(nn.Module):
                 kv_cache.store(layer, kp, vp)
             elif kv_cache is not None and mode == "read":
                 kp, vp = kv_cache.get(layer, kp, vp)
-            o = F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2))
+            o = attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2))
             outs.append(o.transpose(1, 2))
             off += S
         o = outs[0] if P == 1 else torch.cat(outs, dim=1)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import attention
 from .checkpoint import CheckpointError, read_json, storage_dtypes, weight_files
 from .loading import build_loaded, default_compute_dtype
 
@@ -273,7 +274,7 @@ class _T5Attention(nn.Module):
         q = self.q(h).view(B, S, -1, self.d_kv).transpose(1, 2)
         k = self.k(h).view(B, S, -1, self.d_kv).transpose(1, 2)
         v = self.v(h).view(B, S, -1, self.d_kv).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=0.0, scale=1.0, is_causal=False)
+        o = attention(q, k, v, attn_bias, 1.0)        # T5: no 1/sqrt(d) scaling
         o = o.transpose(1, 2).contiguous().reshape(B, S, -1).contiguous()
         return self.o(o)
 

@@ -194,15 +194,16 @@ def ar_sequence(prompt_tokens: int, width: int, height: int, reference_tokens: i
 def ar_activation_bytes(text_config: dict, prompt_tokens: int, width: int, height: int, batch: int = 1,
                         dtype_bytes: int = 2, reference_tokens: int = 0, attention_scores: bool = True) -> int:
     """Peak activation bytes of ``ar_generate.generate_tokens``: the static KV cache for the whole
-    sequence, plus the widest moment of the prefill (residual, norm output, q/k/v, fused gate/up MLP
+    sequence (rounded up to the static decode's bucket, what a GPU allocates), plus the widest moment of the prefill (residual, norm output, q/k/v, fused gate/up MLP
     and its product; by default also fp32 [heads, L, L] attention scores, as SDPA with GQA may take
     the math kernel), plus the fp32 sampler rows over the visual vocabulary. Checked on CPU (fp32,
     full width, 2 layers): peak RSS rises by ~1.8× this figure, ~50 MiB absolute; small next to
     the weights either way."""
+    from .ar_generate import cache_capacity
     from .ar_model import TextConfig
     c = TextConfig.from_dict(text_config)
     L, n_gen = ar_sequence(prompt_tokens, width, height, reference_tokens)
-    kv = 2 * c.num_layers * batch * c.num_kv_heads * (L + n_gen) * c.head_dim * dtype_bytes
+    kv = 2 * c.num_layers * batch * c.num_kv_heads * cache_capacity(L + n_gen) * c.head_dim * dtype_bytes
     qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
     attn = batch * L * (2 * c.hidden_size + qkv + c.num_heads * c.head_dim)
     mlp = batch * L * (2 * c.hidden_size + 2 * c.intermediate_size + c.intermediate_size)

@@ -3,6 +3,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import attention
 from .ar import GLMImageTextToTokens
 from .decoder import GLMImageTokensToLatent
 from .glyph import GLMImageGlyphText
@@ -13,6 +14,9 @@ from .tokens_io import GLMImageLoadTokens, GLMImageSaveTokens
 
 NODES = [GLMImageLoader, GLMImageTextToTokens, GLMImageGlyphText, GLMImageReferenceEdit,
          GLMImageTokensToLatent, GLMImageSaveTokens, GLMImageLoadTokens] + SINGLE_FILE_NODES
+
+
+attention.install()   # the user's attention flag applies to GLM's networks too
 
 
 class GLMImageExtension(ComfyExtension):

@@ -92,14 +92,16 @@ def test_activation_estimates_grow_with_what_they_model(configs):
 
 
 def test_ar_kv_cache_term_is_exact():
-    """The KV-cache part of the AR estimate is the cache generate_tokens allocates."""
+    """The KV-cache part of the AR estimate is the cache generate_tokens allocates (the static
+    decode's bucketed capacity, the larger of its two modes)."""
+    from glm_image_core.ar_generate import cache_capacity
     from glm_image_core.ar_model import KVCache, TextConfig
     t = mp.full_size_configs()["vision_language_encoder"]["text_config"]
     c = TextConfig.from_dict(t)
     L, n_gen = mp.ar_sequence(100, 1024, 1024)
     assert n_gen == 32 * 32 + 16 * 16
-    meta = KVCache(c.num_layers, 1, c.num_kv_heads, L + n_gen, c.head_dim, torch.bfloat16, "meta")
-    kv_bytes = 2 * meta.k.numel() * 2
+    meta = KVCache(c.num_layers, 1, c.num_kv_heads, cache_capacity(L + n_gen), c.head_dim, torch.bfloat16, "meta")
+    kv_bytes = sum(t.numel() for t in meta.k + meta.v) * 2
     base = mp.ar_activation_bytes(t, 100, 1024, 1024)
     assert base > kv_bytes
     assert mp.ar_activation_bytes(t, 100, 1024, 1024, batch=2) - base >= kv_bytes

@@ -1,5 +1,5 @@
 """The pack under each of ComfyUI's device/memory flags: the real server started with --cpu (alone,
-with --disable-smart-memory, with --cache-none), --lowvram, --novram or --highvram loads the pack,
+with --disable-smart-memory, with --cache-none, with --use-split-cross-attention), --lowvram, --novram or --highvram loads the pack,
 registers its nodes and runs the committed text-to-image API workflow, and the saved images are
 identical across the flags of one device.
 
@@ -20,7 +20,11 @@ FLAGS = {"cpu": ("--cpu",),
          # model-management flags that combine with --cpu: unload after every use / no output cache
          "cpu-disable-smart-memory": ("--cpu", "--disable-smart-memory"),
          "cpu-cache-none": ("--cpu", "--cache-none"),
+         # an attention flag: ComfyUI's split attention, which the pack routes GLM's attention through
+         "cpu-split-attention": ("--cpu", "--use-split-cross-attention"),
          "lowvram": ("--lowvram",), "novram": ("--novram",), "highvram": ("--highvram",)}
+# flags that change the arithmetic (another attention): their images are checked, not compared bit for bit
+ATTENTION_FLAGS = {"cpu-split-attention": "GLM-Image: attention through ComfyUI's attention_split"}
 NEEDS_GPU = "ComfyUI allows --lowvram/--novram/--highvram only without --cpu, which needs a CUDA device"
 
 
@@ -61,6 +65,10 @@ def test_pack_loads_and_runs_t2i_under_flag(name, tmp_path_factory, tiny_ckpt, t
     for flag in FLAGS[name]:
         assert flag in argv, f"the running server did not get {flag}: {argv}"
     assert "Set vram state to:" in log
+    if name in ATTENTION_FLAGS:
+        assert ATTENTION_FLAGS[name] in log, log[-3000:]
+    else:
+        assert "GLM-Image: attention through" not in log
     assert set(PACK_NODES) <= node_ids
     assert problems == []
     assert entry["status"]["status_str"] == "success"
@@ -74,7 +82,8 @@ def test_pack_loads_and_runs_t2i_under_flag(name, tmp_path_factory, tiny_ckpt, t
 @pytest.mark.parametrize("device", ["cpu", "gpu"])
 def test_images_are_identical_across_flags(device, results):
     """Same device, different memory management: the same pixels."""
-    runs = {n: px for n, px in results.items() if ("--cpu" in FLAGS[n]) == (device == "cpu")}
+    runs = {n: px for n, px in results.items()
+            if ("--cpu" in FLAGS[n]) == (device == "cpu") and n not in ATTENTION_FLAGS}
     if len(runs) < 2:
         pytest.skip(f"fewer than two {device} runs ({sorted(runs)})" + ("" if device == "cpu" else ": " + NEEDS_GPU))
     first_name, first = next(iter(runs.items()))

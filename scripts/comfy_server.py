@@ -28,7 +28,6 @@ import argparse
 import atexit
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -116,23 +115,6 @@ def execution_error(entry: dict) -> dict | None:
     for msg in (entry.get("status") or {}).get("messages") or []:
         if isinstance(msg, (list, tuple)) and len(msg) == 2 and msg[0] == "execution_error":
             return msg[1]
-    return None
-
-
-def stage_not_built(err: "ExecutionFailed", pack_dir: str = ROOT) -> str | None:
-    """When an execution error only says that a pack stage is not written yet, a short reason;
-    else None. Recognised: NotImplementedError / messages containing 'not implemented yet', and an
-    ImportError of a glm_image_core / nodes module whose file does not exist in the checkout."""
-    msg = err.exception_message
-    if "not implemented yet" in msg.lower() or err.exception_type.endswith("NotImplementedError"):
-        return f"{err.stage}: {msg}"
-    m = re.search(r"(?:cannot import name '(\w+)' from '[^']*?(glm_image_core|nodes)'"
-                  r"|No module named '[^']*?(glm_image_core|nodes)\.(\w+)')", msg)
-    if m and ("ImportError" in err.exception_type or "ModuleNotFoundError" in err.exception_type):
-        pkg, mod = (m.group(2), m.group(1)) if m.group(1) else (m.group(3), m.group(4))
-        if not os.path.exists(os.path.join(pack_dir, pkg, mod + ".py")) and \
-                not os.path.isdir(os.path.join(pack_dir, pkg, mod)):
-            return f"{err.stage}: {pkg}/{mod}.py does not exist yet ({msg})"
     return None
 
 

@@ -51,11 +51,6 @@ def main(argv=None) -> int:
         try:
             entry = server.run(prompt, timeout=a.timeout)
         except cs.ExecutionFailed as e:
-            reason = cs.stage_not_built(e)
-            if reason:
-                print(f"[demo] STOPPED: stage '{e.stage}' (node {e.node_id}, {e.node_type}) is not built yet.\n"
-                      f"[demo] ComfyUI said: {e.exception_type}: {e.exception_message}", file=sys.stderr)
-                return 3
             print(f"[demo] FAILED in stage '{e.stage}' (node {e.node_id}, {e.node_type}): "
                   f"{e.exception_type}: {e.exception_message}\n{e.traceback}", file=sys.stderr)
             return 1

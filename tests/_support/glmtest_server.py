@@ -21,7 +21,7 @@ import comfy_server  # noqa: E402
 import workflow_to_api  # noqa: E402
 
 from comfy_server import (ComfyServer, ExecutionFailed, PromptRejected, ServerError,  # noqa: E402,F401
-                          PACK_NAME, PACK_NODE_IDS, PACK_NODES, stage_not_built)
+                          PACK_NAME, PACK_NODE_IDS, PACK_NODES)
 
 TINY_NAME = "GLM-Image-tiny"
 
@@ -78,13 +78,9 @@ def load_json(path: str):
         return json.load(f)
 
 
-def run_or_skip_unbuilt(server: ComfyServer, prompt: dict, timeout: float = 600.0) -> dict:
-    """Run a prompt; skip (with the stage and message) only when the failure says that a pack stage
-    is not written yet. Any other failure fails the test."""
+def run_prompt(server: ComfyServer, prompt: dict, timeout: float = 600.0) -> dict:
+    """Run a prompt; an execution error fails the test with ComfyUI's traceback and the log's tail."""
     try:
         return server.run(prompt, timeout=timeout)
     except ExecutionFailed as e:
-        reason = stage_not_built(e)
-        if reason:
-            pytest.skip(f"stage not built yet: {reason}")
         raise AssertionError(f"{e}\n{e.traceback}\n{server.log_tail(40)}") from None

@@ -4,6 +4,12 @@ Only tests and benchmarks import this module. See shared/spec/reference-oracle.m
 """
 import torch
 
+# End-to-end parity tolerances, pack vs the official pipeline on the tiny checkpoint, CPU fp32. Each is
+# shown to catch a half-bf16-ulp error in one weight tensor by tests/parity/test_negative_controls.py.
+IMAGE_TOL = 1e-4     # pixels in [0, 1], stock VAEDecode vs the pipeline (measured ≈ 1e-6)
+LATENT_TOL = 1e-5    # raw latents after the denoise loop (measured ≤ 1e-6)
+LOGITS_TOL = 2e-6    # AR logits: one fp32 ulp at their scale (|logit| ≈ 16); measured 0.0 (bit-identical)
+
 
 def realign(module: torch.nn.Module) -> torch.nn.Module:
     """Clone every parameter/buffer: safetensors mmaps tensors at unaligned offsets, which makes

@@ -14,7 +14,7 @@ from glm_image_core.dit import load_dit
 from glm_image_core.glyph import glyph_for_prompt, load_glyph_encoder, load_glyph_tokenizer, uncond_glyph
 from glm_image_core.schedule import calculate_mu, glm_sigmas, glm_timesteps
 
-TOL = 1e-5
+TOL = glmtest_oracle.LATENT_TOL
 H, W = 64, 96
 PROMPT = "a shop sign reading 'OPEN' and “Welcome” in the rain"
 

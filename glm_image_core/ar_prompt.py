@@ -160,7 +160,9 @@ class GlmTokenizer:
         with open(path, "r", encoding="utf-8") as f:
             text = f.read()
         cfg_path = os.path.join(processor_dir, "tokenizer_config.json")
-        return cls.from_strings(text, read_json(cfg_path) if os.path.isfile(cfg_path) else None, path)
+        tok = cls.from_strings(text, read_json(cfg_path) if os.path.isfile(cfg_path) else None, path)
+        check_chat_template(processor_dir, tok)
+        return tok
 
     @classmethod
     def from_strings(cls, tokenizer_json: str, tokenizer_config: Optional[dict], where: str) -> "GlmTokenizer":
@@ -261,6 +263,76 @@ def _grid_hw(g) -> Tuple[int, int]:
     return int(g[0]), int(g[1])
 
 
+def image_markers(tokenizer: GlmTokenizer, image_start_id: Optional[int] = None,
+                  image_end_id: Optional[int] = None) -> Tuple[str, str]:
+    """The token strings around a reference image: the tokenizer's tokens for the model's
+    ``image_start_token_id`` / ``image_end_token_id`` (16384 / 16385)."""
+    start = tokenizer.id_to_token(16384 if image_start_id is None else image_start_id) or tokenizer.bos_token
+    end = tokenizer.id_to_token(16385 if image_end_id is None else image_end_id) or DEFAULT_SPECIAL["eos_token"]
+    return start, end
+
+
+# --------------------------------------------------------------------------------------
+# The chat template
+# --------------------------------------------------------------------------------------
+
+TEMPLATE_PROBE = "a probe prompt"
+
+
+def find_chat_template(processor_dir: str) -> Optional[Tuple[str, str]]:
+    """(template text, where) from ``chat_template.jinja``, ``chat_template.json`` or the
+    ``chat_template`` key of ``tokenizer_config.json``, first found; None when there is none."""
+    path = os.path.join(processor_dir, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        path = os.path.join(processor_dir, name)
+        if os.path.isfile(path):
+            t = read_json(path).get("chat_template")
+            if isinstance(t, str) and t:
+                return t, f"{path} (key chat_template)"
+    return None
+
+
+def check_chat_template(processor_dir: str, tokenizer: GlmTokenizer) -> None:
+    """Refuse a checkpoint whose chat template renders prompts otherwise than the pack lays them out.
+
+    The official pipeline renders the user message through the processor's chat template and then
+    appends the grid tokens; the pack builds the same text itself (:func:`build_prompt`). So the
+    template is rendered here as transformers renders it (sandboxed Jinja, trim/lstrip blocks, no
+    generation prompt) for a text-only and a one-reference message, and must give exactly the pack's
+    text; otherwise the tokens would silently differ from the official ones."""
+    found = find_chat_template(processor_dir)
+    if found is None:
+        return
+    text, where = found
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    start, end = image_markers(tokenizer)
+    cases = [("a text-only prompt", [{"type": "text", "text": TEMPLATE_PROBE}], TEMPLATE_PROBE),
+             ("a prompt with one reference image", [{"type": "image"}, {"type": "text", "text": TEMPLATE_PROBE}],
+              f"{start}{tokenizer.image_token}{end}{TEMPLATE_PROBE}")]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        template = env.from_string(text)
+        for what, content, want in cases:
+            got = template.render(messages=[{"role": "user", "content": content}], add_generation_prompt=False,
+                                  **tokenizer.special)
+            if got != want:
+                raise CheckpointError(
+                    f"the chat template in {where} renders {what} as {got!r}, but GLM-Image's prompt layout "
+                    f"(which this pack builds) is {want!r}; this checkpoint formats prompts differently, so the "
+                    "pack would not reproduce its tokens. Use the official GLM-Image processor files.")
+    except TemplateError as e:
+        raise CheckpointError(f"cannot render the chat template in {where}: {e}") from None
+
+
 def build_prompt(tokenizer: GlmTokenizer, prompt: str, width: int, height: int,
                  references: Optional[Sequence] = None, image_start_id: Optional[int] = None,
                  image_end_id: Optional[int] = None) -> PromptLayout:
@@ -272,8 +344,7 @@ def build_prompt(tokenizer: GlmTokenizer, prompt: str, width: int, height: int,
     ``image_start_token_id`` / ``image_end_token_id`` (16384 / 16385).
     """
     th, tw = target_grid(width, height)
-    start_tok = tokenizer.id_to_token(16384 if image_start_id is None else image_start_id) or tokenizer.bos_token
-    end_tok = tokenizer.id_to_token(16385 if image_end_id is None else image_end_id) or DEFAULT_SPECIAL["eos_token"]
+    start_tok, end_tok = image_markers(tokenizer, image_start_id, image_end_id)
     sop, eop, bos = tokenizer.grid_bos_token, tokenizer.grid_eos_token, tokenizer.bos_token
     refs = list(references or [])
     grids = [_grid_hw(r) for r in refs]

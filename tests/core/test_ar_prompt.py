@@ -152,3 +152,53 @@ def test_ar_float_to_uint8_and_resize():
     r = image_proc.resize_image(f, 64, 96)
     assert r.shape == (1, 64, 96, 3) and float(r.min()) >= 0 and float(r.max()) <= 1
     assert image_proc.resize_image(f, 40, 50) is f
+
+
+# --- the chat template is checked against the pack's prompt layout ------------------------------
+
+GLM4V_STYLE = ("{% for m in messages %}{{ '<|user|>\\n' }}{% for item in m.content %}{% if item.type == 'text' %}"
+               "{{ item.text }}{% endif %}{% endfor %}{% endfor %}")
+
+
+def _processor_copy(tiny_ckpt, tmp_path):
+    import shutil
+    d = tmp_path / "processor"
+    shutil.copytree(os.path.join(tiny_ckpt, "processor"), d)
+    return d
+
+
+def test_chat_template_of_the_checkpoint_matches_the_layout(tiny_ckpt):
+    from glm_image_core.ar_prompt import GlmTokenizer, find_chat_template
+    text, where = find_chat_template(os.path.join(tiny_ckpt, "processor"))
+    assert where.endswith("chat_template.jinja") and "dit_token_16384" in text
+    GlmTokenizer.from_folder(os.path.join(tiny_ckpt, "processor"))          # checked on load: no error
+
+
+@pytest.mark.parametrize("place", ["chat_template.jinja", "tokenizer_config.json", "chat_template.json"])
+def test_chat_template_that_renders_otherwise_is_refused(tiny_ckpt, tmp_path, place):
+    import json
+    from glm_image_core.ar_prompt import GlmTokenizer
+    from glm_image_core.checkpoint import CheckpointError
+    d = _processor_copy(tiny_ckpt, tmp_path)
+    if place != "chat_template.jinja":
+        os.remove(d / "chat_template.jinja")
+        path = d / place
+        cfg = json.loads(path.read_text()) if path.exists() else {}
+        cfg["chat_template"] = GLM4V_STYLE
+        path.write_text(json.dumps(cfg))
+    else:
+        (d / place).write_text(GLM4V_STYLE)
+    with pytest.raises(CheckpointError, match=r"renders a text-only prompt as '<\|user\|>\\na probe prompt'.*"
+                                              r"prompt layout.*is 'a probe prompt'"):
+        GlmTokenizer.from_folder(str(d))
+
+
+def test_chat_template_missing_or_unrenderable(tiny_ckpt, tmp_path):
+    from glm_image_core.ar_prompt import GlmTokenizer
+    from glm_image_core.checkpoint import CheckpointError
+    d = _processor_copy(tiny_ckpt, tmp_path)
+    os.remove(d / "chat_template.jinja")
+    GlmTokenizer.from_folder(str(d))                                   # no template: nothing to check
+    (d / "chat_template.jinja").write_text("{{ raise_exception('no GLM here') }}")
+    with pytest.raises(CheckpointError, match="cannot render the chat template.*no GLM here"):
+        GlmTokenizer.from_folder(str(d))

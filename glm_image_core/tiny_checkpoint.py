@@ -88,6 +88,15 @@ SIZES: Dict[str, dict] = {
     ),
 }
 
+# Tiny variants of the AR's attention geometry, for seed parity beyond the default tiny config: a GQA
+# ratio of 4 with other unequal MRoPE sections, and a head_dim of 32 without GQA.
+SIZES["tiny-gqa4"] = dict(SIZES["tiny"], text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=1,
+                                                   mrope_section=[1, 2, 1]))
+SIZES["tiny-hd32"] = dict(SIZES["tiny"], text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                   num_attention_heads=2, num_key_value_heads=2,
+                                                   mrope_section=[3, 3, 2]))
+
 
 def configs_for(size: str) -> Dict[str, dict]:
     """All config files (relative path -> dict) of a checkpoint of the given size."""

@@ -401,3 +401,41 @@ def test_ar_seed_parity_pipeline_edit(clean_pipe, clean_ours, tok, proc_cfg, siz
     r = ar_generate.generate_tokens(clean_ours, tok, EDIT_PROMPT, 96, 64, seed, reference_grids=refs)
     assert r.preview is None and r.grid.shape == (1, 2, 3)
     assert torch.equal(upsample2(r.grid), prior)
+
+
+@pytest.fixture(scope="module")
+def variant(request, tmp_path_factory):
+    """(pipeline, our AR) of a tiny variant config (tiny_checkpoint.SIZES), lm_head made 'clean'."""
+    from glm_image_core.tiny_checkpoint import write_checkpoint
+    base = tmp_path_factory.mktemp(request.param)
+    src = write_checkpoint(str(base / "raw"), request.param, seed=7)
+    ckpt = _patch_lm_head(src, str(base / "clean"), "clean")
+    return (request.param, glmtest_oracle.load_reference_pipeline(ckpt),
+            ar_model.load_ar(os.path.join(ckpt, "vision_language_encoder")))
+
+
+@pytest.mark.parametrize("variant", ["tiny-gqa4", "tiny-hd32"], indirect=True)
+@pytest.mark.parametrize("sampling", [dict(temperature=0.9, top_p=0.75, top_k=16512),
+                                      dict(temperature=1.0, top_p=1.0, top_k=50)], ids=["official", "top_k50"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ar_seed_parity_other_configs_and_sampling(variant, tok, sampling, seed):
+    """Same seed, same tokens as the pipeline for a GQA ratio of 4 and a head_dim of 32 (both with
+    other unequal MRoPE sections than tiny's), at the official sampling settings and at top_k 50,
+    temperature 1.0, top_p 1.0 (set in the pipeline's generation_config, passed to ours)."""
+    name, pipe, ours = variant
+    cfg = pipe.vision_language_encoder.generation_config
+    old = {k: getattr(cfg, k) for k in sampling}
+    for k, v in sampling.items():
+        setattr(cfg, k, v)
+    try:
+        prior, _, _ = pipe.generate_prior_tokens(prompt=PROMPT, height=64, width=96, image=None,
+                                                 device=torch.device("cpu"),
+                                                 generator=torch.Generator().manual_seed(seed))
+    finally:
+        for k, v in old.items():
+            setattr(cfg, k, v)
+    top_k = 0 if sampling["top_k"] >= 16512 else sampling["top_k"]
+    r = ar_generate.generate_tokens(ours, tok, PROMPT, 96, 64, seed, temperature=sampling["temperature"],
+                                    top_p=sampling["top_p"], top_k=top_k)
+    assert r.replaced == [0], name
+    assert torch.equal(upsample2(r.grid), prior), name

@@ -85,11 +85,10 @@ def test_fp8_dit_runs_in_the_compute_dtype_close_to_fp32(host, tiny_ckpt, comput
     """fp8 storage + compute dtype through the real denoiser: the block Linears see activations in
     the compute dtype, the result stays close to the fp32 network's.
 
-    Tolerance: e4m3 keeps 3 mantissa bits, so each weight matrix moves by ≈ 2.7% (relative norm);
-    the velocity, through 2 blocks of 6 such matrices, moves by at most about 2·sqrt(12)·2.7% ≈ 19%
-    (see the AR test), and the latent after 2 steps is the noise plus a fraction of the velocity,
-    so 10% relative is a safe bound (15% with bf16 activations, 2^-8 relative per op). Measured:
-    0.65% (fp32 compute), 0.8% (bf16)."""
+    Tolerance, from the measurement: 0.65% (fp32 compute) and 0.83% (bf16 compute) relative error of
+    the latent (deterministic on the CPU: fixed random weights, fixed noise), bounded at 2× that. The
+    analytic ceiling (e4m3's 3 mantissa bits move each weight matrix by ≈ 2.7%, 2 blocks of 6
+    matrices) would allow ≈ 19% of the velocity: far looser than what this path does."""
     from glm_image_core import denoise as dn
     from glm_image_core.tokens import upsample_grid
     loader = pack_module("nodes.loader")
@@ -121,7 +120,7 @@ def test_fp8_dit_runs_in_the_compute_dtype_close_to_fp32(host, tiny_ckpt, comput
     assert dec.dit.patcher.model.transformer_blocks[0].ff.net[2].weight.dtype == torch.float8_e4m3fn
     assert torch.isfinite(out).all()
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    bound = 0.1 if compute == torch.float32 else 0.15        # bf16 activations add 2^-8 relative per op
+    bound = 2 * (0.0065 if compute == torch.float32 else 0.0083)     # 2× the measured error
     print(f"fp8 DiT latent relative error ({compute_name} compute): {rel:.4f}")
     assert 0 < rel < bound, rel
 
@@ -130,10 +129,10 @@ def test_fp8_ar_logits_close_to_fp32(host, tiny_ckpt, reference_weights):
     """The AR with fp8 block weights (fp32 compute on CPU): the prefill logits stay close to the
     fp32 model's, and further from them than with bf16 storage (so the check sees the rounding).
 
-    Tolerance: the fp8 rounding moves each block weight matrix by eps ≈ 2.7% (relative norm,
-    measured below); the text path multiplies through 6 such matrices per layer (q, k, v, o,
-    gate_up, down) in 2 layers, whose errors add about in quadrature: sqrt(12)·eps ≈ 9%, and
-    the random tiny weights may amplify that up to 2×. Measured: ≈ 8%."""
+    Tolerance, from the measurement: 8.3% relative error of the prefill logits (deterministic on the
+    CPU), bounded at 1.5× that, 12.5%. For scale: the fp8 rounding moves each block weight matrix by
+    eps ≈ 2.6% (relative norm, computed below) and the text path multiplies through 12 of them, whose
+    errors add about in quadrature: sqrt(12)·eps ≈ 9%."""
     from glm_image_core import ar_generate
     loader = pack_module("nodes.loader")
 
@@ -157,7 +156,7 @@ def test_fp8_ar_logits_close_to_fp32(host, tiny_ckpt, reference_weights):
     eps = (sum((t.to(torch.float8_e4m3fn).float() - t).norm() ** 2 for t in w) / sum(t.norm() ** 2 for t in w)) ** 0.5
     err, err_bf16 = rel(logits, ref), rel(bf16, ref)
     print(f"fp8 AR prefill logits relative error: {err:.4f} (bf16 storage: {err_bf16:.5f}; weight eps {eps:.4f})")
-    assert err_bf16 < err < 2 * 12 ** 0.5 * eps.item(), (err, err_bf16, eps)
+    assert err_bf16 < err < 1.5 * 0.083, (err, err_bf16, eps)
     assert int(grid.max()) < fp8_handle.codebook_size
 
 

@@ -64,17 +64,6 @@ SIZES: Dict[str, dict] = {
         t5=dict(d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4),
         vae=dict(block_out_channels=[32, 64, 128, 128], layers_per_block=2, norm_num_groups=32),
     ),
-    # The official AR depth (40 decoder layers) at a tiny width: a decode step costs almost nothing in
-    # arithmetic, so its time is per-token overhead (kernel launches, Python, syncs); bench/bench_ar.py.
-    "deep": dict(
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=40, num_attention_heads=4,
-                  num_key_value_heads=2, mrope_section=[2, 1, 1]),
-        vision=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=48, image_size=64),
-        vq=dict(embed_dim=24, num_embeddings=CODEBOOK_SIZE),
-        dit=dict(num_layers=2, attention_head_dim=8, num_attention_heads=2, time_embed_dim=16, condition_dim=8),
-        t5=dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
-        vae=dict(block_out_channels=[8, 16, 32, 32], layers_per_block=1, norm_num_groups=4),
-    ),
     # The real GLM-Image sizes (glm-image-architecture.md §1-4): ~17B parameters, for GPU benchmarks with
     # random weights (bench/run.py --device cuda writes it in bf16 on the GPU; fp32 on a CPU needs ~70 GB).
     "full": dict(
@@ -88,6 +77,10 @@ SIZES: Dict[str, dict] = {
     ),
 }
 
+# The official AR depth (40 decoder layers) at a tiny width: a decode step costs almost nothing in
+# arithmetic, so its time is per-token overhead (kernel launches, Python, syncs); bench/bench_ar.py.
+SIZES["deep"] = dict(SIZES["tiny"], text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=40,
+                                              num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 1, 1]))
 # Tiny variants of the AR's attention geometry, for seed parity beyond the default tiny config: a GQA
 # ratio of 4 with other unequal MRoPE sections, and a head_dim of 32 without GQA.
 SIZES["tiny-gqa4"] = dict(SIZES["tiny"], text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,

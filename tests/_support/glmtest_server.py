@@ -78,6 +78,20 @@ def load_json(path: str):
         return json.load(f)
 
 
+# The folder name the workflow for the official weights loads (workflows/glm_image_t2i_official.json).
+OFFICIAL_NAME = "GLM-Image"
+
+
+def load_workflow_for_tiny(path: str) -> dict:
+    """An API workflow as the tests run it: a loader of the official folder loads the tiny checkpoint
+    instead (everything else, 1024² and 50 steps included, as committed)."""
+    prompt = load_json(path)
+    for node in prompt.values():
+        if node["class_type"] == "GLMImageLoader" and node["inputs"].get("model") == OFFICIAL_NAME:
+            node["inputs"]["model"] = TINY_NAME
+    return prompt
+
+
 def run_prompt(server: ComfyServer, prompt: dict, timeout: float = 600.0) -> dict:
     """Run a prompt; an execution error fails the test with ComfyUI's traceback and the log's tail."""
     try:

@@ -129,8 +129,7 @@ glmtest_server.copy_example_inputs(host.folder_paths.get_input_directory())
 api_dir = os.path.join(root, "workflows", "api")
 ran = {}
 for f in sorted(os.listdir(api_dir)):
-    with open(os.path.join(api_dir, f), encoding="utf-8") as fh:
-        prompt = json.load(fh)
+    prompt = glmtest_server.load_workflow_for_tiny(os.path.join(api_dir, f))
     if any(n["class_type"] == "UpscaleModelLoader" for n in prompt.values()):
         continue                          # needs an upscale model file; not a network question
     ok, res = host.run(prompt)

@@ -23,9 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 WORKFLOWS = os.path.join(ROOT, "workflows")
 API = sorted(glob.glob(os.path.join(WORKFLOWS, "api", "*_api.json")))
 SAVE_NODES = ("SaveImage", "PreviewImage")
-# The workflow for the official weights names the official folder; here it runs, at its full settings
-# (1024², 50 steps), on the tiny checkpoint in its place.
-OFFICIAL_FOLDER = "GLM-Image"
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +81,7 @@ def test_every_feature_has_a_workflow():
 def test_official_weights_workflow_has_the_official_settings():
     prompt = load(os.path.join(WORKFLOWS, "api", "glm_image_t2i_official_api.json"))
     by_type = {v["class_type"]: v["inputs"] for v in prompt.values()}
-    assert by_type["GLMImageLoader"]["model"] == OFFICIAL_FOLDER
+    assert by_type["GLMImageLoader"]["model"] == glmtest_server.OFFICIAL_NAME
     ar, dec = by_type["GLMImageTextToTokens"], by_type["GLMImageTokensToLatent"]
     assert (ar["width"], ar["height"], ar["temperature"], ar["top_p"]) == (1024, 1024, 0.9, 0.75)
     assert (dec["steps"], dec["cfg"]) == (50, 1.5)      # the pipeline's num_inference_steps / guidance_scale
@@ -93,10 +90,7 @@ def test_official_weights_workflow_has_the_official_settings():
 @pytest.mark.parametrize("api_path", API, ids=os.path.basename)
 def test_api_workflow_runs_in_host(wf_host, api_path):
     host = wf_host
-    prompt = load(api_path)
-    for v in prompt.values():
-        if v["class_type"] == "GLMImageLoader" and v["inputs"]["model"] == OFFICIAL_FOLDER:
-            v["inputs"]["model"] = glmtest_server.TINY_NAME
+    prompt = glmtest_server.load_workflow_for_tiny(api_path)     # the official-weights one on tiny weights
     res = host.run_ok(prompt)
     save = [k for k, v in prompt.items() if v["class_type"] in SAVE_NODES]
     assert save

@@ -56,7 +56,7 @@ tiny: host $(TINY)/model_index.json
 
 # Rewritten when the writer changes; written to a temporary folder first so a half-written
 # checkpoint is never picked up.
-$(TINY)/model_index.json: glm_image_core/tiny_checkpoint.py
+$(TINY)/model_index.json: glm_image_core/tiny_checkpoint.py glm_image_core/configs.py
 	rm -rf $(TINY).tmp
 	OMP_NUM_THREADS=1 $(PY) -m glm_image_core.tiny_checkpoint $(TINY).tmp --size tiny
 	rm -rf $(TINY) && mv $(TINY).tmp $(TINY) && touch $@

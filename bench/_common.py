@@ -187,14 +187,15 @@ class Patches:
 
 def cached_checkpoint(size: str, seed: int = 0) -> str:
     """``.cache/models/diffusers/GLM-Image-<size>`` written by ``glm_image_core.tiny_checkpoint``,
-    rewritten when the writer is newer than the folder (the rule ``make tiny`` uses); written to
+    rewritten when the writer (or the configs it writes) is newer than the folder (the rule ``make tiny`` uses); written to
     a temporary folder first so a half-written checkpoint is never picked up."""
     import shutil
 
-    from glm_image_core import tiny_checkpoint
+    from glm_image_core import configs, tiny_checkpoint
     folder = os.path.join(CACHE_MODELS, f"GLM-Image-{size}")
     stamp = os.path.join(folder, "model_index.json")
-    if os.path.isfile(stamp) and os.path.getmtime(stamp) >= os.path.getmtime(tiny_checkpoint.__file__):
+    writer = max(os.path.getmtime(m.__file__) for m in (tiny_checkpoint, configs))
+    if os.path.isfile(stamp) and os.path.getmtime(stamp) >= writer:
         return folder
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -51,10 +51,14 @@ def result(obj: dict) -> None:
 
 def checkpoint(folder: str) -> dict:
     """Write the full-size random folder in bf16 (or reuse it: a stamp names the writer's version)."""
-    from glm_image_core import tiny_checkpoint
-    stamp = os.path.join(folder, ".written-by")
     import hashlib
-    version = hashlib.sha256(open(tiny_checkpoint.__file__, "rb").read()).hexdigest()[:16]
+
+    from glm_image_core import configs, tiny_checkpoint
+    stamp = os.path.join(folder, ".written-by")
+    digest = hashlib.sha256()
+    for module in (tiny_checkpoint, configs):          # the writer and the official configs it writes
+        digest.update(open(module.__file__, "rb").read())
+    version = digest.hexdigest()[:16]
     if os.path.isfile(stamp) and open(stamp).read().strip() == version:
         return {"folder": folder, "written": False}
     t0 = time.perf_counter()
@@ -86,7 +90,7 @@ def checkpoint_facts(folder: str) -> dict:
 
 # ---- streamed loading ----------------------------------------------------------------------
 
-COMPONENTS = ("ar_text", "ar_vision", "dit", "glyph_encoder", "vae")
+LOADABLE = ("ar_text", "ar_vision", "dit", "glyph_encoder", "vae")
 STORAGE = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 

@@ -37,6 +37,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from glm_image_core import memory_plan as mp  # noqa: E402
+from glm_image_core.components import network  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results")
 TINY = os.path.join(ROOT, ".cache", "models", "diffusers", "GLM-Image-tiny")
@@ -49,7 +50,7 @@ def configs_of(size: str) -> dict:
         return mp.full_size_configs()
     from glm_image_core.tiny_checkpoint import configs_for
     files = configs_for(size)
-    return {c: files[f"{c}/config.json"] for c in mp.COMPONENTS}
+    return {c: files[f"{c}/config.json"] for c in mp.NETWORK_FOLDERS}
 
 
 # --------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def md_table(head, rows) -> str:
 
 def sizes_table(stats) -> str:
     rows = []
-    for c in mp.COMPONENTS[:1] + (mp.AR_TEXT, mp.AR_VISION) + mp.COMPONENTS[1:]:
+    for c in mp.NETWORK_FOLDERS[:1] + (mp.AR_TEXT, mp.AR_VISION) + mp.NETWORK_FOLDERS[1:]:
         s = stats[c]
         comp = "bf16" if s.fp8able else "bf16 (stays bf16)"
         rows.append([mp.COMPONENT_NAMES[c], f"{s.total / 1e9:.3f} B", f"{s.fp8able / max(s.total, 1):.0%}",
@@ -125,13 +126,13 @@ def build_random(component: str, config: dict, weight_dtype: str, compute: torch
     The AR is its text part, the network the nodes load for text → tokens."""
     import comfy.ops
     from glm_image_core import checkpoint as ckpt
-    fp8 = weight_dtype == "fp8" and mp.fp8_weight_keys(component) is not None
+    fp8 = weight_dtype == "fp8" and network(component).fp8_keys is not None
     storage = torch.float8_e4m3fn if fp8 else compute
     ops = comfy.ops.pick_operations(storage, compute, load_device=torch.device(device))
-    model = mp.build_component(component, config, device="meta", dtype=compute, operations=ops,
-                               ar_parts=("text",) if component == mp.AR else None)
+    parts = {"parts": ("text",)} if component == mp.AR else {}
+    model = network(component).skeleton(config, dtype=compute, device="meta", operations=ops, **parts)
     model.to_empty(device=device)
-    rule = ckpt.storage_dtypes(storage, mp.fp8_weight_keys(component), compute) if fp8 else None
+    rule = ckpt.storage_dtypes(storage, network(component).fp8_keys, compute) if fp8 else None
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -166,7 +167,7 @@ class Runner:
         self.byt5 = load_glyph_tokenizer(None)
         self.patchers = {}
         build_dev = self.load_device if self.load_device.type == "cuda" else "cpu"
-        for c in mp.COMPONENTS:
+        for c in mp.NETWORK_FOLDERS:
             model = build_random(c, configs[c], weight_dtype, self.compute, build_dev).to(self.offload)
             self.patchers[c] = comfy.model_patcher.ModelPatcher(model, load_device=self.load_device,
                                                                 offload_device=self.offload)
@@ -372,7 +373,7 @@ def cpu_check_one(stage: str) -> dict:
     g = torch.Generator().manual_seed(0)
 
     def random_model(component, config):
-        m = mp.build_component(component, config, device="cpu")
+        m = network(component).skeleton(config, device="cpu")
         for p in m.parameters():
             p.normal_(0.0, 0.02, generator=g)
         return m

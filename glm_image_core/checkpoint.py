@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 PIPELINE_CLASS = "GlmImagePipeline"
-COMPONENTS = ("vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+OFFICIAL_FOLDERS = ("vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # component folder -> its config file (the components with weights, and the scheduler)
 CONFIG_FILES = {"vision_language_encoder": "config.json", "text_encoder": "config.json",
@@ -58,7 +58,7 @@ def is_glm_image_folder(folder: str) -> bool:
         return False
 
 
-def check_glm_image_folder(folder: str, needed: Iterable[str] = COMPONENTS) -> dict:
+def check_glm_image_folder(folder: str, needed: Iterable[str] = OFFICIAL_FOLDERS) -> dict:
     """Validate the top-level layout; return model_index. Raises CheckpointError naming what is missing."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"GLM-Image folder not found: {folder}")
@@ -68,7 +68,7 @@ def check_glm_image_folder(folder: str, needed: Iterable[str] = COMPONENTS) -> d
     missing = [c for c in needed if not os.path.isdir(os.path.join(folder, c))]
     if missing:
         raise CheckpointError(f"GLM-Image folder {folder} is missing component folder(s): {', '.join(missing)} "
-                              f"(the official layout has {', '.join(COMPONENTS)})")
+                              f"(the official layout has {', '.join(OFFICIAL_FOLDERS)})")
     # Fail at the loader, not deep inside a later stage: every slot holds the class model_index.json
     # names, and every weight file has a complete safetensors header (only headers are read here).
     for comp, cfg_name in CONFIG_FILES.items():

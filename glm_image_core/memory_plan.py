@@ -21,10 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
-from .loading import no_init_ops
+from .components import network
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -47,14 +46,12 @@ CUDA_CONTEXT = 512 * MIB
 # --------------------------------------------------------------------------------------
 
 def full_size_configs() -> Dict[str, dict]:
-    """config.json of each network of the official checkpoint, keyed by component folder (the
-    "full" size of :mod:`glm_image_core.tiny_checkpoint`, the one place these values live)."""
-    from .tiny_checkpoint import configs_for
-    files = configs_for("full")
-    return {c: files[f"{c}/config.json"] for c in ("vision_language_encoder", "transformer", "text_encoder", "vae")}
+    """config.json of each network of the official checkpoint, keyed by its folder."""
+    return {f: network(f).full_size_config() for f in NETWORK_FOLDERS}
 
 
-COMPONENTS = ("vision_language_encoder", "text_encoder", "transformer", "vae")
+# The networks the plan covers, by official folder: AR, glyph encoder, DiT, VAE.
+NETWORK_FOLDERS = ("vision_language_encoder", "text_encoder", "transformer", "vae")
 AR = "vision_language_encoder"
 # The AR is loaded as two networks (nodes: GLMARModel.model / .vision; ar_model.AR_PARTS): the text
 # part for the AR stage, the vision part only when a Reference Edit tokenises a reference.
@@ -66,28 +63,6 @@ COMPONENT_NAMES = {"vision_language_encoder": "AR model", "text_encoder": "glyph
 def ar_part_key(part: str) -> str:
     """The :func:`component_stats` key of one AR part (``"text"`` or ``"vision"``)."""
     return f"{AR}/{part}"
-
-
-def build_component(component: str, config: dict, device="meta", dtype=torch.float32, operations=None,
-                    ar_parts=None) -> nn.Module:
-    """The network of ``component`` (a checkpoint folder name) built from ``config``, its layers from
-    ``operations`` (default: torch.nn without random init); on the meta device it costs no memory.
-    Activations run in ``dtype``. ``ar_parts``: for the AR, the parts to build (default all)."""
-    ops = operations or no_init_ops
-    if component == "vision_language_encoder":
-        from .ar_model import ALL_PARTS, GlmImageAR
-        return GlmImageAR(config, dtype=dtype, device=device, operations=operations or nn,
-                          parts=ar_parts or ALL_PARTS)
-    if component == "transformer":
-        from .dit import GlmImageDiT
-        return GlmImageDiT(config, dtype=dtype, device=device, operations=ops, compute_dtype=dtype)
-    if component == "text_encoder":
-        from .glyph import GlyphT5Encoder
-        return GlyphT5Encoder(config, dtype=dtype, device=device, operations=ops, compute_dtype=dtype)
-    if component == "vae":
-        from .vae import GlmImageVAE
-        return GlmImageVAE(config, dtype=dtype, device=device, operations=ops)
-    raise ValueError(f"unknown component {component!r}; one of {COMPONENTS}")
 
 
 # --------------------------------------------------------------------------------------
@@ -123,18 +98,6 @@ class WeightStats:
         return self.total * DTYPE_BYTES[weight_dtype]
 
 
-def fp8_weight_keys(component: str):
-    """The loader's rule for which weights an fp8 load stores in fp8 (None: the component stays
-    in the compute dtype)."""
-    if component == "vision_language_encoder":
-        from .ar_model import FP8_WEIGHT_KEYS
-        return FP8_WEIGHT_KEYS
-    if component == "transformer":
-        from .dit import FP8_WEIGHT_KEYS
-        return FP8_WEIGHT_KEYS
-    return None
-
-
 def weight_stats(model: nn.Module, fp8_keys=None) -> WeightStats:
     """Counts over the parameters and persistent buffers of ``model`` (its state dict)."""
     s = WeightStats()
@@ -166,10 +129,10 @@ def component_stats(configs: Dict[str, dict]) -> Dict[str, WeightStats]:
     """:func:`weight_stats` of every component, built on the meta device from ``configs``, plus each
     AR part on its own (keys :data:`AR_TEXT`, :data:`AR_VISION`)."""
     from .ar_model import AR_PARTS
-    stats = {c: weight_stats(build_component(c, configs[c]), fp8_weight_keys(c)) for c in COMPONENTS}
+    stats = {c: weight_stats(network(c).skeleton(configs[c]), network(c).fp8_keys) for c in NETWORK_FOLDERS}
     for part in AR_PARTS:
-        stats[ar_part_key(part)] = weight_stats(build_component(AR, configs[AR], ar_parts=(part,)),
-                                                fp8_weight_keys(AR))
+        stats[ar_part_key(part)] = weight_stats(network(AR).skeleton(configs[AR], parts=(part,)),
+                                                network(AR).fp8_keys)
     return stats
 
 

@@ -18,22 +18,22 @@ file, what it looks like and what was expected. Files without this metadata are 
 refused with the conversion command (their configs cannot be derived from tensor shapes: head
 counts, epsilons, the schedule, latent statistics and tokenizers are not in the tensors).
 
-:class:`FolderSource` and :class:`SingleFileSource` give the same view (official file paths +
-weight files) of an official folder and of a single file, so one set of functions builds every
-loader's assets from either.
+:func:`open_single_file` checks such a file and returns a ``sources.SingleFileSource``: the same view
+(official file paths + weight files) as an official folder's ``sources.FolderSource``, so one set of
+functions (``glm_image_core.sources``) builds every loader's assets from either.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
 from . import checkpoint as ckpt
+from .components import NETWORKS
+from .sources import FolderSource, SingleFileSource
 
 FORMAT = "glm-image-single-file"
 FORMAT_VERSION = "1"
@@ -48,31 +48,6 @@ CONVERT_HINT = ("convert the official GLM-Image folder with `python scripts/conv
                 "models/diffusers/GLM-Image --out <dir>` (it writes the configs and tokenizer files into the "
                 "file's metadata), or load the folder with Load GLM-Image")
 
-
-@dataclass(frozen=True)
-class Component:
-    """One single-file component: where it comes from and goes to, and what it carries beside its weights."""
-    id: str
-    title: str                   # in messages: "GLM-Image DiT"
-    folder: str                  # its folder in the official layout
-    comfy_folder: str            # ComfyUI models/ folder it belongs in
-    required: Tuple[str, ...]    # official files it must carry (paths in the official layout)
-    optional: Tuple[str, ...] = ()
-
-
-COMPONENTS: Dict[str, Component] = {c.id: c for c in (
-    Component("dit", "GLM-Image DiT (diffusion transformer)", "transformer", "diffusion_models",
-              ("transformer/config.json", "scheduler/scheduler_config.json", "vae/config.json")),
-    Component("ar", "GLM-Image AR model (vision_language_encoder)", "vision_language_encoder", "text_encoders",
-              ("vision_language_encoder/config.json", "processor/tokenizer.json"),
-              ("vision_language_encoder/generation_config.json", "processor/tokenizer_config.json",
-               "processor/processor_config.json", "processor/preprocessor_config.json",
-               "processor/chat_template.jinja")),
-    Component("glyph_encoder", "GLM-Image glyph encoder (ByT5, text_encoder)", "text_encoder", "text_encoders",
-              ("text_encoder/config.json",),
-              ("tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json", "tokenizer/added_tokens.json")),
-    Component("vae", "GLM-Image VAE", "vae", "vae", ("vae/config.json",)),
-)}
 
 BYT5_VOCAB = 384   # 3 specials + 256 bytes + 125 sentinels: ByT5's embedding rows
 
@@ -135,88 +110,25 @@ def identify(tensors: TensorInfo) -> Tuple[Optional[str], str]:
 
 
 def wrong_component_message(path: str, expected: str, found: Optional[str], description: str) -> str:
-    want = COMPONENTS[expected]
+    want = NETWORKS[expected]
     msg = (f"{os.path.basename(path)} is not a {want.title}: it looks like {description}. "
            f"Expected a {want.title} single file in models/{want.comfy_folder}/.")
     if found is not None:
-        other = COMPONENTS[found]
+        other = NETWORKS[found]
         msg += f" Load it with the {other.title} loader (it belongs in models/{other.comfy_folder}/)."
     return msg
-
-
-# --------------------------------------------------------------------------------------
-# Sources: an official folder or a single file, seen the same way
-# --------------------------------------------------------------------------------------
-
-class Source:
-    name: str
-
-    def text(self, rel: str) -> Optional[str]:
-        raise NotImplementedError
-
-    def has(self, rel: str) -> bool:
-        return self.text(rel) is not None
-
-    def json(self, rel: str, required: bool = True) -> Optional[dict]:
-        t = self.text(rel)
-        if t is None:
-            if required:
-                raise ckpt.CheckpointError(f"{self.name}: missing {rel}")
-            return None
-        try:
-            return json.loads(t)
-        except json.JSONDecodeError as e:
-            raise ckpt.CheckpointError(f"{self.name}: {rel} is not valid JSON ({e})") from None
-
-    def weight_files(self, component: str) -> List[str]:
-        raise NotImplementedError
-
-
-class FolderSource(Source):
-    """An official diffusers-style GLM-Image folder."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.name = folder
-
-    def text(self, rel: str) -> Optional[str]:
-        p = os.path.join(self.folder, *rel.split("/"))
-        if not os.path.isfile(p):
-            return None
-        with open(p, "r", encoding="utf-8") as f:
-            return f.read()
-
-    def weight_files(self, component: str) -> List[str]:
-        return ckpt.weight_files(os.path.join(self.folder, COMPONENTS[component].folder))
-
-
-class SingleFileSource(Source):
-    """A single-file component checkpoint whose metadata carries the official files."""
-
-    def __init__(self, path: str, component: str, files: Dict[str, str], metadata: Dict[str, str]):
-        self.path, self.component, self.files, self.metadata = path, component, files, metadata
-        self.name = path
-
-    def text(self, rel: str) -> Optional[str]:
-        return self.files.get(rel)
-
-    def weight_files(self, component: str) -> List[str]:
-        if component != self.component:
-            raise ckpt.CheckpointError(f"{self.path} holds the {COMPONENTS[self.component].title}, "
-                                       f"not the {COMPONENTS[component].title}")
-        return [self.path]
 
 
 def open_single_file(path: str, expected: str) -> SingleFileSource:
     """Check that ``path`` is a safetensors single file of component ``expected`` (detected from its
     tensors) with GLM-Image metadata; raise a CheckpointError saying what is wrong otherwise."""
-    if expected not in COMPONENTS:
-        raise ValueError(f"unknown component {expected!r}; one of {', '.join(COMPONENTS)}")
+    if expected not in NETWORKS:
+        raise ValueError(f"unknown component {expected!r}; one of {', '.join(NETWORKS)}")
     meta, tensors = ckpt.safetensors_header(path)
     found, description = identify(tensors)
     if found != expected:
         raise ckpt.CheckpointError(wrong_component_message(path, expected, found, description))
-    want = COMPONENTS[expected]
+    want = NETWORKS[expected]
     if meta.get(META_FORMAT) != FORMAT:
         raise ckpt.CheckpointError(
             f"{os.path.basename(path)} looks like {description} but has no GLM-Image metadata (its configs"
@@ -236,100 +148,10 @@ def open_single_file(path: str, expected: str) -> SingleFileSource:
     except ValueError as e:
         raise ckpt.CheckpointError(f"{os.path.basename(path)}: metadata {META_FILES} is malformed ({e}); "
                                    f"{CONVERT_HINT}") from None
-    missing = [r for r in want.required if r not in files]
+    missing = [r for r in want.single_file_required if r not in files]
     if missing:
         raise ckpt.CheckpointError(f"{os.path.basename(path)}: metadata lacks {', '.join(missing)}; {CONVERT_HINT}")
     return SingleFileSource(path, expected, files, meta)
-
-
-# --------------------------------------------------------------------------------------
-# Assets (everything but the network) built from a source
-# --------------------------------------------------------------------------------------
-
-def latent_stats(vae_config: dict, channels: int, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The VAE config's per-channel ``latents_mean``/``latents_std`` (identity when absent) as fp32."""
-    mean = torch.tensor(vae_config.get("latents_mean") or [0.0] * channels, dtype=torch.float32)
-    std = torch.tensor(vae_config.get("latents_std") or [1.0] * channels, dtype=torch.float32)
-    if mean.numel() != channels or std.numel() != channels:
-        raise ckpt.CheckpointError(f"{where}: vae/config.json latents_mean/std have {mean.numel()}/{std.numel()} "
-                                   f"values; the DiT has {channels} latent channels")
-    return mean, std
-
-
-@dataclass
-class ARAssets:
-    config: dict
-    generation_config: dict
-    tokenizer: object            # ar_prompt.GlmTokenizer
-    processor_config: dict
-
-
-def ar_assets(src: Source) -> ARAssets:
-    from . import ar_prompt
-    tok_text = src.text("processor/tokenizer.json")
-    if tok_text is None:
-        raise ckpt.CheckpointError(f"{src.name}: missing processor/tokenizer.json")
-    return ARAssets(
-        config=src.json("vision_language_encoder/config.json"),
-        generation_config=src.json("vision_language_encoder/generation_config.json", required=False) or {},
-        tokenizer=ar_prompt.GlmTokenizer.from_strings(tok_text, src.json("processor/tokenizer_config.json", False),
-                                                      f"{src.name} (processor/tokenizer.json)"),
-        processor_config=ar_prompt.processor_config_from(src.json("processor/processor_config.json", False),
-                                                         src.json("processor/preprocessor_config.json", False),
-                                                         f"{src.name} (processor/)"))
-
-
-@dataclass
-class DecoderAssets:
-    dit_config: dict
-    scheduler_config: dict
-    latents_mean: torch.Tensor
-    latents_std: torch.Tensor
-
-
-def decoder_assets(src: Source) -> DecoderAssets:
-    dit_config = src.json("transformer/config.json")
-    c = int(dit_config.get("in_channels", 16))
-    mean, std = latent_stats(src.json("vae/config.json"), c, src.name)
-    return DecoderAssets(dit_config, src.json("scheduler/scheduler_config.json"), mean, std)
-
-
-def glyph_tokenizer(src: Source):
-    from .glyph import ByT5Tokenizer
-    return ByT5Tokenizer.from_configs(src.json("tokenizer/tokenizer_config.json", False) or {},
-                                      src.json("tokenizer/special_tokens_map.json", False) or {},
-                                      src.json("tokenizer/added_tokens.json", False) or {},
-                                      f"{src.name} (tokenizer/)")
-
-
-def builder(src: Source, component: str, ar_parts: Optional[Sequence[str]] = None) -> Callable[..., torch.nn.Module]:
-    """``build(dtype, device, operations, compute_dtype=None)`` -> the component's network with its
-    weights loaded from ``src`` (strict key check). ``ar_parts``: for ``"ar"``, the parts to build
-    (``ar_model.AR_PARTS``; default all)."""
-    if ar_parts is not None and component != "ar":
-        raise ValueError(f"ar_parts applies to the AR only, not {component!r}")
-    files = src.weight_files(component)
-    what = f"{COMPONENTS[component].title} ({src.name})"
-    if component == "dit":
-        from .dit import build_dit
-        cfg = src.json("transformer/config.json")
-        return lambda dt, dev, ops, compute_dtype=None: build_dit(cfg, files, dt, dev, ops, compute_dtype, what)
-    if component == "ar":
-        from .ar_model import ALL_PARTS, build_ar
-        cfg = src.json("vision_language_encoder/config.json")
-        parts = tuple(ar_parts or ALL_PARTS)
-        return lambda dt, dev, ops, compute_dtype=None: build_ar(cfg, files, dt, dev, ops,
-                                                                 compute_dtype=compute_dtype, what=what, parts=parts)
-    if component == "glyph_encoder":
-        from .glyph import build_glyph_encoder
-        cfg = src.json("text_encoder/config.json")
-        return lambda dt, dev, ops, compute_dtype=None: build_glyph_encoder(cfg, files, dt, dev, ops,
-                                                                            compute_dtype, what)
-    if component == "vae":
-        from .vae import build_vae
-        cfg = src.json("vae/config.json")
-        return lambda dt, dev, ops, compute_dtype=None: build_vae(cfg, files, dt, dev, ops, what)
-    raise ValueError(f"unknown component {component!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -340,26 +162,6 @@ CONVERT_DTYPES = {"as_stored": None, "bf16": torch.bfloat16, "fp16": torch.float
                   "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _ST_DTYPES = ckpt.SAFETENSORS_DTYPES
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def fp8_weight_keys(component: str) -> Optional[re.Pattern]:
-    """The keys a component stores in fp8 when fp8 is asked (None: never fp8)."""
-    if component == "dit":
-        from .dit import FP8_WEIGHT_KEYS
-        return FP8_WEIGHT_KEYS
-    if component == "ar":
-        from .ar_model import FP8_WEIGHT_KEYS
-        return FP8_WEIGHT_KEYS
-    return None
-
-
-def conversion_dtype(component: str, dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
-    """The dtype a component is actually converted to: the glyph encoder and the VAE are small and
-    numerically sensitive (T5; GLM's VAE overflows in fp16), so they take only bf16/fp32 and keep
-    their stored dtype for fp16/fp8 requests."""
-    if component in ("glyph_encoder", "vae") and dtype not in (None, torch.bfloat16, torch.float32):
-        return None
-    return dtype
 
 
 def write_streamed_safetensors(path: str, entries: Sequence[Tuple[str, torch.dtype, Tuple[int, ...],
@@ -397,18 +199,18 @@ def convert_component(folder: str, component: str, out_path: str, dtype: Optiona
     (tensors, bytes, dtypes). Tensors are read from their shard one at a time."""
     from safetensors import safe_open
     ckpt.check_glm_image_folder(folder, needed=())
-    comp = COMPONENTS[component]
+    comp = NETWORKS[component]
     src = FolderSource(folder)
     files = {}
-    for rel in comp.required + comp.optional:
+    for rel in comp.single_file_required + comp.single_file_optional:
         t = src.text(rel)
         if t is not None:
             files[rel] = t
-    missing = [r for r in comp.required if r not in files]
+    missing = [r for r in comp.single_file_required if r not in files]
     if missing:
         raise ckpt.CheckpointError(f"{folder}: missing {', '.join(missing)} (needed for the {comp.title})")
-    dtype = conversion_dtype(component, dtype)
-    rule = ckpt.storage_dtypes(dtype, fp8_weight_keys(component), None)
+    dtype = comp.storage_dtype(dtype)
+    rule = ckpt.storage_dtypes(dtype, comp.fp8_keys, None)
     entries = []
     seen = set()
     counts: Dict[str, int] = {}

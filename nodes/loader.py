@@ -9,7 +9,7 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..glm_image_core import checkpoint as ckpt
-from ..glm_image_core import single_file as sf
+from ..glm_image_core import sources
 from .models import (COMPUTE_DTYPES, WEIGHT_DTYPES, ComponentSpec, GLMARModel, GLMDecoderModel, GLMGlyphEncoder,
                      LazyComponent)
 from .types import CATEGORY, GlmAR, GlmDecoder
@@ -38,12 +38,12 @@ def resolve_folder(name: str) -> str:
                                f"(searched: {', '.join(folder_paths.get_folder_paths('diffusers'))})")
 
 
-def ar_handle(src: sf.Source, weight_dtype: str, compute_dtype: str = "auto") -> GLMARModel:
+def ar_handle(src: sources.Source, weight_dtype: str, compute_dtype: str = "auto") -> GLMARModel:
     """The GLM_AR payload from an official folder or an AR single file (weights read on first use)."""
-    assets = sf.ar_assets(src)
+    assets = sources.ar_assets(src)
 
     def part(name: str, ar_part: str) -> LazyComponent:
-        return LazyComponent(ComponentSpec(name, src.name, src.weight_files("ar"), sf.builder(src, "ar", (ar_part,)),
+        return LazyComponent(ComponentSpec(name, src.name, src.weight_files("ar"), sources.builder(src, "ar", (ar_part,)),
                                            weight_dtype=weight_dtype,
                                            compute_dtype=compute_dtype))
     return GLMARModel(folder=src.name, model=part("AR model", "text"), vision=part("AR vision tower", "vision"),
@@ -52,18 +52,18 @@ def ar_handle(src: sf.Source, weight_dtype: str, compute_dtype: str = "auto") ->
                       config=assets.config)
 
 
-def glyph_encoder_handle(src: sf.Source, weight_dtype: str = "default", compute_dtype: str = "auto") -> GLMGlyphEncoder:
+def glyph_encoder_handle(src: sources.Source, weight_dtype: str = "default", compute_dtype: str = "auto") -> GLMGlyphEncoder:
     """The glyph encoder (ByT5) and its tokenizer from an official folder or a glyph-encoder single file."""
-    spec = ComponentSpec("glyph encoder", src.name, src.weight_files("glyph_encoder"), sf.builder(src, "glyph_encoder"),
+    spec = ComponentSpec("glyph encoder", src.name, src.weight_files("glyph_encoder"), sources.builder(src, "glyph_encoder"),
                          weight_dtype=weight_dtype, compute_dtype=compute_dtype)
-    return GLMGlyphEncoder(source=src.name, encoder=LazyComponent(spec), tokenizer=sf.glyph_tokenizer(src))
+    return GLMGlyphEncoder(source=src.name, encoder=LazyComponent(spec), tokenizer=sources.glyph_tokenizer(src))
 
 
-def decoder_handle(src: sf.Source, glyph: GLMGlyphEncoder, weight_dtype: str,
+def decoder_handle(src: sources.Source, glyph: GLMGlyphEncoder, weight_dtype: str,
                    compute_dtype: str = "auto") -> GLMDecoderModel:
     """The GLM_DECODER payload: the DiT from an official folder or a DiT single file, plus a glyph encoder."""
-    assets = sf.decoder_assets(src)
-    spec = ComponentSpec("DiT", src.name, src.weight_files("dit"), sf.builder(src, "dit"),
+    assets = sources.decoder_assets(src)
+    spec = ComponentSpec("DiT", src.name, src.weight_files("dit"), sources.builder(src, "dit"),
                          weight_dtype=weight_dtype, compute_dtype=compute_dtype)
     return GLMDecoderModel(folder=src.name, dit=LazyComponent(spec), glyph_encoder=glyph.encoder,
                            glyph_tokenizer=glyph.tokenizer, dit_config=assets.dit_config,
@@ -72,11 +72,11 @@ def decoder_handle(src: sf.Source, glyph: GLMGlyphEncoder, weight_dtype: str,
 
 
 def load_ar_handle(folder: str, weight_dtype: str, compute_dtype: str = "auto") -> GLMARModel:
-    return ar_handle(sf.FolderSource(folder), weight_dtype, compute_dtype)
+    return ar_handle(sources.FolderSource(folder), weight_dtype, compute_dtype)
 
 
 def load_decoder_handle(folder: str, weight_dtype: str, compute_dtype: str = "auto") -> GLMDecoderModel:
-    src = sf.FolderSource(folder)
+    src = sources.FolderSource(folder)
     # The glyph encoder is small and numerically sensitive (T5): keep it as stored unless fp32 is asked.
     glyph = glyph_encoder_handle(src, "fp32" if weight_dtype == "fp32" else "default")
     return decoder_handle(src, glyph, weight_dtype, compute_dtype)
@@ -129,7 +129,7 @@ class GLMImageLoader(io.ComfyNode):
         except ckpt.CheckpointError:
             return float("nan")
         stamp = []
-        for comp in ckpt.COMPONENTS:
+        for comp in ckpt.OFFICIAL_FOLDERS:
             d = os.path.join(folder, comp)
             if os.path.isdir(d):
                 for n in sorted(os.listdir(d)):

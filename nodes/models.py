@@ -23,14 +23,14 @@ import comfy.model_patcher
 import comfy.ops
 
 from ..glm_image_core import checkpoint as ckpt
+from ..glm_image_core.components import STORAGE_DTYPES
 from . import host
 
 log = logging.getLogger("GLM-Image")
 
 # Storage dtype of the weights. fp8: only the Linear weights of the DiT's and AR's repeated blocks
 # (biases, norms, embeddings, timestep MLPs stay in the compute dtype; see checkpoint.storage_dtypes).
-WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+WEIGHT_DTYPES = {"default": None, **STORAGE_DTYPES}
 # Dtype of the activations; weights stored otherwise are cast per layer by comfy.ops (manual cast).
 # "auto": ComfyUI's choice for the load device (bf16/fp16 on GPUs that have them, fp32 on CPU).
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -20,13 +20,15 @@ import folder_paths
 
 from ..glm_image_core import checkpoint as ckpt
 from ..glm_image_core import single_file as sf
+from ..glm_image_core import sources
+from ..glm_image_core.components import NETWORKS
 from .loader import ar_handle, decoder_handle, glyph_encoder_handle
 from .models import COMPUTE_DTYPES, WEIGHT_DTYPES
 from .types import CATEGORY, GlmAR, GlmDecoder, GlmGlyphEncoder
 
-# The glyph encoder (T5) and the VAE are small and numerically sensitive: no fp8; the VAE also no fp16.
-GLYPH_WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32")
-VAE_WEIGHT_DTYPES = ("default", "bf16", "fp32")
+# The storage dtypes each of these loaders offers: the registry's (glyph encoder: no fp8; VAE: no fp16).
+GLYPH_WEIGHT_DTYPES = ("default",) + NETWORKS["glyph_encoder"].storage
+VAE_WEIGHT_DTYPES = ("default",) + NETWORKS["vae"].storage
 
 
 def safetensors_files(folder: str) -> list[str]:
@@ -48,7 +50,7 @@ def resolve_file(folder: str, name: str) -> str:
     return path
 
 
-def open_component(folder: str, name: str, component: str) -> sf.SingleFileSource:
+def open_component(folder: str, name: str, component: str) -> sources.SingleFileSource:
     return sf.open_single_file(resolve_file(folder, name), component)
 
 
@@ -244,7 +246,7 @@ class GLMImageVAELoader(io.ComfyNode):
     def execute(cls, vae_name, weight_dtype) -> io.NodeOutput:
         from .vae_adapter import glm_vae_from
         src = open_component("vae", vae_name, "vae")
-        return io.NodeOutput(glm_vae_from(sf.builder(src, "vae"), weight_dtype))
+        return io.NodeOutput(glm_vae_from(sources.builder(src, "vae"), weight_dtype))
 
 
 NODES = [GLMImageARLoader, GLMImageGlyphEncoderLoader, GLMImageDiTLoader, GLMImageVAELoader]

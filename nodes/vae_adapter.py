@@ -27,11 +27,12 @@ import comfy.ops
 import comfy.sd
 
 from . import host
+from ..glm_image_core.components import NETWORKS
 from ..glm_image_core.vae import GlmImageVAE, VaeConfig, fit_latent_to_rgb, load_vae
 
 log = logging.getLogger("GLM-Image")
 
-WORKING_DTYPES = [torch.bfloat16, torch.float32]
+WORKING_DTYPES = list(NETWORKS["vae"].compute)      # bf16, fp32: never fp16 (it overflows)
 _EXPLICIT = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 # The SD/SDXL KL-VAE ComfyUI's memory constants were measured on (ch 128, mult 1,2,4,4).

@@ -29,6 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from glm_image_core import single_file as sf  # noqa: E402
+from glm_image_core.components import NETWORKS  # noqa: E402
 from glm_image_core.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -41,29 +42,29 @@ def main(argv=None) -> int:
                          "(diffusion_models/, text_encoders/, vae/)")
     ap.add_argument("--dtype", default="as_stored", choices=list(sf.CONVERT_DTYPES),
                     help="weight dtype of the written files (default: as stored)")
-    ap.add_argument("--components", default=",".join(sf.COMPONENTS),
-                    help=f"comma-separated subset of {','.join(sf.COMPONENTS)} (default: all)")
+    ap.add_argument("--components", default=",".join(NETWORKS),
+                    help=f"comma-separated subset of {','.join(NETWORKS)} (default: all)")
     ap.add_argument("--prefix", default=None, help="file name prefix (default: the folder's name)")
     a = ap.parse_args(argv)
     comps = [c.strip() for c in a.components.split(",") if c.strip()]
-    bad = [c for c in comps if c not in sf.COMPONENTS]
+    bad = [c for c in comps if c not in NETWORKS]
     if bad:
-        ap.error(f"unknown component(s) {', '.join(bad)}; choose from {', '.join(sf.COMPONENTS)}")
+        ap.error(f"unknown component(s) {', '.join(bad)}; choose from {', '.join(NETWORKS)}")
     prefix = a.prefix or os.path.basename(os.path.normpath(a.folder))
     suffix = "" if a.dtype == "as_stored" else f"_{a.dtype}"
     dtype = sf.CONVERT_DTYPES[a.dtype]
     try:
         for c in comps:
             t0 = time.perf_counter()
-            actual = sf.conversion_dtype(c, dtype)
+            actual = NETWORKS[c].storage_dtype(dtype)
             name = f"{prefix}_{c}{suffix if actual is not None else ''}.safetensors"
-            out_dir = os.path.join(a.out, sf.COMPONENTS[c].comfy_folder) if a.into_models else a.out
+            out_dir = os.path.join(a.out, NETWORKS[c].comfy_folder) if a.into_models else a.out
             os.makedirs(out_dir, exist_ok=True)
             info = sf.convert_component(a.folder, c, os.path.join(out_dir, name), dtype, a.dtype)
             note = "" if actual == dtype else f" (kept as stored: the {c} takes only bf16/fp32)"
             print(f"{c:14s} -> {info['path']}  {info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB, "
                   f"{info['dtypes']}{note}  [{time.perf_counter() - t0:.1f} s]  put it in models/"
-                  f"{sf.COMPONENTS[c].comfy_folder}/")
+                  f"{NETWORKS[c].comfy_folder}/")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from glm_image_core import memory_plan as mp
+from glm_image_core.components import network
 from glm_image_core.tiny_checkpoint import configs_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -18,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def configs():
     files = configs_for("tiny")
-    return {c: files[f"{c}/config.json"] for c in mp.COMPONENTS}
+    return {c: files[f"{c}/config.json"] for c in mp.NETWORK_FOLDERS}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def stats(configs):
 @pytest.fixture(scope="module")
 def real_models(configs):
     """The networks with real (CPU) parameters, built the default way."""
-    return {c: mp.build_component(c, configs[c], device="cpu") for c in mp.COMPONENTS}
+    return {c: network(c).skeleton(configs[c], device="cpu") for c in mp.NETWORK_FOLDERS}
 
 
 def test_parameter_counts_equal_the_real_networks(stats, real_models):
@@ -45,7 +46,7 @@ def test_fp8_bytes_follow_the_loader_rule(stats, real_models):
     repeated blocks), the compute dtype for everything else; glyph encoder and VAE have none."""
     from glm_image_core import checkpoint as ckpt
     for c, m in real_models.items():
-        keys = mp.fp8_weight_keys(c)
+        keys = network(c).fp8_keys
         rule = ckpt.storage_dtypes(torch.float8_e4m3fn, keys, torch.bfloat16) if keys is not None else None
         fp8 = other = 0
         for k, t in m.state_dict().items():

@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from glm_image_core import checkpoint as ckpt
 from glm_image_core import single_file as sf
+from glm_image_core import sources
+from glm_image_core.components import NETWORKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FOLDERS = {"dit": "transformer", "ar": "vision_language_encoder", "glyph_encoder": "text_encoder", "vae": "vae"}
@@ -27,7 +29,7 @@ def converted(tiny_ckpt, tmp_path_factory):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_to_single_file.py"), tiny_ckpt,
                             "--out", out, "--dtype", dtype, "--prefix", "t"], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-    files = {c: os.path.join(out, f"t_{c}.safetensors") for c in sf.COMPONENTS}
+    files = {c: os.path.join(out, f"t_{c}.safetensors") for c in NETWORKS}
     fp8 = {c: os.path.join(out, f"t_{c}_fp8_e4m3fn.safetensors") for c in ("dit", "ar")}
     assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in list(files.values()) + list(fp8.values()))
     return files, fp8
@@ -75,14 +77,14 @@ def test_conversion_round_trip_as_stored(tiny_ckpt, converted):
         for rel, text in embedded.items():       # the official files, byte for byte
             with open(os.path.join(tiny_ckpt, rel), encoding="utf-8") as f:
                 assert f.read() == text, rel
-        assert set(sf.COMPONENTS[comp].required) <= set(embedded)
+        assert set(NETWORKS[comp].single_file_required) <= set(embedded)
 
 
 def test_fp8_conversion_rounds_only_block_linears(tiny_ckpt, converted):
     _, fp8 = converted
     for comp, path in fp8.items():
         ours, ref = load_file(path), folder_tensors(tiny_ckpt, comp)
-        keys = sf.fp8_weight_keys(comp)
+        keys = NETWORKS[comp].fp8_keys
         n = 0
         for k, t in ref.items():
             if t.dim() == 2 and keys.match(k):
@@ -103,11 +105,11 @@ def test_fp8_conversion_rounds_only_block_linears(tiny_ckpt, converted):
 @pytest.mark.parametrize("name", ["bf16", "fp16", "fp32"])
 def test_16_and_32_bit_conversion_casts_every_float(tiny_ckpt, tmp_path, name):
     dtype = sf.CONVERT_DTYPES[name]
-    for comp in sf.COMPONENTS:
+    for comp in NETWORKS:
         out = str(tmp_path / f"{comp}.safetensors")
         sf.convert_component(tiny_ckpt, comp, out, dtype, name)
         ours, ref = load_file(out), folder_tensors(tiny_ckpt, comp)
-        want = sf.conversion_dtype(comp, dtype)       # the VAE / glyph encoder stay as stored for fp16
+        want = NETWORKS[comp].storage_dtype(dtype)       # the VAE / glyph encoder stay as stored for fp16
         for k, t in ref.items():
             expected = t.to(want) if want is not None and t.is_floating_point() else t
             assert ours[k].dtype == expected.dtype and torch.equal(ours[k], expected), (comp, k)
@@ -124,27 +126,27 @@ def test_sharded_folder_converts_to_the_same_file_contents(tiny_ckpt, tiny_ckpt_
 
 def test_networks_from_single_files_equal_the_folder_ones(tiny_ckpt, converted):
     files, _ = converted
-    folder = sf.FolderSource(tiny_ckpt)
+    folder = sources.FolderSource(tiny_ckpt)
     for comp, path in files.items():
         src = sf.open_single_file(path, comp)
-        a = sf.builder(src, comp)(torch.float32, "cpu", torch.nn).state_dict()
-        b = sf.builder(folder, comp)(torch.float32, "cpu", torch.nn).state_dict()
+        a = sources.builder(src, comp)(torch.float32, "cpu", torch.nn).state_dict()
+        b = sources.builder(folder, comp)(torch.float32, "cpu", torch.nn).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), comp
-    ar_a, ar_b = sf.ar_assets(sf.open_single_file(files["ar"], "ar")), sf.ar_assets(folder)
+    ar_a, ar_b = sources.ar_assets(sf.open_single_file(files["ar"], "ar")), sources.ar_assets(folder)
     assert ar_a.config == ar_b.config and ar_a.processor_config == ar_b.processor_config
     assert ar_a.generation_config == ar_b.generation_config
     assert ar_a.tokenizer.encode("a red fox <|image|>") == ar_b.tokenizer.encode("a red fox <|image|>")
-    d_a, d_b = sf.decoder_assets(sf.open_single_file(files["dit"], "dit")), sf.decoder_assets(folder)
+    d_a, d_b = sources.decoder_assets(sf.open_single_file(files["dit"], "dit")), sources.decoder_assets(folder)
     assert d_a.dit_config == d_b.dit_config and d_a.scheduler_config == d_b.scheduler_config
     assert torch.equal(d_a.latents_mean, d_b.latents_mean) and torch.equal(d_a.latents_std, d_b.latents_std)
-    g_a, g_b = sf.glyph_tokenizer(sf.open_single_file(files["glyph_encoder"], "glyph_encoder")), sf.glyph_tokenizer(folder)
+    g_a, g_b = sources.glyph_tokenizer(sf.open_single_file(files["glyph_encoder"], "glyph_encoder")), sources.glyph_tokenizer(folder)
     assert g_a(["Hi <extra_id_0>"]) == g_b(["Hi <extra_id_0>"])
 
 
 def test_fp8_single_file_builds_with_fp8_block_weights(converted):
     _, fp8 = converted
     src = sf.open_single_file(fp8["dit"], "dit")
-    model = sf.builder(src, "dit")(torch.float8_e4m3fn, "cpu", torch.nn, torch.float32)
+    model = sources.builder(src, "dit")(torch.float8_e4m3fn, "cpu", torch.nn, torch.float32)
     assert model.transformer_blocks[0].ff.net[2].weight.dtype == torch.float8_e4m3fn
     assert model.transformer_blocks[0].ff.net[2].bias.dtype == torch.float32
     assert model.time_condition_embed.timestep_embedder.linear_1.weight.dtype == torch.float32
@@ -205,16 +207,16 @@ def test_pickle_formats_and_truncated_files_are_refused(converted, tmp_path):
 
 
 def test_storage_rule():
-    rule = ckpt.storage_dtypes(torch.float8_e5m2, sf.fp8_weight_keys("dit"), torch.bfloat16)
+    rule = ckpt.storage_dtypes(torch.float8_e5m2, NETWORKS["dit"].fp8_keys, torch.bfloat16)
     w2, b1 = torch.zeros(4, 4), torch.zeros(4)
     assert ckpt.storage_dtype_of(rule, "transformer_blocks.3.attn1.to_q.weight", w2) == torch.float8_e5m2
     assert ckpt.storage_dtype_of(rule, "transformer_blocks.3.attn1.to_q.bias", b1) == torch.bfloat16
     assert ckpt.storage_dtype_of(rule, "proj_out.weight", w2) == torch.bfloat16
     assert ckpt.storage_dtype_of(rule, "transformer_blocks.0.x", torch.zeros(4, dtype=torch.int64)) is None
-    assert ckpt.storage_dtypes(torch.bfloat16, sf.fp8_weight_keys("dit"), torch.float32) == torch.bfloat16
-    assert sf.conversion_dtype("vae", torch.float16) is None and sf.conversion_dtype("vae", torch.bfloat16) == torch.bfloat16
-    assert sf.conversion_dtype("glyph_encoder", torch.float8_e4m3fn) is None
-    assert sf.fp8_weight_keys("vae") is None and sf.fp8_weight_keys("glyph_encoder") is None
+    assert ckpt.storage_dtypes(torch.bfloat16, NETWORKS["dit"].fp8_keys, torch.float32) == torch.bfloat16
+    assert NETWORKS["vae"].storage_dtype(torch.float16) is None and NETWORKS["vae"].storage_dtype(torch.bfloat16) == torch.bfloat16
+    assert NETWORKS["glyph_encoder"].storage_dtype(torch.float8_e4m3fn) is None
+    assert NETWORKS["vae"].fp8_keys is None and NETWORKS["glyph_encoder"].fp8_keys is None
 
 
 def test_script_reports_a_non_glm_folder(tmp_path):

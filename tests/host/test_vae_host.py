@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import glmtest_host
-from glm_image_core.tiny_checkpoint import GLM_LATENTS_MEAN, GLM_LATENTS_STD
+from glm_image_core.configs import GLM_LATENTS_MEAN, GLM_LATENTS_STD
 from glmtest_oracle import realign
 
 MEAN = torch.tensor(GLM_LATENTS_MEAN).view(1, -1, 1, 1)

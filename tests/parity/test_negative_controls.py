@@ -12,11 +12,10 @@ import json
 import os
 
 import numpy as np
-import pytest
 import torch
 
 import glmtest_oracle
-from glm_image_core import ar_generate, ar_model, ar_prompt
+from glm_image_core import ar_generate, ar_model
 from glm_image_core.denoise import denoise
 from glm_image_core.dit import load_dit
 from glm_image_core.glyph import glyph_for_prompt, load_glyph_encoder, load_glyph_tokenizer, uncond_glyph

@@ -145,7 +145,7 @@ def test_bf16_decode_is_close_to_fp32(tiny_ckpt):
 
 def test_preview_fit_recovers_a_linear_decoder():
     """fit_latent_to_rgb works in the DiT's normalised space and returns factors as [C][3]."""
-    from glm_image_core.tiny_checkpoint import GLM_LATENTS_MEAN, GLM_LATENTS_STD
+    from glm_image_core.configs import GLM_LATENTS_MEAN, GLM_LATENTS_STD
     from glm_image_core.vae import fit_latent_to_rgb
     g = torch.Generator().manual_seed(11)
     true_f, true_b = torch.randn(16, 3, generator=g) * 0.2, torch.randn(3, generator=g) * 0.1

@@ -1,0 +1,152 @@
+"""Where a GLM-Image network's files come from, seen one way: an official folder
+(:class:`FolderSource`) or one single-file checkpoint (:class:`SingleFileSource`, opened and checked by
+``single_file.open_single_file``) both give the official files by their path in the official layout
+and each network's weight files; from a source, :func:`ar_assets`, :func:`decoder_assets` and
+:func:`glyph_tokenizer` build everything but the networks, and :func:`builder` the networks
+(``components.NETWORKS``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import checkpoint as ckpt
+from .components import NETWORKS
+
+
+class Source:
+    name: str
+
+    def text(self, rel: str) -> Optional[str]:
+        raise NotImplementedError
+
+    def has(self, rel: str) -> bool:
+        return self.text(rel) is not None
+
+    def json(self, rel: str, required: bool = True) -> Optional[dict]:
+        t = self.text(rel)
+        if t is None:
+            if required:
+                raise ckpt.CheckpointError(f"{self.name}: missing {rel}")
+            return None
+        try:
+            return json.loads(t)
+        except json.JSONDecodeError as e:
+            raise ckpt.CheckpointError(f"{self.name}: {rel} is not valid JSON ({e})") from None
+
+    def weight_files(self, component: str) -> List[str]:
+        raise NotImplementedError
+
+
+class FolderSource(Source):
+    """An official diffusers-style GLM-Image folder."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.name = folder
+
+    def text(self, rel: str) -> Optional[str]:
+        p = os.path.join(self.folder, *rel.split("/"))
+        if not os.path.isfile(p):
+            return None
+        with open(p, "r", encoding="utf-8") as f:
+            return f.read()
+
+    def weight_files(self, component: str) -> List[str]:
+        return ckpt.weight_files(os.path.join(self.folder, NETWORKS[component].folder))
+
+
+class SingleFileSource(Source):
+    """A single-file component checkpoint whose metadata carries the official files."""
+
+    def __init__(self, path: str, component: str, files: Dict[str, str], metadata: Dict[str, str]):
+        self.path, self.component, self.files, self.metadata = path, component, files, metadata
+        self.name = path
+
+    def text(self, rel: str) -> Optional[str]:
+        return self.files.get(rel)
+
+    def weight_files(self, component: str) -> List[str]:
+        if component != self.component:
+            raise ckpt.CheckpointError(f"{self.path} holds the {NETWORKS[self.component].title}, "
+                                       f"not the {NETWORKS[component].title}")
+        return [self.path]
+
+
+
+# --------------------------------------------------------------------------------------
+# Assets (everything but the network) built from a source
+# --------------------------------------------------------------------------------------
+
+def latent_stats(vae_config: dict, channels: int, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The VAE config's per-channel ``latents_mean``/``latents_std`` (identity when absent) as fp32."""
+    mean = torch.tensor(vae_config.get("latents_mean") or [0.0] * channels, dtype=torch.float32)
+    std = torch.tensor(vae_config.get("latents_std") or [1.0] * channels, dtype=torch.float32)
+    if mean.numel() != channels or std.numel() != channels:
+        raise ckpt.CheckpointError(f"{where}: vae/config.json latents_mean/std have {mean.numel()}/{std.numel()} "
+                                   f"values; the DiT has {channels} latent channels")
+    return mean, std
+
+
+@dataclass
+class ARAssets:
+    config: dict
+    generation_config: dict
+    tokenizer: object            # ar_prompt.GlmTokenizer
+    processor_config: dict
+
+
+def ar_assets(src: Source) -> ARAssets:
+    from . import ar_prompt
+    tok_text = src.text("processor/tokenizer.json")
+    if tok_text is None:
+        raise ckpt.CheckpointError(f"{src.name}: missing processor/tokenizer.json")
+    return ARAssets(
+        config=src.json("vision_language_encoder/config.json"),
+        generation_config=src.json("vision_language_encoder/generation_config.json", required=False) or {},
+        tokenizer=ar_prompt.GlmTokenizer.from_strings(tok_text, src.json("processor/tokenizer_config.json", False),
+                                                      f"{src.name} (processor/tokenizer.json)"),
+        processor_config=ar_prompt.processor_config_from(src.json("processor/processor_config.json", False),
+                                                         src.json("processor/preprocessor_config.json", False),
+                                                         f"{src.name} (processor/)"))
+
+
+@dataclass
+class DecoderAssets:
+    dit_config: dict
+    scheduler_config: dict
+    latents_mean: torch.Tensor
+    latents_std: torch.Tensor
+
+
+def decoder_assets(src: Source) -> DecoderAssets:
+    dit_config = src.json("transformer/config.json")
+    c = int(dit_config.get("in_channels", 16))
+    mean, std = latent_stats(src.json("vae/config.json"), c, src.name)
+    return DecoderAssets(dit_config, src.json("scheduler/scheduler_config.json"), mean, std)
+
+
+def glyph_tokenizer(src: Source):
+    from .glyph import ByT5Tokenizer
+    return ByT5Tokenizer.from_configs(src.json("tokenizer/tokenizer_config.json", False) or {},
+                                      src.json("tokenizer/special_tokens_map.json", False) or {},
+                                      src.json("tokenizer/added_tokens.json", False) or {},
+                                      f"{src.name} (tokenizer/)")
+
+
+def builder(src: Source, component: str, ar_parts: Optional[Sequence[str]] = None) -> Callable[..., torch.nn.Module]:
+    """``build(dtype, device, operations, compute_dtype=None)`` -> the component's network with its
+    weights loaded from ``src`` (strict key check). ``ar_parts``: for ``"ar"``, the parts to build
+    (``ar_model.AR_PARTS``; default all)."""
+    if ar_parts is not None and component != "ar":
+        raise ValueError(f"ar_parts applies to the AR only, not {component!r}")
+    net = NETWORKS[component]
+    files = src.weight_files(component)
+    cfg = src.json(net.config_file)
+    what = f"{net.title} ({src.name})"
+    kw = {"parts": tuple(ar_parts)} if ar_parts else {}
+    return lambda dt, dev, ops, compute_dtype=None: net.build(cfg, files, dt, dev, ops, compute_dtype, what, **kw)

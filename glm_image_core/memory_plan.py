@@ -23,7 +23,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
+from .ar_generate import cache_capacity
+from .ar_model import AR_PARTS, TextConfig
+from .ar_prompt import GRID_FACTOR, preview_grid, target_grid
 from .components import network
+from .dit import DEFAULT_DIT_CONFIG
+from .vae import VaeConfig
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -128,7 +133,6 @@ def weight_stats(model: nn.Module, fp8_keys=None) -> WeightStats:
 def component_stats(configs: Dict[str, dict]) -> Dict[str, WeightStats]:
     """:func:`weight_stats` of every component, built on the meta device from ``configs``, plus each
     AR part on its own (keys :data:`AR_TEXT`, :data:`AR_VISION`)."""
-    from .ar_model import AR_PARTS
     stats = {c: weight_stats(network(c).skeleton(configs[c]), network(c).fp8_keys) for c in NETWORK_FOLDERS}
     for part in AR_PARTS:
         stats[ar_part_key(part)] = weight_stats(network(AR).skeleton(configs[AR], parts=(part,)),
@@ -142,7 +146,6 @@ def component_stats(configs: Dict[str, dict]) -> Dict[str, WeightStats]:
 
 def ar_sequence(prompt_tokens: int, width: int, height: int, reference_tokens: int = 0) -> tuple:
     """(prompt length fed to prefill, tokens generated) of a t2i (or edit) AR run."""
-    from .ar_prompt import preview_grid, target_grid
     th, tw = target_grid(width, height)
     if reference_tokens:                       # edit: no preview grid; the reference ids are in the prompt
         n_gen = th * tw
@@ -162,8 +165,6 @@ def ar_activation_bytes(text_config: dict, prompt_tokens: int, width: int, heigh
     the math kernel), plus the fp32 sampler rows over the visual vocabulary. Checked on CPU (fp32,
     full width, 2 layers): peak RSS rises by ~1.8× this figure, ~50 MiB absolute; small next to
     the weights either way."""
-    from .ar_generate import cache_capacity
-    from .ar_model import TextConfig
     c = TextConfig.from_dict(text_config)
     L, n_gen = ar_sequence(prompt_tokens, width, height, reference_tokens)
     kv = 2 * c.num_layers * batch * c.num_kv_heads * cache_capacity(L + n_gen) * c.head_dim * dtype_bytes
@@ -211,7 +212,6 @@ def dit_activation_bytes(dit_config: dict, width: int, height: int, text_tokens:
     Loop state: projected priors [P,B,N,D], the fp32 latents/noise/velocity [B,C,h,w], RoPE tables.
     Edits add the reference K/V cache: layers × 2 × [B, R, D]. Checked on CPU (fp32, full width,
     one block, 512²): the process's peak RSS rises by ~1.2× this figure."""
-    from .dit import DEFAULT_DIT_CONFIG
     cfg = dict(DEFAULT_DIT_CONFIG)
     cfg.update(dit_config)
     D = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
@@ -246,7 +246,6 @@ def vae_decode_activation_bytes(vae_config: dict, width: int, height: int, batch
     (vae.Decoder): a ResNet block holds its input plus three tensors of max(cin, cout) channels
     (norm, activation, conv output); an upsampler its input plus the ×2 interpolation and its conv
     output; the output head norm, activation and the 3-channel image. Output [B,3,H,W] in fp32."""
-    from .vae import VaeConfig
     c = VaeConfig(vae_config)
     rch = list(reversed(c.block_out_channels))
     s = c.scale_factor
@@ -360,7 +359,6 @@ def plan_run(configs: Dict[str, dict], stats: Dict[str, WeightStats], weight_dty
         plan.stages.append(Stage(name, comp, wdt, stored, int(acts), cast, st.largest_layer * cb, floor, network))
 
     if reference is not None:
-        from .ar_prompt import GRID_FACTOR
         rw, rh = reference
         stage(f"AR vision: tokenise a {rw}×{rh} reference", AR, weight_dtype,
               vision_activation_bytes(configs[AR], (rh // GRID_FACTOR) * (rw // GRID_FACTOR), cb), AR_VISION)

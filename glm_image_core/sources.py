@@ -14,8 +14,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import ar_prompt
 from . import checkpoint as ckpt
 from .components import NETWORKS
+from .glyph import ByT5Tokenizer
 
 
 class Source:
@@ -101,7 +103,6 @@ class ARAssets:
 
 
 def ar_assets(src: Source) -> ARAssets:
-    from . import ar_prompt
     tok_text = src.text("processor/tokenizer.json")
     if tok_text is None:
         raise ckpt.CheckpointError(f"{src.name}: missing processor/tokenizer.json")
@@ -131,7 +132,6 @@ def decoder_assets(src: Source) -> DecoderAssets:
 
 
 def glyph_tokenizer(src: Source):
-    from .glyph import ByT5Tokenizer
     return ByT5Tokenizer.from_configs(src.json("tokenizer/tokenizer_config.json", False) or {},
                                       src.json("tokenizer/special_tokens_map.json", False) or {},
                                       src.json("tokenizer/added_tokens.json", False) or {},

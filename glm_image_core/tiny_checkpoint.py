@@ -11,6 +11,7 @@ The AR tokenizer is a byte-level BPE with no merges whose byte tokens sit at ``1
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 
+from .checkpoint import SAFETENSORS_DTYPES
 from .configs import CODEBOOK_SIZE, FULL_SIZE, SPECIAL_TOKENS, official_configs
 
 # --------------------------------------------------------------------------------------
@@ -393,7 +395,6 @@ class StreamedSafetensors:
     them (keys sorted, a shard closed before it would pass the limit); else one file at ``path``."""
 
     def __init__(self, path: str, shapes, dtype: torch.dtype, max_shard_bytes: int | None = None):
-        from .checkpoint import SAFETENSORS_DTYPES
         self.dtype = dtype
         st_dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
         esize = torch.empty((), dtype=dtype).element_size()
@@ -455,7 +456,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv=None) -> int:
-    import argparse
     ap = argparse.ArgumentParser(description="Write a random-weight GLM-Image folder in the official layout.")
     ap.add_argument("folder")
     ap.add_argument("--size", default="tiny", choices=sorted(SIZES))

@@ -8,6 +8,7 @@ from comfy_api.latest import io, ui
 import comfy.model_management as mm
 import comfy.utils
 
+from ..glm_image_core import ar_generate, memory_plan
 from ..glm_image_core.tokens import GLMTokens
 from .types import CATEGORY, GlmAR, GlmReference, GlmTokens
 
@@ -88,7 +89,6 @@ class GLMImageTextToTokens(io.ComfyNode):
     @classmethod
     def execute(cls, ar, prompt, width, height, seed, temperature, top_p, top_k, batch_size,
                 reference=None) -> io.NodeOutput:
-        from ..glm_image_core import ar_generate, memory_plan
         for name, v in (("width", width), ("height", height)):
             err = size_error(name, v)
             if err:

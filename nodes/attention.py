@@ -15,6 +15,9 @@ from typing import Callable, Optional
 
 import torch
 
+import comfy.ldm.modules.attention as attention_module
+from comfy.cli_args import args
+
 from ..glm_image_core import attention as core_attention
 
 log = logging.getLogger("GLM-Image")
@@ -54,20 +57,19 @@ def adapt(fn: Callable) -> Callable:
     return run
 
 
-def selected(args, attention_module) -> Optional[Callable]:
-    """ComfyUI's attention when a flag picked one other than torch's SDPA, else None."""
-    if not any(getattr(args, f, False) for f in FLAGS):
+def selected(cli_args, functions) -> Optional[Callable]:
+    """ComfyUI's attention (``functions``: its attention module) when a flag in ``cli_args`` picked
+    one other than torch's SDPA, else None."""
+    if not any(getattr(cli_args, f, False) for f in FLAGS):
         return None
-    fn = attention_module.optimized_attention
-    if fn is attention_module.attention_pytorch:   # what the flag resolved to on this machine: SDPA itself
+    fn = functions.optimized_attention
+    if fn is functions.attention_pytorch:   # what the flag resolved to on this machine: SDPA itself
         return None
     return fn
 
 
 def install() -> None:
     """Route GLM's attention through the user's pick (called once, when ComfyUI imports the pack)."""
-    import comfy.ldm.modules.attention as attention_module
-    from comfy.cli_args import args
     fn = selected(args, attention_module)
     if fn is None:
         core_attention.use(None)

@@ -9,6 +9,9 @@ import comfy.model_management as mm
 import comfy.sample
 import comfy.utils
 
+from ..glm_image_core import denoise as dn
+from ..glm_image_core import memory_plan as mp
+from ..glm_image_core.tokens import upsample_grid
 from .glyph import encode_glyph
 from .types import CATEGORY, GlmDecoder, GlmGlyph, GlmReference, GlmTokens
 
@@ -64,9 +67,6 @@ class GLMImageTokensToLatent(io.ComfyNode):
     @classmethod
     def execute(cls, decoder, tokens, seed, steps, cfg, glyph=None, reference=None,
                 negative_glyph=None) -> io.NodeOutput:
-        from ..glm_image_core import denoise as dn
-        from ..glm_image_core import memory_plan as mp
-        from ..glm_image_core.tokens import upsample_grid
         check_tokens(tokens, decoder)
         check_reference_count(tokens, reference)
         if reference is not None:

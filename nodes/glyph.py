@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from comfy_api.latest import io, ui
 
+from ..glm_image_core import glyph as core_glyph
 from .types import CATEGORY, GlmDecoder, GlmGlyph
 
 MODE_PROMPT = "quoted spans of the text"      # official behaviour (quirks included)
@@ -23,7 +24,6 @@ class GlyphConditioning:
 
 
 def glyph_spans(text: str, mode: str) -> list[str]:
-    from ..glm_image_core import glyph as core_glyph
     if mode in ("prompt", MODE_PROMPT):
         return core_glyph.extract_glyph_texts(text)
     if mode in ("regions", MODE_REGIONS):
@@ -33,7 +33,6 @@ def glyph_spans(text: str, mode: str) -> list[str]:
 
 
 def encode_glyph(decoder, text: str, mode: str) -> GlyphConditioning:
-    from ..glm_image_core import glyph as core_glyph
     spans = glyph_spans(text, mode)
     enc = decoder.glyph_encoder.load()
     embeds = core_glyph.encode_glyph_texts(enc, decoder.glyph_tokenizer, spans,

@@ -13,6 +13,7 @@ from ..glm_image_core import sources
 from .models import (COMPUTE_DTYPES, WEIGHT_DTYPES, ComponentSpec, GLMARModel, GLMDecoderModel, GLMGlyphEncoder,
                      LazyComponent)
 from .types import CATEGORY, GlmAR, GlmDecoder
+from .vae_adapter import load_glm_vae, preview_fit_for
 
 
 def glm_image_folders() -> list[str]:
@@ -139,7 +140,6 @@ class GLMImageLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, weight_dtype, compute_dtype="auto") -> io.NodeOutput:
-        from .vae_adapter import load_glm_vae, preview_fit_for
         folder = resolve_folder(model)
         ckpt.check_glm_image_folder(folder)
         ar = load_ar_handle(folder, weight_dtype, compute_dtype)

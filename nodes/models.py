@@ -21,6 +21,8 @@ import torch
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
+import latent_preview
+from comfy.cli_args import LatentPreviewMethod, args
 
 from ..glm_image_core import checkpoint as ckpt
 from ..glm_image_core.components import STORAGE_DTYPES
@@ -167,7 +169,6 @@ class GLMDecoderModel:
         """A ComfyUI Latent2RGB previewer for latents in the DiT's normalised space, or None when
         previews are off (``--preview-method none``, ComfyUI's default) or no factors can be had.
         Factors not yet known are fitted once, on first use, from the VAE (``preview_fit``)."""
-        from comfy.cli_args import LatentPreviewMethod, args
         if args.preview_method == LatentPreviewMethod.NoPreviews:
             return None
         if self.preview_factors is None and self.preview_fit is not None:
@@ -178,7 +179,6 @@ class GLMDecoderModel:
                 log.warning("GLM-Image: could not fit latent preview factors (%s); previews disabled", e)
         if self.preview_factors is None:
             return None
-        import latent_preview
         factors, bias = self.preview_factors
         return latent_preview.Latent2RGBPreviewer(factors, bias)
 

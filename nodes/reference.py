@@ -15,6 +15,8 @@ from comfy_api.latest import io
 
 import comfy.model_management as mm
 
+from ..glm_image_core import ar_generate, ar_prompt, image_proc, memory_plan
+from ..glm_image_core.tokens import upsample_grid
 from .types import CATEGORY, GlmAR, GlmDecoder, GlmReference
 
 log = logging.getLogger("GLM-Image")
@@ -51,7 +53,6 @@ class References:
 
     def dit_inputs(self, decoder, device) -> list:
         """[(normalised latent, upsampled prior ids [1, N], (H, W) pixels)] for the DiT's cache write."""
-        from ..glm_image_core.tokens import upsample_grid
         return [(r.latent.to(device), upsample_grid(r.ar_ids[None]).to(device), (r.height, r.width))
                 for r in self.items]
 
@@ -109,7 +110,6 @@ class GLMImageReferenceEdit(io.ComfyNode):
 
     @classmethod
     def execute(cls, ar, decoder, vae, image, reference=None) -> io.NodeOutput:
-        from ..glm_image_core import ar_generate, ar_prompt, image_proc, memory_plan
         if image is None or image.shape[0] == 0:
             raise ValueError("image batch is empty: give at least one reference image")
         image = to_rgb(image).float()

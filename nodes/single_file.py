@@ -25,6 +25,7 @@ from ..glm_image_core.components import NETWORKS
 from .loader import ar_handle, decoder_handle, glyph_encoder_handle
 from .models import COMPUTE_DTYPES, WEIGHT_DTYPES
 from .types import CATEGORY, GlmAR, GlmDecoder, GlmGlyphEncoder
+from .vae_adapter import glm_vae_from, preview_fit_for
 
 # The storage dtypes each of these loaders offers: the registry's (glyph encoder: no fp8; VAE: no fp16).
 GLYPH_WEIGHT_DTYPES = ("default",) + NETWORKS["glyph_encoder"].storage
@@ -207,7 +208,6 @@ class GLMImageDiTLoader(io.ComfyNode):
         src = open_component("diffusion_models", dit_name, "dit")
         decoder = decoder_handle(src, glyph_encoder, weight_dtype, compute_dtype)
         if vae is not None:
-            from .vae_adapter import preview_fit_for
             decoder.preview_fit = preview_fit_for(vae, decoder.latents_mean, decoder.latents_std)
         return io.NodeOutput(decoder)
 
@@ -244,7 +244,6 @@ class GLMImageVAELoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae_name, weight_dtype) -> io.NodeOutput:
-        from .vae_adapter import glm_vae_from
         src = open_component("vae", vae_name, "vae")
         return io.NodeOutput(glm_vae_from(sources.builder(src, "vae"), weight_dtype))
 

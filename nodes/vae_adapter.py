@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Sequence, Tuple
 
 import torch
@@ -188,7 +189,6 @@ def fit_preview_factors(vae_model, latents_mean, latents_std, size: int = 12, ba
 def preview_fit_for(vae: comfy.sd.VAE, latents_mean: torch.Tensor, latents_std: torch.Tensor):
     """A zero-argument callable that fits preview factors for ``vae`` when first needed."""
     def fit():
-        import time
         t0 = time.perf_counter()
         out = fit_preview_factors(vae, latents_mean, latents_std)
         log.info("GLM-Image: fitted latent preview factors in %.2f s", time.perf_counter() - t0)

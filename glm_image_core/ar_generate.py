@@ -436,7 +436,8 @@ class StaticDecode:
 def _all_on(model, device: torch.device) -> bool:
     """Whether every decoder and lm_head weight already lives on ``device`` (nothing streamed)."""
     params = list(model.language_model.parameters()) + list(model.lm_head.parameters())
-    return all(p.device == device for p in params)
+    index = device.index if device.index is not None else torch.cuda.current_device()   # "cuda" is the current one
+    return all(p.device.type == device.type and p.device.index == index for p in params)
 
 
 # --------------------------------------------------------------------------------------

@@ -25,12 +25,19 @@ def upsample_token_grid(grid_ids: torch.Tensor, factor: int = 2) -> torch.Tensor
     return up.to(torch.long).view(b, -1)
 
 
-def _batch(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
+def batch_to(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
+    """``t`` with batch ``b``: as is, or a batch-1 tensor expanded."""
     if t.shape[0] == b:
         return t
     if t.shape[0] == 1:
         return t.expand(b, *t.shape[1:])
     raise ValueError(f"{what} has batch {t.shape[0]}, expected 1 or {b}")
+
+
+def dit_timestep(t: torch.Tensor) -> torch.Tensor:
+    """What the DiT is fed for the pipeline's (unshifted) timestep ``t``: ``t - 1`` (the official
+    pipeline's quirk; ``schedule.unshifted_timestep`` recovers ``t`` from a sigma)."""
+    return t - 1
 
 
 @torch.no_grad()
@@ -124,7 +131,7 @@ def denoise(dit: GlmImageDiT, latents: torch.Tensor, prior_token_ids: torch.Tens
     if ids.shape[-1] != N:
         raise ValueError(f"prior_token_ids have {ids.shape[-1]} tokens per sample, the {h}x{w} latent needs {N} "
                          "(height and width must be multiples of 32 pixels)")
-    ids = _batch(ids, B, "prior_token_ids")
+    ids = batch_to(ids, B, "prior_token_ids")
     do_cfg = cfg > 1
     if do_cfg and uncond_glyph is None:
         raise ValueError("uncond_glyph is required when cfg > 1")
@@ -154,17 +161,17 @@ def denoise(dit: GlmImageDiT, latents: torch.Tensor, prior_token_ids: torch.Tens
     crop = torch.tensor([list(crop_coords)], dtype=dtype, device=device).repeat(B, 1)
 
     # Step-invariant projections, computed once.
-    ctx_c = dit.project_glyph(_batch(cond_glyph.to(device), B, "cond_glyph"), dtype)
+    ctx_c = dit.project_glyph(batch_to(cond_glyph.to(device), B, "cond_glyph"), dtype)
     prior_c = dit.project_prior(ids, False, dtype)
     if do_cfg:
-        ctx_u = dit.project_glyph(_batch(uncond_glyph.to(device), B, "uncond_glyph"), dtype)
+        ctx_u = dit.project_glyph(batch_to(uncond_glyph.to(device), B, "uncond_glyph"), dtype)
         prior_u = dit.project_prior(ids, True, dtype)
         priors = torch.stack([prior_c, prior_u]) if packed_cfg else None
 
     for i in range(n_steps):
         t = timesteps[i]
         x_in = latents.to(dtype)
-        timestep = t.expand(B) - 1
+        timestep = dit_timestep(t.expand(B))
         temb = dit.time_embed(timestep, target_size, crop, dtype)
         if not do_cfg:
             v = dit.forward_multi(x_in, [ctx_c], [prior_c], temb, [cond_mode], cache)[0].float()

@@ -127,3 +127,33 @@ def glm_schedule(steps: int, scheduler_cfg: Optional[dict], latent_h: int, laten
     seq = image_seq_len(latent_h, latent_w, patch_size)
     mu = calculate_mu(seq, scheduler_cfg)
     return glm_timesteps(steps, scheduler_cfg), glm_sigmas(steps, scheduler_cfg, mu=mu), mu
+
+
+def unshifted_timestep(sigma: torch.Tensor, scheduler_cfg: Optional[dict], mu: float) -> torch.Tensor:
+    """The timestep the official pipeline feeds the DiT (before its ``- 1``) for a shifted sigma:
+    the inverse of ``glm_sigmas``' time shift, times ``num_train_timesteps``.
+
+    The pipeline computes integer timesteps first and shifts them into sigmas, so a sampler that
+    only knows sigmas (ComfyUI's) needs this inverse. Inverting a float32 sigma loses up to ~2e-4 of
+    a timestep; values that land within 2e-3 of an integer (every official schedule's do) snap to it,
+    so the stock path feeds the DiT exactly the official timesteps. Other schedules (KSampler's) move
+    by at most 2e-3 of 1000 — nothing the DiT can tell apart.
+    """
+    c = _cfg(scheduler_cfg)
+    for k in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
+        if c.get(k):
+            raise NotImplementedError(f"scheduler option {k} is not supported by GLM-Image sampling")
+    s = sigma.to(torch.float64)
+    if c["use_dynamic_shifting"]:
+        kind = c.get("time_shift_type", "exponential")
+        if kind not in ("linear", "exponential"):
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {kind!r}")
+        a = mu if kind == "linear" else math.exp(mu)
+    else:
+        a = float(c["shift"])
+    # sigma = a*u / (1 + (a-1)*u)  <=>  u = sigma / (sigma + a*(1 - sigma))   (u: the unshifted fraction)
+    u = s / (s + a * (1 - s))
+    t = u * float(c["num_train_timesteps"])
+    r = torch.round(t)
+    t = torch.where((t - r).abs() < 2e-3, r, t)
+    return t.to(torch.float32)

@@ -3,20 +3,23 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import attention
+from . import attention, stock_model
 from .ar import GLMImageTextToTokens
 from .decoder import GLMImageTokensToLatent
 from .glyph import GLMImageGlyphText
 from .loader import GLMImageLoader
 from .reference import GLMImageReferenceEdit
+from .sampling import GLMImageConditioning, GLMImageScheduler
 from .single_file import NODES as SINGLE_FILE_NODES
 from .tokens_io import GLMImageLoadTokens, GLMImageSaveTokens
 
 NODES = [GLMImageLoader, GLMImageTextToTokens, GLMImageGlyphText, GLMImageReferenceEdit,
-         GLMImageTokensToLatent, GLMImageSaveTokens, GLMImageLoadTokens] + SINGLE_FILE_NODES
+         GLMImageTokensToLatent, GLMImageConditioning, GLMImageScheduler, GLMImageSaveTokens,
+         GLMImageLoadTokens] + SINGLE_FILE_NODES
 
 
 attention.install()   # the user's attention flag applies to GLM's networks too
+stock_model.install_lora_keys()   # diffusers/PEFT LoRA names for the DiT's MODEL
 
 
 class GLMImageExtension(ComfyExtension):

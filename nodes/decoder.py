@@ -34,6 +34,28 @@ def check_reference_count(tokens, reference) -> None:
                          "to Text → Semantic Tokens and to Semantic Tokens → Latent")
 
 
+def glyphs_for(decoder, tokens, glyph=None, negative_glyph=None) -> tuple:
+    """(glyph, negative glyph) of a DiT run: the given ones, checked against the decoder, or the
+    official defaults — the quoted spans of the tokens' prompt, and empty text."""
+    if glyph is None:
+        glyph = encode_glyph(decoder, tokens.prompt, mode="prompt")
+    if negative_glyph is None:
+        negative_glyph = encode_glyph(decoder, "", mode="regions")
+    for name, g in (("glyph", glyph), ("negative_glyph", negative_glyph)):
+        if g.decoder_name != decoder.name or g.embeds.shape[-1] != decoder.dit_config["text_embed_dim"]:
+            raise ValueError(f"{name} was encoded for model {g.decoder_name!r} ({g.embeds.shape[-1]}-d), "
+                             f"not for this decoder ({decoder.name!r}); connect the same loader")
+    return glyph, negative_glyph
+
+
+def check_inputs(decoder, tokens, reference) -> None:
+    """Everything a DiT run checks before it starts: tokens, reference count and model."""
+    check_tokens(tokens, decoder)
+    check_reference_count(tokens, reference)
+    if reference is not None:
+        reference.check_compatible_decoder(decoder, tokens)
+
+
 class GLMImageTokensToLatent(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -67,18 +89,8 @@ class GLMImageTokensToLatent(io.ComfyNode):
     @classmethod
     def execute(cls, decoder, tokens, seed, steps, cfg, glyph=None, reference=None,
                 negative_glyph=None) -> io.NodeOutput:
-        check_tokens(tokens, decoder)
-        check_reference_count(tokens, reference)
-        if reference is not None:
-            reference.check_compatible_decoder(decoder, tokens)
-        if glyph is None:
-            glyph = encode_glyph(decoder, tokens.prompt, mode="prompt")
-        if negative_glyph is None:
-            negative_glyph = encode_glyph(decoder, "", mode="regions")
-        for name, g in (("glyph", glyph), ("negative_glyph", negative_glyph)):
-            if g.decoder_name != decoder.name or g.embeds.shape[-1] != decoder.dit_config["text_embed_dim"]:
-                raise ValueError(f"{name} was encoded for model {g.decoder_name!r} ({g.embeds.shape[-1]}-d), "
-                                 f"not for this decoder ({decoder.name!r}); connect the same loader")
+        check_inputs(decoder, tokens, reference)
+        glyph, negative_glyph = glyphs_for(decoder, tokens, glyph, negative_glyph)
 
         B, W, H = tokens.batch_size, tokens.width, tokens.height
         C = decoder.latent_channels

@@ -10,6 +10,7 @@ import folder_paths
 
 from ..glm_image_core import checkpoint as ckpt
 from ..glm_image_core import sources
+from .stock_model import GLMImageLatentFormat, wrap_dit
 from .models import (COMPUTE_DTYPES, WEIGHT_DTYPES, ComponentSpec, GLMARModel, GLMDecoderModel, GLMGlyphEncoder,
                      LazyComponent)
 from .types import CATEGORY, GlmAR, GlmDecoder
@@ -64,12 +65,16 @@ def decoder_handle(src: sources.Source, glyph: GLMGlyphEncoder, weight_dtype: st
                    compute_dtype: str = "auto") -> GLMDecoderModel:
     """The GLM_DECODER payload: the DiT from an official folder or a DiT single file, plus a glyph encoder."""
     assets = sources.decoder_assets(src)
+    latent_format = GLMImageLatentFormat(assets.latents_mean, assets.latents_std)
     spec = ComponentSpec("DiT", src.name, src.weight_files("dit"), sources.builder(src, "dit"),
-                         weight_dtype=weight_dtype, compute_dtype=compute_dtype)
-    return GLMDecoderModel(folder=src.name, dit=LazyComponent(spec), glyph_encoder=glyph.encoder,
-                           glyph_tokenizer=glyph.tokenizer, dit_config=assets.dit_config,
-                           scheduler_config=assets.scheduler_config, latents_mean=assets.latents_mean,
-                           latents_std=assets.latents_std)
+                         weight_dtype=weight_dtype, compute_dtype=compute_dtype,
+                         wrap=wrap_dit(assets.scheduler_config, latent_format))
+    decoder = GLMDecoderModel(folder=src.name, dit=LazyComponent(spec), glyph_encoder=glyph.encoder,
+                              glyph_tokenizer=glyph.tokenizer, dit_config=assets.dit_config,
+                              scheduler_config=assets.scheduler_config, latents_mean=assets.latents_mean,
+                              latents_std=assets.latents_std)
+    latent_format.preview = decoder.latent_preview_factors      # stock samplers' previews: the same fit
+    return decoder
 
 
 def load_ar_handle(folder: str, weight_dtype: str, compute_dtype: str = "auto") -> GLMARModel:
@@ -108,6 +113,10 @@ class GLMImageLoader(io.ComfyNode):
                 GlmDecoder.Output("decoder", display_name="decoder",
                                   tooltip="DiT + glyph encoder (semantic tokens → latent)."),
                 io.Vae.Output("vae", display_name="vae", tooltip="GLM-Image's 16-channel VAE, for the stock VAE nodes."),
+                io.Model.Output("dit_model", display_name="MODEL",
+                                tooltip="The DiT as a stock MODEL (same weights as 'decoder'), for KSampler / "
+                                        "SamplerCustomAdvanced with GLM-Image Conditioning, LoRA loaders and "
+                                        "model patches."),
             ],
         )
 
@@ -147,4 +156,4 @@ class GLMImageLoader(io.ComfyNode):
         vae = load_glm_vae(os.path.join(folder, "vae"))
         # Latent previews: fitted from this VAE the first time the decoder node asks for a previewer.
         decoder.preview_fit = preview_fit_for(vae, decoder.latents_mean, decoder.latents_std)
-        return io.NodeOutput(ar, decoder, vae)
+        return io.NodeOutput(ar, decoder, vae, decoder.stock_model())

@@ -58,7 +58,8 @@ def stored_dtype(weight_files: Sequence[str]) -> torch.dtype:
 class ComponentSpec:
     """How to build one network: ``build(weight_dtype, device, operations, compute_dtype) -> nn.Module``
     with weights loaded from ``weight_files`` (a folder's shards or one single file; ``source`` names
-    it in logs)."""
+    it in logs). ``wrap(network, weight_dtype, compute_dtype)``, when given, makes the model the
+    patcher holds (the DiT: a ComfyUI BaseModel around it, see stock_model)."""
     name: str
     source: str
     weight_files: Sequence[str]
@@ -66,6 +67,7 @@ class ComponentSpec:
     weight_dtype: str = "default"
     compute_dtype: str = "auto"
     supported_compute: tuple = (torch.bfloat16, torch.float16, torch.float32)
+    wrap: Optional[Callable[[torch.nn.Module, torch.dtype, torch.dtype], torch.nn.Module]] = None
 
 
 class LazyComponent:
@@ -95,11 +97,18 @@ class LazyComponent:
                 ops = comfy.ops.pick_operations(weight, compute, load_device=self.load_device)
                 log.info("GLM-Image: loading %s (%s weights, %s compute) from %s",
                          self.spec.name, weight, compute, self.spec.source)
-                model = self.spec.build(weight, self.offload_device, ops, compute)
-                model.train(False).requires_grad_(False)
+                network = self.spec.build(weight, self.offload_device, ops, compute)
+                network.train(False).requires_grad_(False)
+                model = network if self.spec.wrap is None else self.spec.wrap(network, weight, compute)
                 self._patcher = host.new_patcher(model, self.load_device, self.offload_device)
                 self._patcher.glm_compute_dtype = compute
+                self._patcher.glm_network = network
             return self._patcher
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The glm_image_core network (inside the patcher's model when ``spec.wrap`` made one)."""
+        return self.patcher.glm_network
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -109,7 +118,7 @@ class LazyComponent:
         """Make the network ready on its load device (ComfyUI frees/evicts what it must)."""
         p = self.patcher
         mm.load_models_gpu([p], memory_required=memory_required)
-        return p.model
+        return p.glm_network
 
     def fully_resident(self) -> bool:
         """Every weight sits on the load device and stays there while the network runs: not partially
@@ -165,8 +174,8 @@ class GLMDecoderModel:
     preview_factors: Optional[tuple] = None   # (rgb factors [C][3], bias [3]) fitted on normalised latents
     preview_fit: Optional[Callable[[], tuple]] = field(default=None, repr=False)   # computes preview_factors once
 
-    def previewer(self):
-        """A ComfyUI Latent2RGB previewer for latents in the DiT's normalised space, or None when
+    def latent_preview_factors(self) -> Optional[tuple]:
+        """(Latent2RGB factors [C][3], bias [3]) for latents in the DiT's normalised space, or None when
         previews are off (``--preview-method none``, ComfyUI's default) or no factors can be had.
         Factors not yet known are fitted once, on first use, from the VAE (``preview_fit``)."""
         if args.preview_method == LatentPreviewMethod.NoPreviews:
@@ -177,10 +186,18 @@ class GLMDecoderModel:
                 self.preview_factors = fit()
             except Exception as e:  # a preview must never break sampling
                 log.warning("GLM-Image: could not fit latent preview factors (%s); previews disabled", e)
-        if self.preview_factors is None:
-            return None
-        factors, bias = self.preview_factors
-        return latent_preview.Latent2RGBPreviewer(factors, bias)
+        return self.preview_factors
+
+    def previewer(self):
+        """A ComfyUI Latent2RGB previewer for normalised latents, or None (see latent_preview_factors)."""
+        f = self.latent_preview_factors()
+        return None if f is None else latent_preview.Latent2RGBPreviewer(*f)
+
+    def stock_model(self) -> comfy.model_patcher.ModelPatcher:
+        """The MODEL socket's payload: a clone of the DiT's patcher — the same weights and memory
+        accounting, with patches (LoRA, …) of its own. Builds the DiT (weights in the file's dtype
+        stay mapped from the file until sampling pages them in)."""
+        return self.dit.patcher.clone()
 
     @property
     def codebook_size(self) -> int:

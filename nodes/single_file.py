@@ -190,7 +190,11 @@ class GLMImageDiTLoader(io.ComfyNode):
                                      "ComfyUI shows previews); the folder loader wires this itself."),
             ],
             outputs=[GlmDecoder.Output("decoder", display_name="decoder",
-                                       tooltip="DiT + glyph encoder (semantic tokens → latent).")],
+                                       tooltip="DiT + glyph encoder (semantic tokens → latent)."),
+                     io.Model.Output("dit_model", display_name="MODEL",
+                                     tooltip="The DiT as a stock MODEL (same weights as 'decoder'), for KSampler / "
+                                             "SamplerCustomAdvanced with GLM-Image Conditioning, LoRA loaders and "
+                                             "model patches.")],
         )
 
     @classmethod
@@ -209,7 +213,7 @@ class GLMImageDiTLoader(io.ComfyNode):
         decoder = decoder_handle(src, glyph_encoder, weight_dtype, compute_dtype)
         if vae is not None:
             decoder.preview_fit = preview_fit_for(vae, decoder.latents_mean, decoder.latents_std)
-        return io.NodeOutput(decoder)
+        return io.NodeOutput(decoder, decoder.stock_model())
 
 
 class GLMImageVAELoader(io.ComfyNode):

@@ -19,6 +19,7 @@ PACK_NODE_IDS = (
     "GLMImageLoader", "GLMImageTextToTokens", "GLMImageGlyphText", "GLMImageReferenceEdit",
     "GLMImageTokensToLatent", "GLMImageSaveTokens", "GLMImageLoadTokens",
     "GLMImageARLoader", "GLMImageGlyphEncoderLoader", "GLMImageDiTLoader", "GLMImageVAELoader",
+    "GLMImageConditioning", "GLMImageScheduler",
 )
 
 

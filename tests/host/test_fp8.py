@@ -59,7 +59,7 @@ def test_fp8_storage_is_exact_rounding_and_only_block_linears(host, tiny_ckpt, r
     loader = pack_module("nodes.loader")
     fp8 = FP8[name]
     ar, decoder = loader.load_ar_handle(tiny_ckpt, name), loader.load_decoder_handle(tiny_ckpt, name)
-    dit = decoder.dit.patcher.model
+    dit = decoder.dit.network
     assert decoder.dit.compute_dtype == torch.float32             # CPU: ComfyUI picks fp32 compute for fp8
     n = check_storage(dit, reference_weights["dit"], fp8, lambda k: DIT_BLOCK_LINEAR.match(k) is not None, torch.float32)
     assert n == sum(t.numel() for k, t in dit.state_dict().items() if DIT_BLOCK_LINEAR.match(k)) > 0
@@ -111,13 +111,13 @@ def test_fp8_dit_runs_in_the_compute_dtype_close_to_fp32(host, tiny_ckpt, comput
     ref = run(ref_dec)
     assert dec.dit.compute_dtype == compute
     seen = []
-    hook = capture_input_dtypes(dec.dit.patcher.model.transformer_blocks[0].ff.net[2], seen)
+    hook = capture_input_dtypes(dec.dit.network.transformer_blocks[0].ff.net[2], seen)
     try:
         out = run(dec)
     finally:
         hook.remove()
     assert seen and all(i == compute and o == compute for i, o in seen), seen[:3]
-    assert dec.dit.patcher.model.transformer_blocks[0].ff.net[2].weight.dtype == torch.float8_e4m3fn
+    assert dec.dit.network.transformer_blocks[0].ff.net[2].weight.dtype == torch.float8_e4m3fn
     assert torch.isfinite(out).all()
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     bound = 2 * (0.0065 if compute == torch.float32 else 0.0083)     # 2× the measured error

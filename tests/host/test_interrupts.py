@@ -82,7 +82,7 @@ def interrupt_on_first_call(module: torch.nn.Module):
 def models(host):
     ar = glmtest_host.node_output(host, "1", 0)
     decoder = glmtest_host.node_output(host, "1", 1)
-    return ar, decoder.dit.patcher.model
+    return ar, decoder.dit.network
 
 
 CASES = ["ar_prefill", "ar_decode", "reference_images", "reference_cache_write", "dit_steps"]

@@ -29,7 +29,16 @@ def test_contract_inputs_and_types(host):
     assert {"ar", "decoder", "vae", "image"} <= set(req("GLMImageReferenceEdit"))
     assert {"decoder", "text"} <= set(req("GLMImageGlyphText"))
     cls = host.node_class
-    assert list(cls("GLMImageLoader").RETURN_TYPES) == ["GLM_AR", "GLM_DECODER", "VAE"]
+    # the stock MODEL is appended after the original outputs: saved workflows keep their links
+    assert list(cls("GLMImageLoader").RETURN_TYPES) == ["GLM_AR", "GLM_DECODER", "VAE", "MODEL"]
+    assert list(cls("GLMImageDiTLoader").RETURN_TYPES) == ["GLM_DECODER", "MODEL"]
+    assert set(req("GLMImageConditioning")) == {"decoder", "tokens"}
+    assert {k: v[0] for k, v in opt("GLMImageConditioning").items()} == {
+        "glyph": "GLM_GLYPH", "negative_glyph": "GLM_GLYPH", "reference": "GLM_REFERENCE"}
+    assert list(cls("GLMImageConditioning").RETURN_TYPES) == ["CONDITIONING", "CONDITIONING"]
+    assert list(cls("GLMImageConditioning").RETURN_NAMES) == ["positive", "negative"]
+    assert set(req("GLMImageScheduler")) == {"tokens", "steps"}
+    assert list(cls("GLMImageScheduler").RETURN_TYPES) == ["SIGMAS"]
     assert list(cls("GLMImageTextToTokens").RETURN_TYPES) == ["GLM_TOKENS"]
     assert list(cls("GLMImageTokensToLatent").RETURN_TYPES) == ["LATENT"]
     assert list(cls("GLMImageGlyphText").RETURN_TYPES) == ["GLM_GLYPH"]

@@ -114,7 +114,7 @@ def test_node_schemas(host, model_dirs):
     info = {n: host.node_class(n).INPUT_TYPES() for n in
             ("GLMImageARLoader", "GLMImageGlyphEncoderLoader", "GLMImageDiTLoader", "GLMImageVAELoader", "GLMImageLoader")}
     assert list(host.node_class("GLMImageARLoader").RETURN_TYPES) == ["GLM_AR"]
-    assert list(host.node_class("GLMImageDiTLoader").RETURN_TYPES) == ["GLM_DECODER"]
+    assert list(host.node_class("GLMImageDiTLoader").RETURN_TYPES) == ["GLM_DECODER", "MODEL"]
     assert list(host.node_class("GLMImageGlyphEncoderLoader").RETURN_TYPES) == ["GLM_GLYPH_ENCODER"]
     assert list(host.node_class("GLMImageVAELoader").RETURN_TYPES) == ["VAE"]
     assert info["GLMImageDiTLoader"]["required"]["glyph_encoder"][0] == "GLM_GLYPH_ENCODER"

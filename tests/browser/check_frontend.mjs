@@ -11,7 +11,8 @@
 // (`sizePreset`), then queues that workflow with the Run button and waits for the Save Image and
 // token preview images to appear on their nodes, recording the progress and latent preview events
 // the page received (`run`). With --run-glyph WORKFLOW it queues a glyph workflow and reads the
-// spans shown on the Glyph node (`glyphRun`). Last, it opens the Templates dialog at the pack's
+// spans shown on the Glyph node (`glyphRun`). With --run-stock WORKFLOW it queues the stock-sampler
+// workflow and waits for its Save Image image (`stockRun`). Last, it opens the Templates dialog at the pack's
 // entry (`templates`: card titles, thumbnail requests).
 import { chromium } from "playwright-core";
 import fs from "node:fs";
@@ -168,6 +169,26 @@ async function glyphSpansAfterRun(page, json, timeout) {
   }, null, { timeout, polling: 500 }).then((h) => h.jsonValue()).catch((e) => ({ error: String(e) }));
 }
 
+// Queue a workflow with the Run button and wait until its Save Image node shows the image.
+async function runUntilSaved(page, json, name, timeout) {
+  await loadWorkflow(page, json, `${name} (queued)`);
+  await page.evaluate(() => {
+    window.__glmRunError = null;
+    if (!window.__glmErrorListener) {
+      window.__glmErrorListener = true;
+      window.app.api.addEventListener("execution_error", (e) => { window.__glmRunError = e.detail; });
+    }
+  });
+  await clickRun(page);
+  return await page.waitForFunction(() => {
+    const err = window.__glmRunError;
+    if (err) return { error: `execution_error in node ${err.node_id} (${err.node_type}): ${err.exception_message}` };
+    const save = (window.app.graph.nodes ?? window.app.graph._nodes).find((n) => n.type === "SaveImage");
+    const imgs = (save?.imgs || []).filter((im) => im.complete && im.naturalWidth > 0);
+    return imgs.length ? { images: imgs.map((im) => ({ src: im.src, width: im.naturalWidth, height: im.naturalHeight })) } : false;
+  }, null, { timeout, polling: 500 }).then((h) => h.jsonValue()).catch((e) => ({ error: String(e) }));
+}
+
 const args = parseArgs(process.argv.slice(2));
 const FLAGS = [
   "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -275,6 +296,11 @@ try {
   if (args["run-glyph"]) {
     const json = JSON.parse(fs.readFileSync(args["run-glyph"], "utf8"));
     result.glyphRun = await glyphSpansAfterRun(page, json, Number(args["run-timeout"] || 300000));
+  }
+  if (args["run-stock"]) {
+    const json = JSON.parse(fs.readFileSync(args["run-stock"], "utf8"));
+    result.stockRun = await runUntilSaved(page, json, path.basename(args["run-stock"], ".json"),
+                                          Number(args["run-timeout"] || 300000));
   }
   // Last: the dialog it opens stays open (Escape does not close it in 1.32.9).
   result.templates = await checkTemplateBrowser(page, args.pack, args.out);

@@ -5,7 +5,8 @@ and no broken links, and the frontend's own graphToPrompt() gives the committed 
 preset widget snaps to the 32-px grid and shows the token counts; the text-to-image workflow queued
 with the Run (queue) button shows its output image on Save Image and the token-grid preview on the AR
 node, and progress (AR per token, decoder per step) and the decoder's latent previews reach the page;
-the text-rendering workflow queued the same way shows its glyph regions on the Glyph node. The Templates dialog lists the UI workflows under the pack, with their thumbnails. Screenshots of the
+the text-rendering workflow queued the same way shows its glyph regions on the Glyph node, and the
+stock-sampler workflow (SamplerCustomAdvanced) its image on Save Image. The Templates dialog lists the UI workflows under the pack, with their thumbnails. Screenshots of the
 canvas go to test-artifacts/; GLM_UPDATE_SCREENSHOTS=1 also writes the small copies the README shows
 to docs/screenshots/ and the template thumbnails workflows/<name>.jpg.
 
@@ -24,6 +25,7 @@ import glmtest_server as gs
 HERE = os.path.dirname(os.path.abspath(__file__))
 T2I = os.path.join(gs.WORKFLOWS, "glm_image_t2i.json")
 GLYPH = os.path.join(gs.WORKFLOWS, "glm_image_text_rendering.json")
+STOCK = os.path.join(gs.WORKFLOWS, "glm_image_stock_sampler.json")
 DOCS_SCREENSHOTS = os.path.join(gs.ROOT, "docs", "screenshots")
 CHROMIUM = os.environ.get("GLM_CHROMIUM", "/usr/bin/chromium")
 NODE = shutil.which("node")
@@ -55,7 +57,7 @@ def frontend(server):
     workflows = gs.ui_workflow_paths()
     cmd = [NODE, os.path.join(HERE, "check_frontend.mjs"), "--url", server.url, "--chromium", CHROMIUM,
            "--out", gs.ARTIFACTS, "--pack", gs.PACK_NAME, "--nodes", ",".join(gs.PACK_NODE_IDS),
-           "--run", T2I, "--run-glyph", GLYPH, "--run-timeout", "400000", *workflows]
+           "--run", T2I, "--run-glyph", GLYPH, "--run-stock", STOCK, "--run-timeout", "400000", *workflows]
     proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=720)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, f"check_frontend.mjs printed no result (rc {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -187,6 +189,15 @@ def test_token_preview_image_appears_on_the_ar_node(frontend):
     run = _run(frontend)
     (img,) = run["ar"]
     assert parse_qs(urlparse(img["src"]).query)["type"] == ["temp"]
+    assert (img["width"], img["height"]) == (256, 256)
+
+
+def test_stock_sampler_workflow_runs_from_the_ui(frontend):
+    """The SamplerCustomAdvanced workflow (the DiT's MODEL, GLM-Image Conditioning and Scheduler,
+    stock noise/guider/sampler nodes) queued with the Run button shows its image on Save Image."""
+    r = frontend["stockRun"]
+    assert "error" not in r, r.get("error")
+    (img,) = r["images"]
     assert (img["width"], img["height"]) == (256, 256)
 
 

@@ -48,6 +48,10 @@ def expected_images(host, prompt: dict, node_id: str) -> tuple[int, int, int]:
         return up("samples")
     if ct == "GLMImageTokensToLatent":
         return up("tokens")
+    if ct in ("SamplerCustomAdvanced", "KSampler"):
+        return up("latent_image")
+    if ct == "EmptySD3LatentImage":
+        return inp["width"], inp["height"], inp["batch_size"]
     if ct == "GLMImageTextToTokens":
         return inp["width"], inp["height"], inp["batch_size"]
     if ct == "GLMImageLoadTokens":
@@ -75,7 +79,8 @@ def pixels(path: str) -> np.ndarray:
 def test_every_feature_has_a_workflow():
     names = {os.path.basename(p)[:-len("_api.json")] for p in API}
     assert names >= {"glm_image_t2i", "glm_image_edit", "glm_image_multi_reference", "glm_image_text_rendering",
-                     "glm_image_token_reuse", "glm_image_chain", "glm_image_t2i_official"}
+                     "glm_image_token_reuse", "glm_image_chain", "glm_image_t2i_official",
+                     "glm_image_stock_sampler"}
 
 
 def test_official_weights_workflow_has_the_official_settings():

@@ -26,7 +26,7 @@ endif
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: help host host33 tiny browser-deps test test-core test-fast test-host test-server test-browser \
-        workflows-check demo bench memory fullsize gpu-check clean distclean
+        workflows-check demo bench bench-stock memory fullsize gpu-check clean distclean
 
 help:
 	@echo "make host          install the ComfyUI 0.3.75 test host + venv (scripts/install_host.sh; idempotent)"
@@ -40,6 +40,7 @@ help:
 	@echo "make workflows-check  committed workflows/api/*_api.json == conversion of their UI twins"
 	@echo "make demo          run workflows/api/glm_image_t2i_api.json on the tiny checkpoint; PNG -> demo-output/"
 	@echo "make bench         pack vs official pipeline, medium checkpoint, CPU (bench/run.py \$$BENCH_ARGS; ~5 min)"
+	@echo "make bench-stock   the stock-sampler path and EasyCache on the DiT's MODEL, medium checkpoint (bench/bench_stock.py)"
 	@echo "make memory        GPU memory plan of a 1024² t2i (bench/memory.py \$$MEMORY_ARGS, e.g. --cpu-check; measured when CUDA is there)"
 	@echo "make fullsize      the official-size random checkpoint on this machine: loading RSS, parity, whole t2i (~20 min + ~2 h for fp8; not in make test)"
 	@echo "make gpu-check     on a CUDA machine: pack vs official at full size, memory caps, determinism (bench/gpu_check.py)"
@@ -94,6 +95,10 @@ demo: host tiny
 BENCH_ARGS ?=
 bench: host
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The stock-sampler path: own vs SamplerCustomAdvanced vs EasyCache (bench/results/stock.{md,json}).
+bench-stock: host
+	OMP_NUM_THREADS=1 $(PY) bench/bench_stock.py $(BENCH_STOCK_ARGS)
 
 # Device-memory plan (any machine); on a CUDA machine it also runs the stages and measures them.
 memory: host tiny

@@ -58,6 +58,8 @@ PACK_NODES = {
     "GLMImageGlyphEncoderLoader": "GLM-Image",
     "GLMImageDiTLoader": "GLM-Image",
     "GLMImageVAELoader": "GLM-Image",
+    "GLMImageConditioning": "GLM-Image",
+    "GLMImageScheduler": "GLM-Image",
 }
 PACK_NODE_IDS = tuple(PACK_NODES)
 

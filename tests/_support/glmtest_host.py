@@ -15,12 +15,10 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMFY_DIR = os.environ.get("COMFYUI_DIR", os.path.join(ROOT, ".host", "ComfyUI"))
 PACK_DIR = os.path.join(COMFY_DIR, "custom_nodes", "ComfyUI-GLM-Image")
-PACK_NODE_IDS = (
-    "GLMImageLoader", "GLMImageTextToTokens", "GLMImageGlyphText", "GLMImageReferenceEdit",
-    "GLMImageTokensToLatent", "GLMImageSaveTokens", "GLMImageLoadTokens",
-    "GLMImageARLoader", "GLMImageGlyphEncoderLoader", "GLMImageDiTLoader", "GLMImageVAELoader",
-    "GLMImageConditioning", "GLMImageScheduler",
-)
+SCRIPTS = os.path.join(ROOT, "scripts")
+if SCRIPTS not in sys.path:
+    sys.path.insert(0, SCRIPTS)
+from comfy_server import PACK_NODE_IDS  # noqa: E402  (every node of the pack: one list, in scripts/comfy_server.py)
 
 
 def has_dynamic_vram() -> bool:

@@ -68,3 +68,20 @@ def test_bench_tiny_isolated_sides_bf16(tmp_path):
     check_report(res, same_tokens=False)
     assert res["meta"]["mode"] == "each side in its own subprocess, one after the other"
     assert res["meta"]["dtype"] == "bfloat16"
+
+
+def test_stock_path_bench_runs_and_reports(tmp_path):
+    """bench/bench_stock.py (own vs stock sampler vs EasyCache) on the tiny checkpoint: it runs, the
+    stock path equals the own one within the parity bound, and every EasyCache row is reported."""
+    out = tmp_path / "stock"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_stock.py"), "--size", "tiny", "--reps", "1",
+                        "--steps", "4", "--px", "256", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=540, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, f"bench/bench_stock.py failed:\n{p.stderr[-4000:]}"
+    res = json.loads((tmp_path / "stock.json").read_text())
+    assert res["stock_vs_own_max_abs"] <= 1e-5
+    assert set(res["seconds"]) == {"own", "stock", "easycache", "easycache-0.5"}
+    assert all(v > 0 for v in res["seconds"].values())
+    for e in res["easycache"].values():
+        assert e["speedup"] > 0 and math.isfinite(e["rel_l2"])
+    assert "EasyCache" in (tmp_path / "stock.md").read_text()

@@ -65,6 +65,23 @@ def folder_graph(weight_dtype="default", seed=3) -> dict:
     return t2i_graph(loader, ["1", 1], ["1", 2], ["1", 0], {}, seed)
 
 
+def stock_sampler_graph(weight_dtype="default", seed=3) -> dict:
+    """folder_graph with the DiT run by SamplerCustomAdvanced on the loader's MODEL (node "3")."""
+    g = folder_graph(weight_dtype, seed)
+    g["3"] = {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["6", 0], "guider": ["7", 0],
+              "sampler": ["8", 0], "sigmas": ["9", 0], "latent_image": ["14", 0]}}
+    g.update({
+        "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "7": {"class_type": "CFGGuider", "inputs": {"model": ["1", 3], "positive": ["15", 0], "negative": ["15", 1],
+              "cfg": 1.5}},
+        "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "9": {"class_type": "GLMImageScheduler", "inputs": {"tokens": ["2", 0], "steps": STEPS}},
+        "14": {"class_type": "EmptySD3LatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}},
+        "15": {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["1", 1], "tokens": ["2", 0]}},
+    })
+    return g
+
+
 def single_file_graph(dit="tiny_dit.safetensors", ar="tiny_ar.safetensors", weight_dtype="default", seed=3,
                       compute_dtype="auto") -> dict:
     nodes = {
@@ -251,14 +268,16 @@ def _check_previews_fitted(host):
 DYNAMIC_VRAM_PROMPTS = {"folder": folder_graph(), "single_file": single_file_graph(),
                         "folder_fp8": folder_graph(weight_dtype="fp8_e4m3fn"),
                         "single_file_fp8": single_file_graph(dit="tiny_dit_fp8_e4m3fn.safetensors",
-                                                             ar="tiny_ar_fp8_e4m3fn.safetensors")}
+                                                             ar="tiny_ar_fp8_e4m3fn.safetensors"),
+                        "stock_sampler": stock_sampler_graph()}
 
 if glmtest_host.has_dynamic_vram():   # ComfyUI 0.3.75 has no dynamic VRAM: nothing to test there
     def test_every_loader_and_t2i_work_with_dynamic_vram_on(host, model_dirs, tmp_path):
         """A fresh host process with dynamic VRAM on (ComfyUI's own switches, as main.py sets them
         on NVIDIA): comfy.ops Linear layers are built without weights there, and every loader (folder,
-        four single files, fp8 storage) still loads, and the whole text-to-image gives exactly the
-        tokens, latent and image of this process, where dynamic VRAM is off."""
+        four single files, fp8 storage) still loads, and the whole text-to-image (also through the
+        stock SamplerCustomAdvanced on the DiT's MODEL) gives exactly the tokens, latent and image of
+        this process, where dynamic VRAM is off."""
         import json
         from safetensors.torch import load_file
         prompts = tmp_path / "prompts.json"

@@ -176,3 +176,37 @@ def test_easycache_runs_on_the_glm_model(host):
     assert cached.shape == plain.shape and torch.isfinite(cached).all()
     rel = ((cached - plain).norm() / plain.norm()).item()
     assert rel < 0.5, rel
+
+
+# ---- schedules ----------------------------------------------------------------------------------
+
+def token_file(host, px: int) -> str:
+    from glm_image_core.tokens import GLMTokens, save_tokens
+    name = f"stock/tokens_{px}.glmtokens.safetensors"
+    grid = torch.randint(0, 16384, (1, px // 32, px // 32), generator=torch.Generator().manual_seed(px))
+    save_tokens(GLMTokens(grid=grid, width=px, height=px), os.path.join(host.folder_paths.get_input_directory(), name))
+    return name
+
+
+@pytest.mark.parametrize("px,shift", [(1024, None), (512, 1.75), (2048, 6.25)])
+def test_ksampler_simple_schedule_follows_the_official_one(host, px, shift):
+    """What the README promises KSampler users: BasicScheduler 'simple' on the MODEL (its built-in shift,
+    the official one at 1024²; ModelSamplingAuraFlow with 0.75·√(W·H)/256 + 0.25 at other sizes) gives
+    GLM-Image Scheduler's sigmas within 1e-3."""
+    steps = 50
+    model = ["1", 3]
+    g = {"1": {"class_type": "GLMImageLoader", "inputs": {"model": "GLM-Image-tiny", "weight_dtype": "default"}},
+         "2": {"class_type": "GLMImageLoadTokens", "inputs": {"token_file": token_file(host, px)}},
+         "3": {"class_type": "GLMImageScheduler", "inputs": {"tokens": ["2", 0], "steps": steps}},
+         "3p": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}}}
+    if shift is not None:
+        assert shift == 0.75 * px / 256 + 0.25
+        g["4"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 3], "shift": shift}}
+        model = ["4", 0]
+    g["5"] = {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "simple", "steps": steps,
+              "denoise": 1.0}}
+    g["5p"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}}
+    host.run_ok(g)
+    official, simple = glmtest_host.node_output(host, "3"), glmtest_host.node_output(host, "5")
+    assert official.shape == simple.shape == (steps + 1,)
+    assert (official - simple).abs().max().item() < 1e-3

@@ -10,9 +10,9 @@ import folder_paths
 
 from ..glm_image_core import checkpoint as ckpt
 from ..glm_image_core import sources
-from .stock_model import GLMImageLatentFormat, wrap_dit
 from .models import (COMPUTE_DTYPES, WEIGHT_DTYPES, ComponentSpec, GLMARModel, GLMDecoderModel, GLMGlyphEncoder,
                      LazyComponent)
+from .stock_model import GLMImageLatentFormat, wrap_dit
 from .types import CATEGORY, GlmAR, GlmDecoder
 from .vae_adapter import load_glm_vae, preview_fit_for
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from glm_image_core.schedule import (GLM_IMAGE_SCHEDULER_CONFIG, calculate_mu, glm_schedule, glm_sigmas,
-                                     glm_timesteps, image_seq_len)
+                                     glm_timesteps, image_seq_len, unshifted_timestep)
 
 CFG = {"num_train_timesteps": 1000, "use_dynamic_shifting": True, "time_shift_type": "linear",
        "base_shift": 0.25, "max_shift": 0.75, "base_image_seq_len": 256, "shift": 1.0}
@@ -85,3 +85,29 @@ def test_schedule_helper_and_official_defaults():
     assert len(sig) == 5 and sig[-1] == 0 and bool((sig[:-1] > sig[1:]).all())
     # the shift pushes sigmas up for large images
     assert bool((sig[1:-1] > ts[1:] / 1000).all())
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 30, 50])
+@pytest.mark.parametrize("hw", [(32, 32), (64, 48), (128, 128), (256, 256)])
+def test_unshifted_timestep_inverts_the_official_sigmas_exactly(steps, hw):
+    """The stock sampler path only knows sigmas: from them it gets back exactly the integer timesteps
+    the pipeline feeds the DiT (float32 sigmas, snapped to the integer they round to)."""
+    ts, sig, mu = glm_schedule(steps, GLM_IMAGE_SCHEDULER_CONFIG, *hw)
+    assert torch.equal(unshifted_timestep(sig[:-1], GLM_IMAGE_SCHEDULER_CONFIG, mu), ts)
+
+
+@pytest.mark.parametrize("cfg,mu", [(dict(CFG, time_shift_type="exponential"), 0.8),
+                                    (dict(CFG, use_dynamic_shifting=False, shift=3.0), None)])
+def test_unshifted_timestep_inverts_the_other_shifts(cfg, mu):
+    ts = glm_timesteps(20, cfg)
+    sig = glm_sigmas(20, cfg, mu=mu)[:-1]
+    assert torch.equal(unshifted_timestep(sig, cfg, mu), ts)
+
+
+def test_unshifted_timestep_keeps_sigmas_off_the_official_grid():
+    """A KSampler schedule's sigma between two official ones maps to a fractional timestep (not snapped)."""
+    mu = 3.25
+    u = torch.tensor([0.5005, 0.1234567])
+    sig = (mu * u / (1 + (mu - 1) * u)).float()
+    t = unshifted_timestep(sig, GLM_IMAGE_SCHEDULER_CONFIG, mu)
+    assert torch.allclose(t, u * 1000, atol=1e-3) and t[0] != torch.round(t[0])

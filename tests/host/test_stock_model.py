@@ -210,3 +210,22 @@ def test_ksampler_simple_schedule_follows_the_official_one(host, px, shift):
     official, simple = glmtest_host.node_output(host, "3"), glmtest_host.node_output(host, "5")
     assert official.shape == simple.shape == (steps + 1,)
     assert (official - simple).abs().max().item() < 1e-3
+
+
+def test_a_batch_of_two_matches_semantic_tokens_to_latent(host):
+    """Tokens of batch 2 (two AR samples) through the stock path with a latent batch of 2: each image
+    is the one Semantic Tokens → Latent gives (the prior ids batch with the latent, the noise is drawn
+    for the whole batch like KSampler's)."""
+    g = base_graph(seed=6)
+    g["2"]["inputs"]["batch_size"] = 2
+    g["15"]["inputs"]["batch_size"] = 2
+    custom_advanced(g, ("1", 3), 6, 3, 2.0)
+    g["3"] = {"class_type": "GLMImageTokensToLatent", "inputs": {"decoder": ["1", 1], "tokens": ["2", 0],
+              "seed": 6, "steps": 3, "cfg": 2.0}}
+    g["3p"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}}
+    host.run_ok(g)
+    tokens = glmtest_host.node_output(host, "2")
+    assert tokens.batch_size == 2 and not torch.equal(tokens.grid[0], tokens.grid[1])
+    own, stock = latent(host, "3"), latent(host, "16")
+    assert own.shape == stock.shape == (2, 16, H // 8, W // 8)
+    assert (own - stock).abs().max().item() <= glmtest_oracle.LATENT_TOL

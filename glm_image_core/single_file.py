@@ -32,6 +32,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 import torch
 
 from . import checkpoint as ckpt
+from . import gguf_file, gguf_quant
 from .components import NETWORKS
 from .sources import FolderSource, SingleFileSource
 
@@ -160,6 +161,9 @@ def open_single_file(path: str, expected: str) -> SingleFileSource:
 
 CONVERT_DTYPES = {"as_stored": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                   "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# GGUF single files (.gguf): the weights fp8 would store in fp8 (the Linear layers of the DiT's and AR's
+# repeated blocks) as ggml blocks; every other tensor, and a row that is not whole blocks, as stored.
+GGUF_TYPES = {"gguf_q8_0": gguf_quant.Q8_0, "gguf_q5_k": gguf_quant.Q5_K, "gguf_q4_k": gguf_quant.Q4_K}
 _ST_DTYPES = ckpt.SAFETENSORS_DTYPES
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
@@ -193,11 +197,8 @@ def write_streamed_safetensors(path: str, entries: Sequence[Tuple[str, torch.dty
     os.replace(tmp, path)
 
 
-def convert_component(folder: str, component: str, out_path: str, dtype: Optional[torch.dtype] = None,
-                      dtype_name: str = "as_stored") -> dict:
-    """Write one component of an official folder as a single file. Returns a summary
-    (tensors, bytes, dtypes). Tensors are read from their shard one at a time."""
-    from safetensors import safe_open
+def _single_file_assets(folder: str, component: str) -> Tuple[FolderSource, Dict[str, str]]:
+    """The folder as a source, and the text files a single file of ``component`` carries."""
     ckpt.check_glm_image_folder(folder, needed=())
     comp = NETWORKS[component]
     src = FolderSource(folder)
@@ -209,6 +210,27 @@ def convert_component(folder: str, component: str, out_path: str, dtype: Optiona
     missing = [r for r in comp.single_file_required if r not in files]
     if missing:
         raise ckpt.CheckpointError(f"{folder}: missing {', '.join(missing)} (needed for the {comp.title})")
+    return src, files
+
+
+def _metadata(folder: str, component: str, files: Dict[str, str], dtype_label: str) -> Dict[str, str]:
+    index = ckpt.read_json(os.path.join(folder, "model_index.json"))
+    return {META_FORMAT: FORMAT, META_VERSION: FORMAT_VERSION, META_COMPONENT: component,
+            META_FILES: json.dumps(files, ensure_ascii=False),
+            META_SOURCE: f"{os.path.basename(os.path.normpath(folder))} ({index.get('_class_name')}, "
+                         f"diffusers {index.get('_diffusers_version', '?')})",
+            META_DTYPE: dtype_label}
+
+
+def convert_component(folder: str, component: str, out_path: str, dtype: Optional[torch.dtype] = None,
+                      dtype_name: str = "as_stored") -> dict:
+    """Write one component of an official folder as a single file. Returns a summary
+    (tensors, bytes, dtypes). Tensors are read from their shard one at a time."""
+    from safetensors import safe_open
+    if dtype_name in GGUF_TYPES:
+        return convert_component_gguf(folder, component, out_path, dtype_name)
+    comp = NETWORKS[component]
+    src, files = _single_file_assets(folder, component)
     dtype = comp.storage_dtype(dtype)
     rule = ckpt.storage_dtypes(dtype, comp.fp8_keys, None)
     entries = []
@@ -231,12 +253,43 @@ def convert_component(folder: str, component: str, out_path: str, dtype: Optiona
                     return f.get_tensor(key).to(target)
             entries.append((key, target, shape, load))
             counts[_ST_NAMES[target]] = counts.get(_ST_NAMES[target], 0) + 1
-    index = ckpt.read_json(os.path.join(folder, "model_index.json"))
-    metadata = {"format": "pt", META_FORMAT: FORMAT, META_VERSION: FORMAT_VERSION, META_COMPONENT: component,
-                META_FILES: json.dumps(files, ensure_ascii=False),
-                META_SOURCE: f"{os.path.basename(os.path.normpath(folder))} ({index.get('_class_name')}, "
-                             f"diffusers {index.get('_diffusers_version', '?')})",
-                META_DTYPE: dtype_name if dtype is not None else "as_stored"}
+    metadata = {"format": "pt", **_metadata(folder, component, files, dtype_name if dtype is not None else "as_stored")}
     write_streamed_safetensors(out_path, entries, metadata)
+    return {"component": component, "path": out_path, "tensors": len(entries), "dtypes": counts,
+            "bytes": os.path.getsize(out_path)}
+
+
+def convert_component_gguf(folder: str, component: str, out_path: str, dtype_name: str) -> dict:
+    """Write the DiT or the AR of an official folder as one GGUF file (``GGUF_TYPES``), tensor by tensor:
+    the fp8-eligible weights as ggml blocks, the rest as stored (bf16 / fp16 / fp32). The metadata are
+    the safetensors single file's, as GGUF strings."""
+    from safetensors import safe_open
+    qt = GGUF_TYPES[dtype_name]
+    comp = NETWORKS[component]
+    if comp.fp8_keys is None:
+        raise ckpt.CheckpointError(f"GGUF conversion is for the DiT and the AR; the {comp.title} is small and stays "
+                                   "a safetensors file (convert it with --dtype as_stored / bf16 / fp32)")
+    src, files = _single_file_assets(folder, component)
+    entries, seen, counts = [], set(), {}
+    for shard in src.weight_files(component):
+        _, tensors = ckpt.safetensors_header(shard)
+        for key, (st_dtype, shape) in sorted(tensors.items()):
+            if key in seen:
+                raise ckpt.CheckpointError(f"{key} appears in two shards of {comp.folder}/")
+            seen.add(key)
+            stored = _ST_DTYPES.get(st_dtype)
+            if stored not in gguf_file.GGML_TYPE_OF_DTYPE:
+                raise ckpt.CheckpointError(f"{shard}: tensor {key} has dtype {st_dtype}, which GGUF files do not "
+                                           "hold unquantized (F32, F16, BF16)")
+            blocks = len(shape) == 2 and comp.fp8_keys.match(key) and int(shape[-1]) % qt.block == 0
+            ggml_type = qt.ggml_type if blocks else gguf_file.GGML_TYPE_OF_DTYPE[stored]
+
+            def load(shard=shard, key=key):
+                with safe_open(shard, framework="pt") as f:
+                    return f.get_tensor(key)
+            entries.append(gguf_file.Entry(key, tuple(int(x) for x in shape), ggml_type, load))
+            name = gguf_file.type_name(ggml_type)
+            counts[name] = counts.get(name, 0) + 1
+    gguf_file.write_gguf(out_path, entries, _metadata(folder, component, files, dtype_name))
     return {"component": component, "path": out_path, "tensors": len(entries), "dtypes": counts,
             "bytes": os.path.getsize(out_path)}

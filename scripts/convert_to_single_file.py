@@ -40,8 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--into-models", action="store_true",
                     help="--out is ComfyUI's models/ folder: write each file into its subfolder "
                          "(diffusion_models/, text_encoders/, vae/)")
-    ap.add_argument("--dtype", default="as_stored", choices=list(sf.CONVERT_DTYPES),
-                    help="weight dtype of the written files (default: as stored)")
+    ap.add_argument("--dtype", default="as_stored", choices=list(sf.CONVERT_DTYPES) + list(sf.GGUF_TYPES),
+                    help="weight dtype of the written files (default: as stored); gguf_*: the DiT and the AR as "
+                         ".gguf files with their block matrices quantized (the glyph encoder and VAE stay safetensors)")
     ap.add_argument("--components", default=",".join(NETWORKS),
                     help=f"comma-separated subset of {','.join(NETWORKS)} (default: all)")
     ap.add_argument("--prefix", default=None, help="file name prefix (default: the folder's name)")
@@ -52,16 +53,20 @@ def main(argv=None) -> int:
         ap.error(f"unknown component(s) {', '.join(bad)}; choose from {', '.join(NETWORKS)}")
     prefix = a.prefix or os.path.basename(os.path.normpath(a.folder))
     suffix = "" if a.dtype == "as_stored" else f"_{a.dtype}"
-    dtype = sf.CONVERT_DTYPES[a.dtype]
+    gguf = a.dtype in sf.GGUF_TYPES
+    dtype = None if gguf else sf.CONVERT_DTYPES[a.dtype]
     try:
         for c in comps:
             t0 = time.perf_counter()
-            actual = NETWORKS[c].storage_dtype(dtype)
-            name = f"{prefix}_{c}{suffix if actual is not None else ''}.safetensors"
+            quantized = gguf and NETWORKS[c].fp8_keys is not None      # DiT and AR; the small ones stay safetensors
+            actual = True if quantized else NETWORKS[c].storage_dtype(dtype)
+            ext = ".gguf" if quantized else ".safetensors"
+            name = f"{prefix}_{c}{suffix if actual is not None else ''}{ext}"
             out_dir = os.path.join(a.out, NETWORKS[c].comfy_folder) if a.into_models else a.out
             os.makedirs(out_dir, exist_ok=True)
-            info = sf.convert_component(a.folder, c, os.path.join(out_dir, name), dtype, a.dtype)
-            note = "" if actual == dtype else f" (kept as stored: the {c} takes only bf16/fp32)"
+            info = sf.convert_component(a.folder, c, os.path.join(out_dir, name), dtype,
+                                        a.dtype if (quantized or not gguf) else "as_stored")
+            note = "" if (quantized or actual == dtype) else f" (kept as stored: the {c} takes only bf16/fp32)"
             print(f"{c:14s} -> {info['path']}  {info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB, "
                   f"{info['dtypes']}{note}  [{time.perf_counter() - t0:.1f} s]  put it in models/"
                   f"{NETWORKS[c].comfy_folder}/")

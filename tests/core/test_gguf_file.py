@@ -3,14 +3,14 @@
 import json
 import os
 
+import gguf  # the reference (requirements-dev.txt; make host installs it)
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf", reason="requirements-dev.txt installs gguf (make host)")
 
-from glm_image_core import gguf_file as G  # noqa: E402
-from glm_image_core import gguf_quant as Q  # noqa: E402
+from glm_image_core import gguf_file as G
+from glm_image_core import gguf_quant as Q
 
 META = {"glm_image.format": "glm-image-single-file", "glm_image.component": "dit",
         "glm_image.files": json.dumps({"transformer/config.json": {"num_layers": 2}}), "note": "ünïcode ✓"}

@@ -1,13 +1,13 @@
 """glm_image_core.gguf_quant: ggml's Q8_0 / Q5_K / Q4_K block formats in plain PyTorch, checked bit for
 bit against the `gguf` package (the reference llama.cpp's and ComfyUI-GGUF's files are made with)."""
+import gguf  # the reference (requirements-dev.txt; make host installs it)
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf", reason="requirements-dev.txt installs gguf (make host)")
-from gguf import quants as gq  # noqa: E402
+from gguf import quants as gq
 
-from glm_image_core import gguf_quant as Q  # noqa: E402
+from glm_image_core import gguf_quant as Q
 
 TYPES = [(Q.Q8_0, gguf.GGMLQuantizationType.Q8_0), (Q.Q5_K, gguf.GGMLQuantizationType.Q5_K),
          (Q.Q4_K, gguf.GGMLQuantizationType.Q4_K)]

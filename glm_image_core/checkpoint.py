@@ -14,6 +14,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Un
 import torch
 from safetensors import safe_open
 
+from . import gguf_file, gguf_quant
+
 PIPELINE_CLASS = "GlmImagePipeline"
 OFFICIAL_FOLDERS = ("vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -238,6 +240,67 @@ def iter_safetensors(paths: Iterable[str], device: str | torch.device = "cpu", d
                         mapped.madvise(mmap.MADV_DONTNEED, lo, base + end - lo)
                 yield key, t
                 del t
+
+
+# --------------------------------------------------------------------------------------
+# GGUF single files (the DiT and the AR with block-quantized matrices; gguf_file, gguf_quant)
+# --------------------------------------------------------------------------------------
+
+# A quantized tensor handed to the loader: (ggml blocks uint8 [rows, row_bytes], format, logical shape)
+# -> the tensor the layer keeps (ComfyUI: a QuantizedTensor that stays compressed). None: dequantized
+# at load into the storage dtype (float32 when kept "as stored"): plain PyTorch, for tests and tools.
+QuantizedFactory = Callable[[torch.Tensor, "gguf_quant.QuantType", Tuple[int, ...]], torch.Tensor]
+
+
+def is_gguf(path: str) -> bool:
+    return path.lower().endswith(".gguf")
+
+
+def weights_header(path: str) -> Tuple[Dict[str, str], Dict[str, Tuple[str, Tuple[int, ...]]]]:
+    """(string metadata, {key: (dtype or ggml type name, logical shape)}) of a safetensors or GGUF file,
+    from its header only."""
+    if not is_gguf(path):
+        return safetensors_header(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        with gguf_file.GGUFFile(path) as g:
+            return g.strings(), {k: (gguf_file.type_name(t.ggml_type), t.shape) for k, t in g.tensors.items()}
+    except gguf_file.GGUFError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def iter_weights(paths: Iterable[str], device: str | torch.device = "cpu", dtype: StorageDtype = None,
+                 keep: Optional[Callable[[str], bool]] = None,
+                 quantized: Optional[QuantizedFactory] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """:func:`iter_safetensors` for safetensors and GGUF files alike. GGUF float tensors follow the
+    same rules (mapped when kept as stored on the CPU); a block-quantized tensor whose storage rule
+    says "as stored" goes through ``quantized``, otherwise it is dequantized into the rule's dtype."""
+    device = torch.device(device)
+    for path in paths:
+        if not is_gguf(path):
+            yield from iter_safetensors([path], device=device, dtype=dtype, keep=keep)
+            continue
+        try:
+            g = gguf_file.GGUFFile(path)
+        except gguf_file.GGUFError as e:
+            raise CheckpointError(str(e)) from None
+        with g:
+            for key, info in sorted(g.tensors.items(), key=lambda kv: kv[1].offset):
+                if keep is not None and not keep(key):
+                    continue
+                raw = g.tensor(key)
+                qt = gguf_quant.BY_GGML_TYPE.get(info.ggml_type)
+                file_dtype = torch.float32 if qt is not None else raw.dtype
+                want = storage_dtype_of(dtype, key, torch.empty(info.shape, dtype=file_dtype, device="meta"))
+                if qt is None:
+                    t = raw if (want in (None, raw.dtype) and device.type == "cpu") else raw.to(device, want or raw.dtype)
+                elif want is None and quantized is not None:
+                    t = quantized(raw, qt, info.shape)
+                else:
+                    t = gguf_quant.dequantize(raw, qt, info.shape, want or torch.float32).to(device)
+                yield key, t
+                del t, raw
 
 
 def load_safetensors(paths: Iterable[str], device: str | torch.device = "cpu",

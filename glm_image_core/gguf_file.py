@@ -183,12 +183,9 @@ class GGUFFile:
         return {k: v for k, v in self.metadata.items() if isinstance(v, str)}
 
     def close(self) -> None:
-        m, self._map = getattr(self, "_map", None), None
-        if m is not None:
-            try:
-                m.close()
-            except BufferError:     # tensors still view it: the mapping lives until they are gone
-                pass
+        # Drop the reference only: tensors handed out view the mapping and keep it alive (torch.frombuffer
+        # holds the mmap object); unmapping it under them would leave them pointing at nothing.
+        self._map = None
 
     def __enter__(self) -> "GGUFFile":
         return self

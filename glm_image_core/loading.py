@@ -67,7 +67,9 @@ def declared_shapes(make: Callable[[object], nn.Module]) -> Shapes:
 def build_loaded(make: Callable[[object], nn.Module], operations, files: Sequence[str], what: str,
                  storage: ckpt.StorageDtype = None, device="cpu", keep: Optional[Callable[[str], bool]] = None,
                  aliases: Optional[Dict[str, str]] = None, ignore_unexpected: Iterable[str] = ()) -> nn.Module:
-    """Build a network and load its weights from safetensors ``files`` (a folder's shards or one file).
+    """Build a network and load its weights from safetensors ``files`` (a folder's shards or one file)
+    or one GGUF single file: its block-quantized tensors go through ``operations.quantized_weight``
+    (``checkpoint.QuantizedFactory``) when the namespace has one, else they are dequantized at load.
 
     ``make(operations) -> nn.Module`` builds it on the meta device (it passes ``device="meta"``);
     ``storage``: how each floating tensor is stored (``checkpoint.storage_dtypes``); ``device``: where
@@ -84,7 +86,7 @@ def build_loaded(make: Callable[[object], nn.Module], operations, files: Sequenc
     declared = declared_shapes(make)
     found: Dict[str, Tuple[int, ...]] = {}
     for path in files:
-        for k, (_, shape) in ckpt.safetensors_header(path)[1].items():
+        for k, (_, shape) in ckpt.weights_header(path)[1].items():
             if keep is None or keep(k):
                 found[k] = shape
     rename = {a: b for a, b in (aliases or {}).items() if a in found and b not in found}
@@ -98,7 +100,8 @@ def build_loaded(make: Callable[[object], nn.Module], operations, files: Sequenc
     for k, (mod, _, _) in owner.items():
         need[mod] = need.get(mod, 0) + 1
     wanted = lambda k: rename.get(k, k) in declared and (keep is None or keep(k))   # noqa: E731
-    for k, t in ckpt.iter_safetensors(files, device=device, dtype=storage, keep=wanted):
+    quantized = getattr(operations, "quantized_weight", None)
+    for k, t in ckpt.iter_weights(files, device=device, dtype=storage, keep=wanted, quantized=quantized):
         k = rename.get(k, k)
         mod, _, name = owner[k]
         group = pending.setdefault(mod, {})

@@ -121,11 +121,12 @@ def wrong_component_message(path: str, expected: str, found: Optional[str], desc
 
 
 def open_single_file(path: str, expected: str) -> SingleFileSource:
-    """Check that ``path`` is a safetensors single file of component ``expected`` (detected from its
-    tensors) with GLM-Image metadata; raise a CheckpointError saying what is wrong otherwise."""
+    """Check that ``path`` is a single file (safetensors, or GGUF for the DiT and the AR) of component
+    ``expected`` (detected from its tensors) with GLM-Image metadata; raise a CheckpointError saying
+    what is wrong otherwise."""
     if expected not in NETWORKS:
         raise ValueError(f"unknown component {expected!r}; one of {', '.join(NETWORKS)}")
-    meta, tensors = ckpt.safetensors_header(path)
+    meta, tensors = ckpt.weights_header(path)
     found, description = identify(tensors)
     if found != expected:
         raise ckpt.CheckpointError(wrong_component_message(path, expected, found, description))

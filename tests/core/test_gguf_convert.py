@@ -65,3 +65,48 @@ def test_dit_converts_to_gguf(folder, tmp_path, dtype_name):
 def test_the_small_components_are_refused_clearly(folder, tmp_path):
     with pytest.raises(Exception, match="DiT and the AR"):
         sf.convert_component(folder, "vae", str(tmp_path / "vae.gguf"), None, "gguf_q8_0")
+
+
+# ---- loading a GGUF single file (plain PyTorch: block-quantized weights dequantized at load) ---------
+
+@pytest.mark.parametrize("dtype_name", ["gguf_q8_0", "gguf_q4_k"])
+def test_a_gguf_dit_loads_and_runs_close_to_the_original(folder, tmp_path, dtype_name):
+    from glm_image_core import sources
+    qt = sf.GGUF_TYPES[dtype_name]
+    path = str(tmp_path / "dit.gguf")
+    sf.convert_component(folder, "dit", path, None, dtype_name)
+    src = sf.open_single_file(path, "dit")
+    net = sources.builder(src, "dit")(torch.float32, "cpu", torch.nn, torch.float32)
+    ref = sources.builder(sources.FolderSource(folder), "dit")(torch.float32, "cpu", torch.nn, torch.float32)
+    with gguf_file.GGUFFile(path) as g:
+        for key, t in g.tensors.items():
+            got = net.state_dict()[key]
+            want = (gguf_quant.dequantize(g.tensor(key), qt, t.shape) if t.ggml_type == qt.ggml_type
+                    else g.tensor(key))
+            assert got.dtype == torch.float32 and torch.equal(got, want), key
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    glyph = torch.randn(1, 3, ref.text_embed_dim, generator=g)
+    ids = torch.randint(0, 100, (1, 16), generator=g)
+    args = (glyph, ids, False, torch.tensor([500.0]), torch.tensor([[64.0, 64.0]]), torch.zeros(1, 2))
+    with torch.no_grad():
+        out, want = net(x, *args), ref(x, *args)
+    rel = ((out - want).norm() / want.norm()).item()
+    assert torch.isfinite(out).all() and rel < {"gguf_q8_0": 0.02, "gguf_q4_k": 0.2}[dtype_name], rel
+
+
+def test_the_ar_converts_to_q8_0_and_loads(folder, tmp_path):
+    from glm_image_core import sources
+    path = str(tmp_path / "ar.gguf")
+    info = sf.convert_component(folder, "ar", path, None, "gguf_q8_0")
+    assert info["dtypes"].get("Q8_0", 0) > 0           # the 64-wide tiny AR's block matrices hold Q8_0 blocks
+    src = sf.open_single_file(path, "ar")
+    net = sources.builder(src, "ar", ("text",))(torch.float32, "cpu", torch.nn, torch.float32)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_a_gguf_file_of_another_component_is_refused_like_safetensors(folder, tmp_path):
+    path = str(tmp_path / "dit.gguf")
+    sf.convert_component(folder, "dit", path, None, "gguf_q8_0")
+    with pytest.raises(Exception, match=r"is not a GLM-Image AR model .*: it looks like a GLM-Image DiT"):
+        sf.open_single_file(path, "ar")

@@ -106,3 +106,17 @@ def test_a_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(ValueError, match="declared"):
         G.write_gguf(path, bad, {})
     assert os.listdir(tmp_path) == []
+
+
+def test_tensors_outlive_the_file_object(tmp_path):
+    """Tensors handed out view the mapping; closing the file (or dropping it) must not unmap them."""
+    import gc
+    tensors, es = entries()
+    path = str(tmp_path / "x.gguf")
+    G.write_gguf(path, es, META)
+    got = dict((k, t) for k, t, _ in G.iter_gguf(path))
+    gc.collect()
+    w, _ = tensors["norm.weight"]
+    assert torch.equal(got["norm.weight"], w)
+    q, _ = tensors["blocks.0.attn.to_q.weight"]
+    assert torch.equal(got["blocks.0.attn.to_q.weight"], Q.quantize(q, Q.Q4_K))

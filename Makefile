@@ -42,7 +42,7 @@ help:
 	@echo "make bench         pack vs official pipeline, medium checkpoint, CPU (bench/run.py \$$BENCH_ARGS; ~5 min)"
 	@echo "make bench-stock   the stock-sampler path and EasyCache on the DiT's MODEL, medium checkpoint (bench/bench_stock.py)"
 	@echo "make memory        GPU memory plan of a 1024² t2i (bench/memory.py \$$MEMORY_ARGS, e.g. --cpu-check; measured when CUDA is there)"
-	@echo "make fullsize      the official-size random checkpoint on this machine: loading RSS, parity, whole t2i (~20 min + ~2 h for fp8; not in make test)"
+	@echo "make fullsize      the official-size random checkpoint on this machine: loading RSS, parity, whole t2i (~20 min + ~2.3 h for fp8; not in make test)"
 	@echo "make gpu-check     on a CUDA machine: pack vs official at full size, memory caps, determinism (bench/gpu_check.py)"
 	@echo "make clean         remove caches, artifacts, demo output, node_modules (keeps .venv/.host)"
 	@echo "make distclean     clean + remove .venv, .host, .venv33 and .host33"

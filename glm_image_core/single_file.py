@@ -223,11 +223,35 @@ def _metadata(folder: str, component: str, files: Dict[str, str], dtype_label: s
             META_DTYPE: dtype_label}
 
 
+def _shard_tensors(src: FolderSource, component: str):
+    """(shard, key, stored dtype, shape) of a component's tensors, in shard order, each key once."""
+    seen = set()
+    for shard in src.weight_files(component):
+        _, tensors = ckpt.safetensors_header(shard)
+        for key, (st_dtype, shape) in sorted(tensors.items()):
+            if key in seen:
+                raise ckpt.CheckpointError(f"{key} appears in two shards of {NETWORKS[component].folder}/")
+            seen.add(key)
+            stored = _ST_DTYPES.get(st_dtype)
+            if stored is None:
+                raise ckpt.CheckpointError(f"{shard}: tensor {key} has unsupported dtype {st_dtype}")
+            yield shard, key, stored, shape
+
+
+def _reader(shard: str, key: str, dtype: Optional[torch.dtype] = None) -> Callable[[], torch.Tensor]:
+    """Reads one tensor when called (the converters' entries: one tensor in memory at a time)."""
+    def load():
+        from safetensors import safe_open
+        with safe_open(shard, framework="pt") as f:
+            t = f.get_tensor(key)
+        return t if dtype is None else t.to(dtype)
+    return load
+
+
 def convert_component(folder: str, component: str, out_path: str, dtype: Optional[torch.dtype] = None,
                       dtype_name: str = "as_stored") -> dict:
     """Write one component of an official folder as a single file. Returns a summary
     (tensors, bytes, dtypes). Tensors are read from their shard one at a time."""
-    from safetensors import safe_open
     if dtype_name in GGUF_TYPES:
         return convert_component_gguf(folder, component, out_path, dtype_name)
     comp = NETWORKS[component]
@@ -235,25 +259,12 @@ def convert_component(folder: str, component: str, out_path: str, dtype: Optiona
     dtype = comp.storage_dtype(dtype)
     rule = ckpt.storage_dtypes(dtype, comp.fp8_keys, None)
     entries = []
-    seen = set()
     counts: Dict[str, int] = {}
-    for shard in src.weight_files(component):
-        _, tensors = ckpt.safetensors_header(shard)
-        for key, (st_dtype, shape) in sorted(tensors.items()):
-            if key in seen:
-                raise ckpt.CheckpointError(f"{key} appears in two shards of {comp.folder}/")
-            seen.add(key)
-            stored = _ST_DTYPES.get(st_dtype)
-            if stored is None:
-                raise ckpt.CheckpointError(f"{shard}: tensor {key} has unsupported dtype {st_dtype}")
-            probe = torch.empty((0,) * len(shape), dtype=stored)   # the rule looks only at dtype and rank
-            target = ckpt.storage_dtype_of(rule, key, probe) or stored
-
-            def load(shard=shard, key=key, target=target):
-                with safe_open(shard, framework="pt") as f:
-                    return f.get_tensor(key).to(target)
-            entries.append((key, target, shape, load))
-            counts[_ST_NAMES[target]] = counts.get(_ST_NAMES[target], 0) + 1
+    for shard, key, stored, shape in _shard_tensors(src, component):
+        probe = torch.empty((0,) * len(shape), dtype=stored)   # the rule looks only at dtype and rank
+        target = ckpt.storage_dtype_of(rule, key, probe) or stored
+        entries.append((key, target, shape, _reader(shard, key, target)))
+        counts[_ST_NAMES[target]] = counts.get(_ST_NAMES[target], 0) + 1
     metadata = {"format": "pt", **_metadata(folder, component, files, dtype_name if dtype is not None else "as_stored")}
     write_streamed_safetensors(out_path, entries, metadata)
     return {"component": component, "path": out_path, "tensors": len(entries), "dtypes": counts,
@@ -264,33 +275,22 @@ def convert_component_gguf(folder: str, component: str, out_path: str, dtype_nam
     """Write the DiT or the AR of an official folder as one GGUF file (``GGUF_TYPES``), tensor by tensor:
     the fp8-eligible weights as ggml blocks, the rest as stored (bf16 / fp16 / fp32). The metadata are
     the safetensors single file's, as GGUF strings."""
-    from safetensors import safe_open
     qt = GGUF_TYPES[dtype_name]
     comp = NETWORKS[component]
     if comp.fp8_keys is None:
         raise ckpt.CheckpointError(f"GGUF conversion is for the DiT and the AR; the {comp.title} is small and stays "
                                    "a safetensors file (convert it with --dtype as_stored / bf16 / fp32)")
     src, files = _single_file_assets(folder, component)
-    entries, seen, counts = [], set(), {}
-    for shard in src.weight_files(component):
-        _, tensors = ckpt.safetensors_header(shard)
-        for key, (st_dtype, shape) in sorted(tensors.items()):
-            if key in seen:
-                raise ckpt.CheckpointError(f"{key} appears in two shards of {comp.folder}/")
-            seen.add(key)
-            stored = _ST_DTYPES.get(st_dtype)
-            if stored not in gguf_file.GGML_TYPE_OF_DTYPE:
-                raise ckpt.CheckpointError(f"{shard}: tensor {key} has dtype {st_dtype}, which GGUF files do not "
-                                           "hold unquantized (F32, F16, BF16)")
-            blocks = len(shape) == 2 and comp.fp8_keys.match(key) and int(shape[-1]) % qt.block == 0
-            ggml_type = qt.ggml_type if blocks else gguf_file.GGML_TYPE_OF_DTYPE[stored]
-
-            def load(shard=shard, key=key):
-                with safe_open(shard, framework="pt") as f:
-                    return f.get_tensor(key)
-            entries.append(gguf_file.Entry(key, tuple(int(x) for x in shape), ggml_type, load))
-            name = gguf_file.type_name(ggml_type)
-            counts[name] = counts.get(name, 0) + 1
+    entries, counts = [], {}
+    for shard, key, stored, shape in _shard_tensors(src, component):
+        if stored not in gguf_file.GGML_TYPE_OF_DTYPE:
+            raise ckpt.CheckpointError(f"{shard}: tensor {key} is {stored}, which GGUF files do not hold "
+                                       "unquantized (F32, F16, BF16)")
+        blocks = len(shape) == 2 and comp.fp8_keys.match(key) and int(shape[-1]) % qt.block == 0
+        ggml_type = qt.ggml_type if blocks else gguf_file.GGML_TYPE_OF_DTYPE[stored]
+        entries.append(gguf_file.Entry(key, tuple(int(x) for x in shape), ggml_type, _reader(shard, key)))
+        name = gguf_file.type_name(ggml_type)
+        counts[name] = counts.get(name, 0) + 1
     gguf_file.write_gguf(out_path, entries, _metadata(folder, component, files, dtype_name))
     return {"component": component, "path": out_path, "tensors": len(entries), "dtypes": counts,
             "bytes": os.path.getsize(out_path)}

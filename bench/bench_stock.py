@@ -21,9 +21,11 @@ Writes bench/results/stock.{md,json}.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -91,6 +93,7 @@ def main() -> None:
 
     ckpt = cached_checkpoint(a.size)
     base = tempfile.mkdtemp(prefix="glm-bench-stock-")
+    atexit.register(shutil.rmtree, base, True)
     os.makedirs(os.path.join(base, "models", "diffusers"))
     os.symlink(ckpt, os.path.join(base, "models", "diffusers", "GLM-Image-bench"))
     host = glmtest_host.Host(base)

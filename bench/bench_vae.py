@@ -7,7 +7,9 @@ of the lazy latent-preview fit.
 1.6 GB of RAM) to time the preview fit on CPU, its worst case (no GPU).
 """
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -44,7 +46,9 @@ def main():
     a = ap.parse_args()
     from diffusers import AutoencoderKL
     from glmtest_oracle import realign
-    folder = write_checkpoint(os.path.join(tempfile.mkdtemp(), "GLM-Image-" + a.size), a.size, seed=0)
+    work = tempfile.mkdtemp(prefix="glm-bench-vae-")
+    atexit.register(shutil.rmtree, work, True)
+    folder = write_checkpoint(os.path.join(work, "GLM-Image-" + a.size), a.size, seed=0)
     ours = load_vae(os.path.join(folder, "vae"))
     ref = realign(AutoencoderKL.from_pretrained(folder, subfolder="vae").eval())
     z = torch.randn(1, 16, a.px // 8, a.px // 8, generator=torch.Generator().manual_seed(0))

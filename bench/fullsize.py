@@ -15,9 +15,11 @@ AR's and DiT's block Linear weights; compute stays bf16). Peak RSS is the proces
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 
@@ -63,7 +65,6 @@ def checkpoint(folder: str) -> dict:
         return {"folder": folder, "written": False}
     t0 = time.perf_counter()
     tmp = folder + ".tmp"
-    import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     tiny_checkpoint.write_checkpoint(tmp, "full", seed=0, max_shard_bytes=SHARD_BYTES, dtype=torch.bfloat16)
     shutil.rmtree(folder, ignore_errors=True)
@@ -133,6 +134,7 @@ def t2i(folder: str, dtype: str) -> dict:
     import tempfile
     import glmtest_host
     base = tempfile.mkdtemp(prefix="glm-fullsize-")
+    atexit.register(shutil.rmtree, base, True)
     os.makedirs(os.path.join(base, "models", "diffusers"))
     name = os.path.basename(folder)
     os.symlink(folder, os.path.join(base, "models", "diffusers", name))

@@ -25,8 +25,10 @@ On ``--dry-run`` memory figures are the process's peak RSS and the images are 25
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -146,6 +148,7 @@ def run_job(spec: dict, folder: str, dry: bool) -> dict:
     cuda = not dry
     device = "cuda" if cuda else "cpu"
     work = tempfile.mkdtemp(prefix="glm-gpu-check-")
+    atexit.register(shutil.rmtree, work, True)       # each job is its own process: nothing left in /tmp
     peaks = StagePeaks(cuda)
     if spec["side"] == "official":
         side = R.OfficialSide(folder, device, torch.bfloat16, work)
@@ -289,7 +292,6 @@ def main(argv=None) -> int:
             jobs.append(r)
     finally:
         if written:
-            import shutil
             shutil.rmtree(written["tmp"], ignore_errors=True)
     res = {"meta": meta, "jobs": jobs, "not_run": not_run, "seconds": time.perf_counter() - t0}
     os.makedirs(a.out, exist_ok=True)

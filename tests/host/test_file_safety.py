@@ -96,7 +96,7 @@ def test_loader_model_name_never_leaves_models_diffusers(host, model):
 # ---------------------------------------------------------------------------------------------
 
 NO_NETWORK_RUN = r'''
-import json, os, socket, sys, tempfile, traceback
+import atexit, json, os, shutil, socket, sys, tempfile, traceback
 attempts = []
 
 def blocked(kind):
@@ -122,6 +122,7 @@ root, tiny = sys.argv[1], sys.argv[2]
 sys.path[:0] = [root, os.path.join(root, "tests", "_support")]
 import glmtest_host, glmtest_server
 base = tempfile.mkdtemp(prefix="glm-no-net-")
+atexit.register(shutil.rmtree, base, True)
 os.makedirs(os.path.join(base, "models", "diffusers"))
 os.symlink(tiny, os.path.join(base, "models", "diffusers", "GLM-Image-tiny"))
 host = glmtest_host.Host(base)            # imports ComfyUI and loads the pack

@@ -274,8 +274,9 @@ def iter_weights(paths: Iterable[str], device: str | torch.device = "cpu", dtype
                  keep: Optional[Callable[[str], bool]] = None,
                  quantized: Optional[QuantizedFactory] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """:func:`iter_safetensors` for safetensors and GGUF files alike. GGUF float tensors follow the
-    same rules (mapped when kept as stored on the CPU); a block-quantized tensor whose storage rule
-    says "as stored" goes through ``quantized``, otherwise it is dequantized into the rule's dtype."""
+    same rules (mapped when kept as stored on the CPU); a block-quantized tensor goes through
+    ``quantized`` when given (its layer keeps the blocks), otherwise it is dequantized into the rule's
+    dtype (float32 when the rule keeps tensors as stored)."""
     device = torch.device(device)
     for path in paths:
         if not is_gguf(path):
@@ -295,8 +296,8 @@ def iter_weights(paths: Iterable[str], device: str | torch.device = "cpu", dtype
                 want = storage_dtype_of(dtype, key, torch.empty(info.shape, dtype=file_dtype, device="meta"))
                 if qt is None:
                     t = raw if (want in (None, raw.dtype) and device.type == "cpu") else raw.to(device, want or raw.dtype)
-                elif want is None and quantized is not None:
-                    t = quantized(raw, qt, info.shape)
+                elif quantized is not None:        # the namespace keeps blocks: whatever the float rule
+                    t = quantized(raw if device.type == "cpu" else raw.to(device), qt, info.shape)
                 else:
                     t = gguf_quant.dequantize(raw, qt, info.shape, want or torch.float32).to(device)
                 yield key, t

@@ -118,8 +118,14 @@ def _check_loaded(model: nn.Module, declared: Shapes, what: str) -> None:
     """Every declared key holds a real tensor of its declared shape (a layer that ignored
     ``assign`` or lost a weight would otherwise fail much later, or compute on zeros)."""
     got = model.state_dict()
+
+    def shape_of(k: str) -> Tuple[int, ...]:         # a GGUF-quantized weight: its logical shape
+        mod, _, name = k.rpartition(".")
+        layer = model.get_submodule(mod) if mod else model
+        quantized = name == "weight" and getattr(layer, "ggml", None) is not None
+        return tuple(layer.ggml[1]) if quantized else tuple(got[k].shape)
     bad = [k for k, shape in declared.items()
-           if k not in got or got[k] is None or got[k].is_meta or tuple(got[k].shape) != shape]
+           if k not in got or got[k] is None or got[k].is_meta or shape_of(k) != shape]
     if bad:
         raise ckpt.CheckpointError(f"loading the {what} left {len(bad)} weight(s) unset: "
                                    f"{', '.join(bad[:8])}{' …' if len(bad) > 8 else ''}")

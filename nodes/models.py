@@ -25,6 +25,7 @@ import latent_preview
 from comfy.cli_args import LatentPreviewMethod, args
 
 from ..glm_image_core import checkpoint as ckpt
+from ..glm_image_core import gguf_ops
 from ..glm_image_core.components import STORAGE_DTYPES
 from . import host
 
@@ -39,12 +40,12 @@ COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "
 
 
 def stored_dtype(weight_files: Sequence[str]) -> torch.dtype:
-    """The floating dtype a component's weights are stored in (read from safetensors headers): fp8
+    """The floating dtype a component's weights are stored in (read from the files' headers): fp8
     when any tensor is fp8 (a file converted to fp8 keeps its small tensors in higher precision),
-    else the dtype of most parameters."""
+    else the dtype of most parameters (a GGUF file: of its tensors that are not block-quantized)."""
     counts: dict = {}
     for p in weight_files:
-        for st_dtype, shape in ckpt.safetensors_header(p)[1].values():
+        for st_dtype, shape in ckpt.weights_header(p)[1].values():
             dt = ckpt.SAFETENSORS_FLOAT_DTYPES.get(st_dtype)
             if dt is not None:
                 counts[dt] = counts.get(dt, 0) + math.prod(shape)
@@ -52,6 +53,38 @@ def stored_dtype(weight_files: Sequence[str]) -> torch.dtype:
     if fp8:
         return max(fp8, key=counts.get)
     return max(counts, key=counts.get) if counts else torch.float32
+
+
+def gguf_operations(base: type) -> type:
+    """``base`` (the comfy.ops namespace picked for the float weights) whose Linear keeps GGUF blocks
+    (glm_image_core.gguf_ops): ComfyUI's own cast path moves the uint8 blocks to the compute device —
+    whole under a full load, layer by layer under --lowvram / dynamic VRAM — and the layer dequantizes
+    them there, in the input's dtype, for its one product."""
+    class Linear(gguf_ops.QuantizedLinearMixin, base.Linear):
+        def forward(self, x, *args, **kwargs):
+            if self.ggml is None:
+                return super().forward(x, *args, **kwargs)
+            if len(self.weight_function) > 0 or len(self.bias_function) > 0:
+                raise RuntimeError(GGUF_PATCHES_REFUSED)
+            weight, bias, offload = comfy.ops.cast_bias_weight(self, x, dtype=self.weight.dtype, device=x.device,
+                                                               bias_dtype=x.dtype, offloadable=True)
+            try:
+                return torch.nn.functional.linear(x, self.dequantized(weight, x.dtype), bias)
+            finally:
+                comfy.ops.uncast_bias_weight(self, weight, bias, offload)
+    Linear.__name__ = Linear.__qualname__ = f"GGUF{base.Linear.__name__}"
+    return gguf_ops.quantized_ops(base, Linear)
+
+
+GGUF_PATCHES_REFUSED = ("GLM-Image: LoRAs and other weight patches are not supported on GGUF-quantized weights "
+                        "(a patch would have to be re-quantized into the blocks); load the DiT from its "
+                        "safetensors (bf16 / fp8) file to use them.")
+
+
+def keeps_blocks(spec: "ComponentSpec") -> bool:
+    """A GGUF file loaded as stored: its block-quantized weights stay blocks in memory (an explicit
+    weight_dtype dequantizes them at load instead)."""
+    return spec.weight_dtype == "default" and any(ckpt.is_gguf(f) for f in spec.weight_files)
 
 
 @dataclass
@@ -95,6 +128,8 @@ class LazyComponent:
             if self._patcher is None:
                 weight, compute = self.dtypes()
                 ops = comfy.ops.pick_operations(weight, compute, load_device=self.load_device)
+                if keeps_blocks(self.spec):
+                    ops = gguf_operations(ops)
                 log.info("GLM-Image: loading %s (%s weights, %s compute) from %s",
                          self.spec.name, weight, compute, self.spec.source)
                 network = self.spec.build(weight, self.offload_device, ops, compute)

@@ -32,27 +32,58 @@ GLYPH_WEIGHT_DTYPES = ("default",) + NETWORKS["glyph_encoder"].storage
 VAE_WEIGHT_DTYPES = ("default",) + NETWORKS["vae"].storage
 
 
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
 def safetensors_files(folder: str) -> list[str]:
-    """The .safetensors files ComfyUI lists under a models folder (other formats are never offered)."""
+    """The .safetensors files ComfyUI lists under a models folder."""
     try:
         names = folder_paths.get_filename_list(folder)
     except KeyError:
         return []
-    return sorted(n for n in names if n.lower().endswith((".safetensors", ".sft")))
+    return sorted(n for n in names if n.lower().endswith(SAFETENSORS_SUFFIXES))
 
 
-def resolve_file(folder: str, name: str) -> str:
-    """Full path of ``name`` under ComfyUI's ``models/<folder>/`` roots; refuses non-safetensors names."""
+def gguf_files(folder: str) -> list[str]:
+    """The .gguf files under a models folder's roots (ComfyUI's own lists leave .gguf out, so that its
+    stock loaders never offer them), as names relative to their root, like ComfyUI's lists."""
+    try:
+        roots = folder_paths.get_folder_paths(folder)
+    except KeyError:
+        return []
+    names = set()
+    for root in roots:
+        for dirpath, _, files in os.walk(root, followlinks=True):
+            for f in files:
+                if f.lower().endswith(".gguf"):
+                    names.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def weight_files(folder: str) -> list[str]:
+    """What a single-file loader offers: safetensors files, then GGUF files (DiT / AR)."""
+    return safetensors_files(folder) + gguf_files(folder)
+
+
+def resolve_file(folder: str, name: str, gguf: bool = False) -> str:
+    """Full path of ``name`` under ComfyUI's ``models/<folder>/`` roots; refuses names that are not
+    safetensors (or GGUF, where ``gguf``) before opening anything."""
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         raise ckpt.CheckpointError(f"{name!r} not found under models/{folder}/ (searched: "
                                    f"{', '.join(folder_paths.get_folder_paths(folder))})")
-    ckpt.check_safetensors_path(path)
+    if gguf and ckpt.is_gguf(path):
+        return path
+    try:
+        ckpt.check_safetensors_path(path)
+    except ckpt.CheckpointError as e:
+        raise ckpt.CheckpointError(f"{e}{' or GGUF (.gguf, scripts/convert_to_single_file.py --dtype gguf_*)' if gguf else ''}") from None
     return path
 
 
 def open_component(folder: str, name: str, component: str) -> sources.SingleFileSource:
-    return sf.open_single_file(resolve_file(folder, name), component)
+    gguf = NETWORKS[component].fp8_keys is not None          # the DiT and the AR come as GGUF too
+    return sf.open_single_file(resolve_file(folder, name, gguf), component)
 
 
 def check_file(folder: str, name: str, component: str) -> bool | str:
@@ -93,7 +124,8 @@ def _compute_dtype_input():
 
 
 _FP8_TOOLTIP = ("Storage dtype of the weights. 'default' keeps the file's dtypes (an fp8-converted file stays "
-                "fp8); fp8_e4m3fn/fp8_e5m2 store the Linear weights of the transformer blocks in fp8, the "
+                "fp8; a GGUF file's blocks stay quantized, any other choice dequantizes them at load); "
+                "fp8_e4m3fn/fp8_e5m2 store the Linear weights of the transformer blocks in fp8, the "
                 "rest (norms, biases, embeddings, timestep MLPs) in the compute dtype.")
 
 
@@ -104,12 +136,13 @@ class GLMImageARLoader(io.ComfyNode):
             node_id="GLMImageARLoader",
             display_name="Load GLM-Image AR (single file)",
             category=CATEGORY,
-            description="Loads GLM-Image's autoregressive model from one safetensors file in models/text_encoders/ "
-                        "(written by scripts/convert_to_single_file.py; tokenizer and configs are in its metadata). "
+            description="Loads GLM-Image's autoregressive model from one safetensors or GGUF file in "
+                        "models/text_encoders/ (written by scripts/convert_to_single_file.py; tokenizer and configs are in its metadata). "
                         "Weights are read the first time Text → Semantic Tokens runs.",
             inputs=[
-                io.Combo.Input("ar_name", options=safetensors_files("text_encoders"),
-                               tooltip="A GLM-Image AR single file (…_ar.safetensors) in models/text_encoders/."),
+                io.Combo.Input("ar_name", options=weight_files("text_encoders"),
+                               tooltip="A GLM-Image AR single file (…_ar.safetensors, or …_ar_Q8_0.gguf etc.: quantized "
+                                       "blocks stay quantized in memory) in models/text_encoders/."),
                 _weight_dtype_input(WEIGHT_DTYPES, _FP8_TOOLTIP),
                 _compute_dtype_input(),
             ],
@@ -174,12 +207,13 @@ class GLMImageDiTLoader(io.ComfyNode):
             node_id="GLMImageDiTLoader",
             display_name="Load GLM-Image DiT (single file)",
             category=CATEGORY,
-            description="Loads GLM-Image's diffusion transformer from one safetensors file in models/diffusion_models/ "
+            description="Loads GLM-Image's diffusion transformer from one safetensors or GGUF file in models/diffusion_models/ "
                         "and joins it with a glyph encoder into the decoder that Semantic Tokens → Latent takes. "
                         "Its metadata carries the schedule and the latent statistics.",
             inputs=[
-                io.Combo.Input("dit_name", options=safetensors_files("diffusion_models"),
-                               tooltip="A GLM-Image DiT single file (…_dit.safetensors) in models/diffusion_models/."),
+                io.Combo.Input("dit_name", options=weight_files("diffusion_models"),
+                               tooltip="A GLM-Image DiT single file (…_dit.safetensors, or …_dit_Q4_K.gguf etc.: quantized "
+                                       "blocks stay quantized in memory) in models/diffusion_models/ or models/unet/."),
                 GlmGlyphEncoder.Input("glyph_encoder",
                                       tooltip="From Load GLM-Image Glyph Encoder: the DiT's text conditioning "
                                               "(quoted text in the prompt) needs it."),

@@ -69,7 +69,7 @@ def test_the_small_components_are_refused_clearly(folder, tmp_path):
 
 # ---- loading a GGUF single file (plain PyTorch: block-quantized weights dequantized at load) ---------
 
-@pytest.mark.parametrize("dtype_name", ["gguf_q8_0", "gguf_q4_k"])
+@pytest.mark.parametrize("dtype_name", list(sf.GGUF_TYPES))
 def test_a_gguf_dit_loads_and_runs_close_to_the_original(folder, tmp_path, dtype_name):
     from glm_image_core import sources
     qt = sf.GGUF_TYPES[dtype_name]
@@ -92,7 +92,51 @@ def test_a_gguf_dit_loads_and_runs_close_to_the_original(folder, tmp_path, dtype
     with torch.no_grad():
         out, want = net(x, *args), ref(x, *args)
     rel = ((out - want).norm() / want.norm()).item()
-    assert torch.isfinite(out).all() and rel < {"gguf_q8_0": 0.02, "gguf_q4_k": 0.2}[dtype_name], rel
+    assert torch.isfinite(out).all() and rel < {"gguf_q8_0": 0.02, "gguf_q5_k": 0.1, "gguf_q4_k": 0.2}[dtype_name], rel
+
+
+@pytest.mark.parametrize("dtype_name", list(sf.GGUF_TYPES))
+def test_a_gguf_dit_stays_quantized_in_memory_and_equals_the_dequantized_load(folder, tmp_path, dtype_name):
+    """gguf_ops.quantized_ops: the blocks stay uint8 in their layers (the file's bytes, fewer bytes than
+    floats) and each forward dequantizes them: the output equals the load that dequantized everything."""
+    from glm_image_core import gguf_ops, sources
+    qt = sf.GGUF_TYPES[dtype_name]
+    path = str(tmp_path / "dit.gguf")
+    sf.convert_component(folder, "dit", path, None, dtype_name)
+    build = sources.builder(sf.open_single_file(path, "dit"), "dit")
+    eager = build(None, "cpu", torch.nn, torch.float32)
+    kept = build(None, "cpu", gguf_ops.quantized_ops(torch.nn), torch.float32)
+    layers = dict(gguf_ops.quantized_layers(kept))
+    with gguf_file.GGUFFile(path) as g:
+        blocks = {k[:-len(".weight")] for k, t in g.tensors.items() if t.ggml_type == qt.ggml_type}
+        assert set(layers) == blocks and len(blocks) == 2 * (7 if 64 % qt.block == 0 else 6)
+        for name, layer in layers.items():
+            assert layer.weight.dtype == torch.uint8 and torch.equal(layer.weight, g.tensor(name + ".weight"))
+            assert layer.logical_weight_shape == tuple(g.tensors[name + ".weight"].shape)
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())   # noqa: E731
+    assert size(kept) < size(eager)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    glyph = torch.randn(1, 3, eager.text_embed_dim, generator=g)
+    ids = torch.randint(0, 100, (1, 16), generator=g)
+    args = (glyph, ids, False, torch.tensor([500.0]), torch.tensor([[64.0, 64.0]]), torch.zeros(1, 2))
+    with torch.no_grad():
+        assert torch.equal(kept(x, *args), eager(x, *args))
+
+
+def test_a_gguf_ar_stays_quantized_in_memory_and_equals_the_dequantized_load(folder, tmp_path):
+    from glm_image_core import gguf_ops, sources
+    path = str(tmp_path / "ar.gguf")
+    sf.convert_component(folder, "ar", path, None, "gguf_q8_0")
+    build = sources.builder(sf.open_single_file(path, "ar"), "ar", ("text",))
+    eager = build(None, "cpu", torch.nn, torch.float32)
+    kept = build(None, "cpu", gguf_ops.quantized_ops(torch.nn), torch.float32)
+    assert len(gguf_ops.quantized_layers(kept)) > 0
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(12).view(1, 1, 12).expand(3, 1, 12)
+    with torch.no_grad():
+        want = eager(ids, pos)
+        assert torch.isfinite(want).all() and torch.equal(kept(ids, pos), want)
 
 
 def test_the_ar_converts_to_q8_0_and_loads(folder, tmp_path):

@@ -1,0 +1,249 @@
+"""GGUF single files in the real ComfyUI host: scripts/convert_to_single_file.py --dtype gguf_q8_0 /
+gguf_q5_k / gguf_q4_k writes the DiT and the AR as .gguf; the single-file loaders list them (from
+models/diffusion_models, models/unet and models/text_encoders), keep the blocks quantized in memory
+(uint8 in the layers, the patcher sized by them) and dequantize per layer at compute: a whole
+text-to-image runs, and equals the same file dequantized at load (weight_dtype fp32) bit for bit; a
+lowvram partial load streams the blocks and changes nothing; the stock MODEL samples; a LoRA on
+quantized weights and a GGUF that is not GLM-Image are refused with clear messages.
+
+The checkpoint is the tiny one widened where the blocks need it (AR 256 wide, DiT 4 heads x 64), so
+every block matrix holds whole Q8_0 (32) and K-quant (256) blocks."""
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import glmtest_host
+from glm_image_core import gguf_file, gguf_ops, tiny_checkpoint
+
+ROOT = glmtest_host.ROOT
+SIZE = "tiny-gguf"
+TYPES = ["gguf_q8_0", "gguf_q5_k", "gguf_q4_k"]
+PROMPT = 'a shop sign that says "OPEN"'
+W = H = 256
+# relative L2 of the latent (same tokens, 2 steps) against the safetensors DiT; Q4_K's own weight
+# error is ~0.07 (tests/core/test_gguf_quant.py), a random network passes it on almost unchanged
+MAX_LATENT_REL = {"gguf_q8_0": 0.01, "gguf_q5_k": 0.06, "gguf_q4_k": 0.12}
+
+
+def pack_module(name: str):
+    return importlib.import_module(f"{glmtest_host.PACK_DIR.replace('.', '_x_')}.{name}")
+
+
+def name_of(component: str, dtype: str) -> str:
+    return f"tg_{component}_{dtype}.gguf"
+
+
+@pytest.fixture(scope="module")
+def models(host, tmp_path_factory):
+    """The widened tiny checkpoint converted as stored and to each GGUF type, in the host's models/
+    folders (the Q4_K DiT in models/unet, ComfyUI's older name for diffusion models)."""
+    sizes = tiny_checkpoint.SIZES
+    sizes[SIZE] = dict(sizes["tiny"],
+                       text=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, mrope_section=[8, 4, 4]),
+                       dit=dict(num_layers=2, attention_head_dim=64, num_attention_heads=4, time_embed_dim=64,
+                                condition_dim=32))
+    try:
+        folder = tiny_checkpoint.write_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "GLM-Image-tg"), SIZE)
+    finally:
+        sizes.pop(SIZE)
+    out = str(tmp_path_factory.mktemp("converted"))
+    for dtype in ["as_stored"] + TYPES:
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_to_single_file.py"), folder, "--out", out,
+                        "--dtype", dtype, "--prefix", "tg"], check=True, capture_output=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    dirs = {}
+    for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
+        d = os.path.join(host.models_dir, sub)
+        os.makedirs(d, exist_ok=True)
+        host.folder_paths.add_model_folder_path(sub, d, is_default=True)
+        dirs[sub] = d
+    dirs["unet"] = os.path.join(host.models_dir, "unet")
+    os.makedirs(dirs["unet"], exist_ok=True)
+    host.folder_paths.add_model_folder_path("diffusion_models", dirs["unet"])
+    place = {"tg_dit.safetensors": "diffusion_models", "tg_ar.safetensors": "text_encoders",
+             "tg_glyph_encoder.safetensors": "text_encoders", "tg_vae.safetensors": "vae"}
+    for dtype in TYPES:
+        place[name_of("dit", dtype)] = "unet" if dtype == "gguf_q4_k" else "diffusion_models"
+        place[name_of("ar", dtype)] = "text_encoders"
+    for name, sub in place.items():
+        shutil.copy(os.path.join(out, name), os.path.join(dirs[sub], name))
+    return dirs
+
+
+@pytest.fixture(autouse=True)
+def clean_model_management(host):
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    yield
+    mm.unload_all_models()
+
+
+def graph(dit: str, ar: str, weight_dtype: str = "default", seed: int = 3) -> dict:
+    return {
+        "10": {"class_type": "GLMImageARLoader", "inputs": {"ar_name": ar, "weight_dtype": weight_dtype}},
+        "11": {"class_type": "GLMImageGlyphEncoderLoader", "inputs": {"glyph_encoder_name": "tg_glyph_encoder.safetensors",
+                                                                     "weight_dtype": "default"}},
+        "12": {"class_type": "GLMImageDiTLoader", "inputs": {"dit_name": dit, "glyph_encoder": ["11", 0],
+                                                             "weight_dtype": weight_dtype}},
+        "13": {"class_type": "GLMImageVAELoader", "inputs": {"vae_name": "tg_vae.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "GLMImageTextToTokens", "inputs": {"ar": ["10", 0], "prompt": PROMPT, "width": W,
+              "height": H, "seed": seed, "temperature": 0.9, "top_p": 0.75, "top_k": 0, "batch_size": 1}},
+        "3": {"class_type": "GLMImageTokensToLatent", "inputs": {"decoder": ["12", 0], "tokens": ["2", 0],
+              "seed": seed, "steps": 2, "cfg": 1.5}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["13", 0]}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+    }
+
+
+def outputs(host) -> tuple:
+    return (glmtest_host.node_output(host, "2").grid.clone(), glmtest_host.node_output(host, "3")["samples"].clone(),
+            glmtest_host.node_output(host, "4").clone())
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_the_loaders_list_gguf_files_where_comfyui_users_put_them(host, models):
+    def options(node, name):
+        spec = host.node_class(node).INPUT_TYPES()["required"][name]
+        return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+    dit = options("GLMImageDiTLoader", "dit_name")
+    assert {name_of("dit", t) for t in TYPES} | {"tg_dit.safetensors"} <= set(dit)     # Q4_K from models/unet
+    assert {name_of("ar", t) for t in TYPES} | {"tg_ar.safetensors"} <= set(options("GLMImageARLoader", "ar_name"))
+    assert not any(n.endswith(".gguf") for n in options("GLMImageGlyphEncoderLoader", "glyph_encoder_name"))
+    assert not any(n.endswith(".gguf") for n in options("GLMImageVAELoader", "vae_name"))
+    # ComfyUI's own lists leave .gguf out, so the stock loaders never offer our files
+    assert not any(n.endswith(".gguf") for n in host.folder_paths.get_filename_list("diffusion_models"))
+
+
+@pytest.mark.parametrize("dtype", TYPES)
+def test_a_gguf_t2i_keeps_blocks_quantized_and_equals_the_file_dequantized_at_load(host, models, dtype):
+    dit, ar = name_of("dit", dtype), name_of("ar", dtype)
+    host.run_ok(graph(dit, ar))
+    kept = outputs(host)
+    decoder = glmtest_host.node_output(host, "12")
+    ar_payload = glmtest_host.node_output(host, "10")
+    for what, comp in (("DiT", decoder.dit), ("AR", ar_payload.model)):
+        layers = gguf_ops.quantized_layers(comp.network)
+        assert layers, f"the {what} holds no quantized layer"
+        assert all(m.weight.dtype == torch.uint8 for _, m in layers), what
+        # ComfyUI sizes the patcher by what it holds: the blocks, not their float size
+        floats = sum(4 * m.out_features * m.in_features for _, m in layers)
+        blocks = sum(m.weight.numel() for _, m in layers)
+        assert blocks < floats / 3
+        size_q = comp.patcher.model_size()
+    assert all(torch.isfinite(t).all() for t in kept[1:]) and kept[2].shape == (1, H, W, 3)
+
+    host.run_ok(graph(dit, ar, weight_dtype="fp32"))                # the same file, dequantized at load
+    whole = outputs(host)
+    assert not gguf_ops.quantized_layers(glmtest_host.node_output(host, "12").dit.network)
+    assert glmtest_host.node_output(host, "10").model.patcher.model_size() > size_q
+    for name, a, b in zip(("tokens", "latent", "image"), kept, whole):
+        assert torch.equal(a, b), f"{name}: blocks dequantized per layer differ from the file dequantized at load"
+
+
+@pytest.mark.parametrize("dtype", TYPES)
+def test_the_gguf_dit_stays_close_to_the_safetensors_dit(host, models, dtype):
+    host.run_ok(graph("tg_dit.safetensors", "tg_ar.safetensors"))
+    ref = outputs(host)
+    host.run_ok(graph(name_of("dit", dtype), "tg_ar.safetensors"))
+    got = outputs(host)
+    assert torch.equal(got[0], ref[0])                               # same AR, same tokens
+    err = rel(got[1], ref[1])
+    assert 0 < err < MAX_LATENT_REL[dtype], (dtype, err)
+
+
+def test_a_lowvram_partial_load_streams_the_blocks_and_changes_nothing(host, models):
+    """The Q4_K DiT loaded whole vs partially (ComfyUI's lowvram: layers streamed per call through
+    comfy.ops' cast path, blocks moved as uint8): identical latents."""
+    import comfy.model_management as mm
+    from glm_image_core import denoise as dn
+    from glm_image_core.tokens import upsample_grid
+    sfn, loader, glyph = pack_module("nodes.single_file"), pack_module("nodes.loader"), pack_module("nodes.glyph")
+    enc = loader.glyph_encoder_handle(sfn.open_component("text_encoders", "tg_glyph_encoder.safetensors",
+                                                         "glyph_encoder"), "default")
+    decoder = loader.decoder_handle(sfn.open_component("diffusion_models", name_of("dit", "gguf_q4_k"), "dit"), enc,
+                                    "default")
+    cond = glyph.encode_glyph(decoder, PROMPT, mode="prompt").embeds
+    uncond = glyph.encode_glyph(decoder, "", mode="regions").embeds
+    patcher = decoder.dit.patcher
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(1, decoder.latent_channels, 16, 16, generator=g)
+    grid = torch.randint(0, decoder.codebook_size, (1, 4, 4), generator=g)
+
+    def run():
+        dtype = decoder.dit.compute_dtype
+        return dn.denoise(decoder.dit.network, noise, upsample_grid(grid), cond.to(dtype), uncond.to(dtype), (128, 128),
+                          2, 1.5, decoder.scheduler_config, compute_dtype=dtype)
+
+    decoder.dit.load()
+    full = run()
+    mm.unload_all_models()
+    largest = max(mm.module_size(m) for m in patcher.model.modules() if hasattr(m, "comfy_cast_weights"))
+    loaded = mm.LoadedModel(patcher)
+    loaded.model_load(lowvram_model_memory=int(largest + 0.3 * (patcher.model_size() - largest)))
+    mm.current_loaded_models.insert(0, loaded)
+    assert 0 < patcher.loaded_size() < patcher.model_size()
+    streamed = [m for _, m in gguf_ops.quantized_layers(patcher.model) if m.comfy_cast_weights]
+    assert streamed, "no quantized layer is streamed"
+    assert torch.equal(run(), full)
+
+
+def test_the_stock_model_of_a_gguf_dit_samples(host, models):
+    g = graph(name_of("dit", "gguf_q8_0"), "tg_ar.safetensors")
+    g["3"] = {"class_type": "KSampler", "inputs": {"model": ["12", 1], "seed": 3, "steps": 2, "cfg": 1.5,
+              "sampler_name": "euler", "scheduler": "simple", "positive": ["15", 0], "negative": ["15", 1],
+              "latent_image": ["14", 0], "denoise": 1.0}}
+    g["14"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}}
+    g["15"] = {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["12", 0], "tokens": ["2", 0]}}
+    host.run_ok(g)
+    latent = glmtest_host.node_output(host, "3")["samples"]
+    assert latent.shape == (1, 16, H // 8, W // 8) and torch.isfinite(latent).all()
+
+
+def test_a_lora_on_quantized_weights_is_refused_clearly(host, models):
+    save_file({"transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 256),
+               "transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(256, 4)},
+              os.path.join(models["loras"], "tg_lora.safetensors"))
+    g = graph(name_of("dit", "gguf_q8_0"), "tg_ar.safetensors")
+    g["16"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["12", 1], "lora_name": "tg_lora.safetensors",
+               "strength_model": 1.0}}
+    g["3"] = {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["6", 0], "guider": ["7", 0],
+              "sampler": ["8", 0], "sigmas": ["9", 0], "latent_image": ["14", 0]}}
+    g.update({"6": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
+              "7": {"class_type": "CFGGuider", "inputs": {"model": ["16", 0], "positive": ["15", 0],
+                    "negative": ["15", 1], "cfg": 1.5}},
+              "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+              "9": {"class_type": "GLMImageScheduler", "inputs": {"tokens": ["2", 0], "steps": 2}},
+              "14": {"class_type": "EmptySD3LatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}},
+              "15": {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["12", 0], "tokens": ["2", 0]}}})
+    ok, _ = host.run(g)
+    assert not ok
+    msg = host.execution_error()["exception_message"]
+    assert "GGUF" in msg and "LoRA" in msg and "safetensors" in msg, msg
+
+
+def test_a_gguf_that_is_not_glm_image_is_refused_like_safetensors(host, models):
+    path = os.path.join(models["diffusion_models"], "flux_Q8_0.gguf")
+    gguf_file.write_gguf(path, [gguf_file.Entry("double_blocks.0.img_attn.qkv.weight", (12, 32), gguf_file.GGML_F32,
+                                                lambda: torch.zeros(12, 32))], {"general.architecture": "flux"})
+    g = graph("flux_Q8_0.gguf", "tg_ar.safetensors")
+    ok, res = host.run(g)
+    assert not ok
+    errs = res["node_errors"]["12"]["errors"]
+    msg = " ".join(f"{e['message']} {e.get('details', '')}" for e in errs)
+    assert "flux_Q8_0.gguf" in msg and "GLM-Image DiT" in msg, msg
+    # a GGUF where only safetensors are read (the glyph encoder) is refused by its name, unopened
+    shutil.copy(path, os.path.join(models["text_encoders"], "glyph_Q8_0.gguf"))
+    g["11"]["inputs"]["glyph_encoder_name"] = "glyph_Q8_0.gguf"
+    ok, res = host.run(g)
+    msg = " ".join(f"{e['message']} {e.get('details', '')}" for e in res["node_errors"]["11"]["errors"])
+    assert not ok and "glyph_Q8_0.gguf" in msg and "safetensors" in msg, msg

@@ -1,6 +1,7 @@
 """GGUF block quantization in plain PyTorch: Q8_0, Q5_K and Q4_K (the ggml formats llama.cpp and
 city96's ComfyUI-GGUF read), for storing the DiT's and AR's block matrices at 8.5 / 5.5 / 4.5 bits
-per weight and dequantizing them layer by layer at compute time.
+per weight and dequantizing them layer by layer at compute time; Q5_0 / Q5_1 (5.5 / 6 bits, 32-weight
+blocks) for the matrices whose rows the K-quants' 256-weight blocks do not divide.
 
 Layouts (ggml-common.h; bytes per block):
 * Q8_0, 32 weights, 34 bytes: ``d`` f16, then 32 int8 ``q``; ``w = d * q``.
@@ -9,9 +10,11 @@ Layouts (ggml-common.h; bytes per block):
   its low nibble and ``64c + 32 + i`` in its high one); ``w = d * sc[s] * q - dmin * m[s]``.
 * Q5_K, 256 weights, 176 bytes: as Q4_K with 32 bytes ``qh`` before the 128 bytes of low nibbles;
   bit ``s`` of ``qh[i]`` is the fifth bit of weight ``i`` of sub-block ``s``.
+* Q5_0, 32 weights, 22 bytes: ``d`` f16, 4 bytes ``qh``, 16 bytes ``qs``; ``w = d * (q - 16)``.
+* Q5_1, 32 weights, 24 bytes: ``d`` f16, ``m`` f16, ``qh``, ``qs``; ``w = d * q + m``.
 
 Dequantization is exactly ggml's (tested bit for bit against the ``gguf`` package's numpy code).
-Quantization: Q8_0 is ggml's reference (round half away from zero, bit-exact); the K-quants use a
+Quantization: Q8_0, Q5_0 and Q5_1 are ggml's reference (bit-exact); the K-quants use a
 direct min/max fit per sub-block (ggml's own quantizer searches scales iteratively and lands a little
 lower in error); the files are valid ggml either way.
 """
@@ -19,7 +22,7 @@ lower in error); the files are valid ggml either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -30,6 +33,7 @@ class QuantType:
     ggml_type: int          # gguf.GGMLQuantizationType value
     block: int              # weights per block
     type_size: int          # bytes per block
+    fallback: Optional[str] = None   # for rows that hold no whole number of blocks (llama.cpp's choice)
 
     @property
     def bits_per_weight(self) -> float:
@@ -37,10 +41,22 @@ class QuantType:
 
 
 Q8_0 = QuantType("Q8_0", 8, 32, 34)
-Q4_K = QuantType("Q4_K", 12, 256, 144)
-Q5_K = QuantType("Q5_K", 13, 256, 176)
-QUANT_TYPES: Dict[str, QuantType] = {q.name: q for q in (Q8_0, Q4_K, Q5_K)}
+Q5_0 = QuantType("Q5_0", 6, 32, 22)
+Q5_1 = QuantType("Q5_1", 7, 32, 24)
+Q4_K = QuantType("Q4_K", 12, 256, 144, fallback="Q5_0")
+Q5_K = QuantType("Q5_K", 13, 256, 176, fallback="Q5_1")
+QUANT_TYPES: Dict[str, QuantType] = {q.name: q for q in (Q8_0, Q5_0, Q5_1, Q4_K, Q5_K)}
 BY_GGML_TYPE: Dict[int, QuantType] = {q.ggml_type: q for q in QUANT_TYPES.values()}
+
+
+def block_type_for(shape: Sequence[int], qt: QuantType) -> Optional[QuantType]:
+    """The ggml type a matrix of ``shape`` is stored in when ``qt`` is asked: ``qt`` when its rows hold
+    whole blocks, else ``qt``'s 32-weight fallback (the K-quants' 256-weight blocks do not divide e.g.
+    the AR's 13696-wide down projection), else None (kept as stored)."""
+    for t in (qt, QUANT_TYPES.get(qt.fallback or "")):
+        if t is not None and int(shape[-1]) % t.block == 0:
+            return t
+    return None
 
 
 def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +100,57 @@ def _dequantize_q8_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16_from(b[:, :2])
     q = b[:, 2:].contiguous().view(torch.int8).to(torch.float32)
     return d * q
+
+
+# ---- Q5_0, Q5_1 (32-weight blocks: the K-quants' fallback) ----------------------------------------
+# byte j of qs holds weight j (low nibble) and weight 16 + j (high nibble); bit j of the little-endian
+# 32-bit qh is weight j's fifth bit.
+
+def _bits32(q: torch.Tensor) -> torch.Tensor:
+    """[n, 32] values 0/1 -> [n, 4] uint8 (bit j of the little-endian word = value j)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=q.device)
+    return (q.reshape(-1, 4, 8).to(torch.uint8) << shifts).sum(dim=2, dtype=torch.uint8)
+
+
+def _unbits32(b: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=b.device)
+    return ((b.reshape(-1, 4, 1) >> shifts) & 1).reshape(-1, 32)
+
+
+def _pack5(q: torch.Tensor) -> torch.Tensor:
+    """[n, 32] values < 32 -> qh [n, 4] + qs [n, 16]."""
+    return torch.cat([_bits32(q >> 4), (q[:, :16] & 0x0F) | (q[:, 16:] << 4)], dim=1)
+
+
+def _unpack5(b: torch.Tensor) -> torch.Tensor:
+    """qh [n, 4] + qs [n, 16] -> [n, 32] float32 values 0..31."""
+    qs = b[:, 4:20]
+    low = torch.cat([qs & 0x0F, qs >> 4], dim=1)
+    return (low | (_unbits32(b[:, :4]) << 4)).to(torch.float32)
+
+
+def _quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
+    mx = x.gather(1, x.abs().argmax(dim=1, keepdim=True))    # the first largest magnitude, signed
+    d = mx / -16
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc(x * inv + 16.5).clamp(0, 31).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), _pack5(q)], dim=1)
+
+
+def _dequantize_q5_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16_from(b[:, :2]) * (_unpack5(b[:, 2:]) - 16)
+
+
+def _quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+    d = (hi - lo) / 31
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc((x - lo) * inv + 0.5).clamp(0, 31).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), _f16_bytes(lo), _pack5(q)], dim=1)
+
+
+def _dequantize_q5_1(b: torch.Tensor) -> torch.Tensor:
+    return _f16_from(b[:, :2]) * _unpack5(b[:, 4:]) + _f16_from(b[:, 2:4])
 
 
 # ---- K-quants (Q4_K, Q5_K) ------------------------------------------------------------------------
@@ -166,9 +233,10 @@ def _dequantize_k(b: torch.Tensor, five_bit: bool) -> torch.Tensor:
     return (step * q.reshape(n, 8, 32).to(torch.float32) - off).reshape(n, 256)
 
 
-_QUANTIZE = {"Q8_0": _quantize_q8_0, "Q4_K": _quantize_q4_k, "Q5_K": _quantize_q5_k}
-_DEQUANTIZE = {"Q8_0": _dequantize_q8_0, "Q4_K": lambda b: _dequantize_k(b, False),
-               "Q5_K": lambda b: _dequantize_k(b, True)}
+_QUANTIZE = {"Q8_0": _quantize_q8_0, "Q5_0": _quantize_q5_0, "Q5_1": _quantize_q5_1, "Q4_K": _quantize_q4_k,
+             "Q5_K": _quantize_q5_k}
+_DEQUANTIZE = {"Q8_0": _dequantize_q8_0, "Q5_0": _dequantize_q5_0, "Q5_1": _dequantize_q5_1,
+               "Q4_K": lambda b: _dequantize_k(b, False), "Q5_K": lambda b: _dequantize_k(b, True)}
 
 
 @torch.no_grad()

@@ -46,18 +46,21 @@ def test_dit_converts_to_gguf(folder, tmp_path, dtype_name):
             quantized = 0
             for key, t in g.tensors.items():
                 src = ref.get_tensor(key)
-                blocks = src.dim() == 2 and dit_mod.FP8_WEIGHT_KEYS.match(key) and src.shape[-1] % qt.block == 0
-                if blocks:
+                eligible = src.dim() == 2 and dit_mod.FP8_WEIGHT_KEYS.match(key)
+                bt = gguf_quant.block_type_for(src.shape, qt) if eligible else None
+                if bt:
                     quantized += 1
-                    assert t.ggml_type == qt.ggml_type
-                    w = gguf_quant.dequantize(g.tensor(key), qt, t.shape)
+                    assert t.ggml_type == bt.ggml_type
+                    w = gguf_quant.dequantize(g.tensor(key), bt, t.shape)
                     assert ((w - src).norm() / src.norm()).item() < MAX_REL[dtype_name], key
                 else:
                     assert t.ggml_type == gguf_file.GGML_F32
                     assert torch.equal(g.tensor(key), src), key
-            # per block: q, k, v, out and the two feed-forward matrices, and the AdaLN matrix (64 inputs)
-            # where the format's block divides it (Q8_0's 32, not the K-quants' 256)
-            assert quantized == info["dtypes"][qt.name] == 2 * (7 if 64 % qt.block == 0 else 6)
+            # per block: q, k, v, out and the two feed-forward matrices, and the AdaLN matrix (64 inputs:
+            # Q8_0 blocks, or the K-quants' 32-weight fallback, Q5_0 / Q5_1)
+            block_types = {n: c for n, c in info["dtypes"].items() if n in gguf_quant.QUANT_TYPES}
+            assert quantized == sum(block_types.values()) == 2 * 7
+            assert block_types == ({qt.name: 14} if qt.fallback is None else {qt.name: 12, qt.fallback: 2})
     files = json.loads(ref_meta[sf.META_FILES])
     assert json.loads(files["transformer/config.json"])["attention_head_dim"] == 64
 
@@ -72,7 +75,6 @@ def test_the_small_components_are_refused_clearly(folder, tmp_path):
 @pytest.mark.parametrize("dtype_name", list(sf.GGUF_TYPES))
 def test_a_gguf_dit_loads_and_runs_close_to_the_original(folder, tmp_path, dtype_name):
     from glm_image_core import sources
-    qt = sf.GGUF_TYPES[dtype_name]
     path = str(tmp_path / "dit.gguf")
     sf.convert_component(folder, "dit", path, None, dtype_name)
     src = sf.open_single_file(path, "dit")
@@ -81,8 +83,8 @@ def test_a_gguf_dit_loads_and_runs_close_to_the_original(folder, tmp_path, dtype
     with gguf_file.GGUFFile(path) as g:
         for key, t in g.tensors.items():
             got = net.state_dict()[key]
-            want = (gguf_quant.dequantize(g.tensor(key), qt, t.shape) if t.ggml_type == qt.ggml_type
-                    else g.tensor(key))
+            bt = gguf_quant.BY_GGML_TYPE.get(t.ggml_type)
+            want = gguf_quant.dequantize(g.tensor(key), bt, t.shape) if bt else g.tensor(key)
             assert got.dtype == torch.float32 and torch.equal(got, want), key
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 8, 8, generator=g)
@@ -100,7 +102,6 @@ def test_a_gguf_dit_stays_quantized_in_memory_and_equals_the_dequantized_load(fo
     """gguf_ops.quantized_ops: the blocks stay uint8 in their layers (the file's bytes, fewer bytes than
     floats) and each forward dequantizes them: the output equals the load that dequantized everything."""
     from glm_image_core import gguf_ops, sources
-    qt = sf.GGUF_TYPES[dtype_name]
     path = str(tmp_path / "dit.gguf")
     sf.convert_component(folder, "dit", path, None, dtype_name)
     build = sources.builder(sf.open_single_file(path, "dit"), "dit")
@@ -108,8 +109,8 @@ def test_a_gguf_dit_stays_quantized_in_memory_and_equals_the_dequantized_load(fo
     kept = build(None, "cpu", gguf_ops.quantized_ops(torch.nn), torch.float32)
     layers = dict(gguf_ops.quantized_layers(kept))
     with gguf_file.GGUFFile(path) as g:
-        blocks = {k[:-len(".weight")] for k, t in g.tensors.items() if t.ggml_type == qt.ggml_type}
-        assert set(layers) == blocks and len(blocks) == 2 * (7 if 64 % qt.block == 0 else 6)
+        blocks = {k[:-len(".weight")] for k, t in g.tensors.items() if t.ggml_type in gguf_quant.BY_GGML_TYPE}
+        assert set(layers) == blocks and len(blocks) == 2 * 7
         for name, layer in layers.items():
             assert layer.weight.dtype == torch.uint8 and torch.equal(layer.weight, g.tensor(name + ".weight"))
             assert layer.logical_weight_shape == tuple(g.tensors[name + ".weight"].shape)

@@ -131,9 +131,10 @@ def worker(variant: str, base: str, px: int, steps: int, ref_tokens: str | None)
                      "top_p": 0.75, "top_k": 0, "batch_size": 1}},
                  "9": {"class_type": "GLMImageSaveTokens", "inputs": {"tokens": ["2", 0], "filename_prefix": "bench/tokens"}}})
     tokens = glmtest_host.node_output(host, "2")
+    ar = glmtest_host.node_output(host, "10")
     n_tokens = int(tokens.grid.numel()) + (px // 64) ** 2      # the grid + the preview grid (256² → 16×16 + 8×8)
     ar_s = node_seconds("2")
-    own = os.path.join(host.folder_paths.get_input_directory(), "own.glmtokens.safetensors")
+    own = os.path.join(host.folder_paths.get_input_directory(), f"own-{variant}.glmtokens.safetensors")
     save_tokens(tokens, own)
     # the DiT on the reference (bf16) tokens
     ref = ref_tokens or own
@@ -149,7 +150,6 @@ def worker(variant: str, base: str, px: int, steps: int, ref_tokens: str | None)
     image = glmtest_host.node_output(host, "5").float()
     # one DiT forward on fixed inputs
     decoder = glmtest_host.node_output(host, "12")
-    ar = glmtest_host.node_output(host, "10")
     net = decoder.dit.load()
     dtype = decoder.dit.compute_dtype
     g = torch.Generator().manual_seed(0)
@@ -292,8 +292,12 @@ def main(argv=None) -> int:
     md += ["", "- Random weights: the errors show how much each format perturbs this network, not the visual quality "
            "on the trained one. Token agreement drops at the first differing token and stays low after it (sampling "
            "diverges), so it is a strict measure.",
-           "- Speed on the CPU: the blocks are dequantized in every forward (one layer at a time), which costs more "
-           "than bf16's cast; on a GPU the dequantization is a few fused elementwise kernels per layer.", ""]
+           "- fp8 on the CPU computes in fp32, so the tensors fp8 does not cover (embeddings, norms, heads) are kept in "
+           "fp32: more memory than bf16 here; on a GPU they are bf16.",
+           "- Speed: every forward dequantizes each layer's blocks (one layer at a time), on the CPU a few times the cost "
+           "of bf16's cast. On a GPU the DiT's steps are compute-bound and the dequantization is a small extra; the AR "
+           "decodes one token per forward, so it reads the blocks and writes and reads a float copy of each weight "
+           "every token: GGUF is how the AR fits a small card, bf16 or fp8 are faster where they fit.", ""]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump(res, f, indent=2)

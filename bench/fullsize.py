@@ -7,10 +7,12 @@ them, asserts their bounds and writes ``bench/results/fullsize.{md,json}``.
     python bench/fullsize.py load COMPONENT DTYPE [--folder F]     stream one network in: time, peak RSS
     python bench/fullsize.py t2i DTYPE [--folder F]                the whole text-to-image through ComfyUI
     python bench/fullsize.py ar-logits ours|official|ours-perturbed [--folder F] --out FILE
-    python bench/fullsize.py dit-forward ours|official|ours-perturbed [--folder F] --out FILE
+    python bench/fullsize.py dit-forward ours|official|ours-perturbed|gguf_* [--folder F] --out FILE
+    python bench/fullsize.py gguf-convert gguf_q8_0|gguf_q5_k|gguf_q4_k   DiT + AR -> .cache/gguf-full/*.gguf
 
 COMPONENT: ar_text | ar_vision | dit | glyph_encoder | vae; DTYPE: bf16 | fp8 (fp8_e4m3fn storage of the
-AR's and DiT's block Linear weights; compute stays bf16). Peak RSS is the process's VmHWM.
+AR's and DiT's block Linear weights; compute stays bf16) | gguf_* (the DiT / AR from the converted GGUF
+file, blocks kept quantized). Peak RSS is the process's VmHWM.
 """
 from __future__ import annotations
 
@@ -93,11 +95,25 @@ def checkpoint_facts(folder: str) -> dict:
 
 LOADABLE = ("ar_text", "ar_vision", "dit", "glyph_encoder", "vae")
 STORAGE = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+GGUF_DIR = os.path.join(ROOT, ".cache", "gguf-full")          # the checkout's disk, like the checkpoint
+
+
+def gguf_path(component: str, dtype: str) -> str:
+    return os.path.join(GGUF_DIR, f"GLM-Image-full_{component}_{dtype}.gguf")
 
 
 def build(folder: str, component: str, dtype: str):
-    """The network as the pack builds it (plain torch layers, compute bf16), weights streamed in."""
+    """The network as the pack builds it (plain torch layers, compute bf16), weights streamed in.
+    ``dtype`` gguf_*: from the GGUF single file (``gguf_convert``), blocks kept quantized."""
     from glm_image_core import ar_model, checkpoint as ckpt, dit, glyph, vae
+    if dtype.startswith("gguf_"):
+        from glm_image_core import gguf_ops, sources
+        from glm_image_core import single_file as sf
+        comp = "ar" if component.startswith("ar_") else component
+        src = sf.open_single_file(gguf_path(comp, dtype), comp)
+        parts = (component[3:],) if comp == "ar" else None
+        return sources.builder(src, comp, parts)(torch.bfloat16, "cpu", gguf_ops.quantized_ops(torch.nn),
+                                                 torch.bfloat16)
     storage = STORAGE[dtype]
     if component in ("glyph_encoder", "vae") and dtype != "bf16":
         raise SystemExit(f"{component} is never stored in {dtype}")
@@ -124,6 +140,21 @@ def load(folder: str, component: str, dtype: str) -> dict:
     return {"component": component, "dtype": dtype, "seconds": seconds, "final_bytes": size,
             "bytes_by_dtype": by_dtype, "peak_rss": vm_hwm(), "rss_before": base,
             "params": sum(t.numel() for t in model.state_dict().values())}
+
+
+def gguf_convert(folder: str, dtype: str) -> dict:
+    """The DiT and the AR of the full-size folder as GGUF files (scripts/convert_to_single_file.py's
+    code), one process: seconds, bytes, tensor types and the peak RSS of the streamed conversion."""
+    from glm_image_core import single_file as sf
+    os.makedirs(GGUF_DIR, exist_ok=True)
+    out = {"dtype": dtype, "components": {}}
+    for comp in ("dit", "ar"):
+        t0 = time.perf_counter()
+        info = sf.convert_component(folder, comp, gguf_path(comp, dtype), None, dtype)
+        out["components"][comp] = {"seconds": time.perf_counter() - t0, "bytes": info["bytes"],
+                                   "tensors": info["tensors"], "types": info["dtypes"], "peak_rss": vm_hwm()}
+    out["peak_rss"] = vm_hwm()
+    return out
 
 
 # ---- the whole text-to-image through ComfyUI ----------------------------------------------
@@ -205,7 +236,7 @@ def ar_logits(folder: str, who: str, out: str) -> dict:
         with torch.no_grad():
             logits = m(input_ids=ids, position_ids=pos[:, None]).logits[0, -1]
     else:
-        m = build(folder, "ar_text", "bf16")
+        m = build(folder, "ar_text", who if who.startswith("gguf_") else "bf16")
         if who == "ours-perturbed":          # the negative control: one layer's MLP output 1% off
             _perturb(m, "model.language_model.layers.20.mlp.down_proj.weight", 0.01)
         load_s = time.perf_counter() - t0
@@ -234,7 +265,7 @@ def dit_forward(folder: str, who: str, out: str) -> dict:
             load_s = time.perf_counter() - t0
             y = m(x, glyph, prior, torch.zeros_like(prior, dtype=torch.bool), **kw).sample
         else:
-            m = build(folder, "dit", "bf16")
+            m = build(folder, "dit", who if who.startswith("gguf_") else "bf16")
             if who == "ours-perturbed":      # the negative control: one block's feed-forward 1% off
                 _perturb(m, "transformer_blocks.15.ff.net.2.weight", 0.01)
             load_s = time.perf_counter() - t0
@@ -251,7 +282,7 @@ def _save(path: str, t: torch.Tensor) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("job", choices=["checkpoint", "load", "t2i", "ar-logits", "dit-forward"])
+    ap.add_argument("job", choices=["checkpoint", "load", "t2i", "ar-logits", "dit-forward", "gguf-convert"])
     ap.add_argument("args", nargs="*")
     ap.add_argument("--folder", default=FOLDER)
     ap.add_argument("--out")
@@ -264,6 +295,8 @@ def main(argv=None) -> int:
         r = load(a.folder, *a.args)
     elif a.job == "t2i":
         r = t2i(a.folder, *a.args)
+    elif a.job == "gguf-convert":
+        r = gguf_convert(a.folder, *a.args)
     elif a.job == "ar-logits":
         r = ar_logits(a.folder, a.args[0], a.out)
     else:

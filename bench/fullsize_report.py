@@ -56,6 +56,32 @@ def markdown(r: dict) -> str:
             out.append(f"| {x['dtype']} | {x.get('comfyui', '?')} | {x['seconds'] / 60:.1f} | {_s(x['ar_s_per_token'], '{:.2f}')} | "
                        f"{x['ar_tokens']} | {_s(x['dit_s_per_step'])} | {_g(x['peak_rss'])} | {x['image_shape']} {img} |")
         out.append("")
+    gg = r.get("gguf")
+    if gg and gg.get("convert"):
+        c = gg["convert"]
+        out += [f"## GGUF ({c['dtype']}): conversion and loading", "",
+                "`scripts/convert_to_single_file.py --dtype " + c["dtype"] + "`'s code on the bf16 folder, tensor by "
+                "tensor; then each network loaded from its .gguf with the blocks kept quantized.", "",
+                "| network | file (GiB) | tensor types | convert (min) | peak RSS converting (GiB) |", "|---|---|---|---|---|"]
+        for comp, x in c["components"].items():
+            types = ", ".join(f"{k} {v}" for k, v in sorted(x["types"].items()))
+            out.append(f"| {comp} | {_g(x['bytes'])} | {types} | {x['seconds'] / 60:.1f} | {_g(x['peak_rss'])} |")
+        out.append("")
+        if gg.get("load"):
+            out += ["| network | in memory (GiB) | of which blocks (GiB) | peak RSS loading (GiB) | load (s) |",
+                    "|---|---|---|---|---|"]
+            for x in gg["load"]:
+                out.append(f"| {x['component']} | {_g(x['final_bytes'])} | {_g(x['bytes_by_dtype'].get('torch.uint8'))} | "
+                           f"{_g(x['peak_rss'])} | {x['seconds']:.1f} |")
+            out.append("")
+        for kind, title in (("dit-forward", "DiT forward at 256²"), ("ar-logits", "AR first-token logits")):
+            p = gg.get(kind)
+            if p and "rel_l2" in p:
+                q = p[c["dtype"]]
+                out.append(f"- {title}: relative L2 vs the bf16 network **{p['rel_l2']:.3f}**; {q['seconds']:.0f} s with "
+                           f"load (bf16: {p['ours']['seconds']:.0f} s), peak RSS {_g(q['peak_rss'])} GiB "
+                           f"(bf16: {_g(p['ours']['peak_rss'])} GiB).")
+        out.append("")
     part = r.get("t2i_fp8_partial")
     if part and not any(x["dtype"] == "fp8" for x in r.get("t2i", [])):
         out += [f"fp8 storage: **not completed here.** The AR reached {part['tokens_reached']} of {part['of']} tokens, at "

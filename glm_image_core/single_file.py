@@ -208,6 +208,8 @@ def _single_file_assets(folder: str, component: str) -> Tuple[FolderSource, Dict
         t = src.text(rel)
         if t is not None:
             files[rel] = t
+            if rel.endswith(".json"):
+                src.json(rel)            # valid JSON, and not a pre-quantized release (refused by name)
     missing = [r for r in comp.single_file_required if r not in files]
     if missing:
         raise ckpt.CheckpointError(f"{folder}: missing {', '.join(missing)} (needed for the {comp.title})")

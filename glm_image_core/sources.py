@@ -20,6 +20,35 @@ from .components import NETWORKS
 from .glyph import ByT5Tokenizer
 
 
+# Pre-quantized releases (a diffusers / transformers ``quantization_config``): what each method is, and
+# why the pack does not read it (README, "Quantized weights"). Their weights are not the official
+# tensors: reading them as such would fail on shapes at best, so they are refused up front, by name.
+PREQUANTIZED_METHODS = {
+    "sdnq": ("SDNQ", "its layout (packed ints of any width, per-group scales and zero points, optional SVD terms, "
+                     "Hadamard rotations, codebooks, per-layer dtypes) is defined by the sdnq package's code and "
+                     "changes with its versions"),
+    "auto-round": ("AutoRound", "its int4 packing (GPTQ-style qweight/qzeros/scales, per-layer overrides) is "
+                                "defined by the auto-round package's export backends"),
+    "gptq": ("GPTQ", ""), "awq": ("AWQ", ""), "bitsandbytes": ("bitsandbytes", ""), "torchao": ("torchao", ""),
+    "quanto": ("optimum-quanto", ""), "compressed-tensors": ("compressed-tensors", ""), "fp8": ("fp8 (block)", ""),
+}
+
+
+def refuse_prequantized(config: dict, where: str) -> None:
+    """A CheckpointError naming the quantization of a pre-quantized release, with what to use instead."""
+    q = config.get("quantization_config")
+    if not isinstance(q, dict):
+        return
+    method = str(q.get("quant_method", "unknown")).lower()
+    title, why = PREQUANTIZED_METHODS.get(method, (method, ""))
+    detail = ", ".join(f"{k} {q[k]}" for k in ("weights_dtype", "bits", "group_size") if k in q)
+    raise ckpt.CheckpointError(
+        f"{where} is a pre-quantized release ({title}{': ' + detail if detail else ''}), which this pack does not "
+        f"read{' (' + why + ')' if why else ''}. Use the official bf16 weights (weight_dtype fp8_e4m3fn halves them), "
+        "or convert them once to GGUF for small cards: scripts/convert_to_single_file.py <official folder> "
+        "--dtype gguf_q4_k (README: Quantized weights).")
+
+
 class Source:
     name: str
 
@@ -30,15 +59,28 @@ class Source:
         return self.text(rel) is not None
 
     def json(self, rel: str, required: bool = True) -> Optional[dict]:
+        """A JSON file of the official layout; a network's config.json that carries a
+        ``quantization_config`` (or sits beside SDNQ's quantization_config.json) is refused by name."""
         t = self.text(rel)
         if t is None:
             if required:
                 raise ckpt.CheckpointError(f"{self.name}: missing {rel}")
             return None
         try:
-            return json.loads(t)
+            data = json.loads(t)
         except json.JSONDecodeError as e:
             raise ckpt.CheckpointError(f"{self.name}: {rel} is not valid JSON ({e})") from None
+        if rel.endswith("/config.json") and isinstance(data, dict):
+            folder = rel.rsplit("/", 1)[0]
+            side = self.text(f"{folder}/quantization_config.json")
+            if side is not None and "quantization_config" not in data:
+                try:
+                    data_q = {"quantization_config": json.loads(side)}
+                except json.JSONDecodeError:
+                    data_q = {"quantization_config": {"quant_method": "unknown"}}
+                refuse_prequantized(data_q, f"{self.name} ({folder}/)")
+            refuse_prequantized(data, f"{self.name} ({folder}/)")
+        return data
 
     def weight_files(self, component: str) -> List[str]:
         raise NotImplementedError

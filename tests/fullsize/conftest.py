@@ -22,6 +22,8 @@ def fullsize_report():
     if "load" in report and "load" in old:       # keep the rows of loads not re-run
         seen = {(r["component"], r["dtype"]) for r in report["load"]}
         merged["load"] = report["load"] + [r for r in old["load"] if (r["component"], r["dtype"]) not in seen]
+    if "gguf" in report and "gguf" in old:       # a partial GGUF run keeps the other GGUF figures
+        merged["gguf"] = {**old["gguf"], **report["gguf"]}
     if "t2i" in report and "t2i" in old:
         seen = {r["dtype"] for r in report["t2i"]}
         merged["t2i"] = report["t2i"] + [r for r in old["t2i"] if r["dtype"] not in seen]

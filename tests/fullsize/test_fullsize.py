@@ -6,6 +6,7 @@ Every job runs in a fresh process (bench/fullsize.py) so peak RSS is its own; th
 bench/results/fullsize.{md,json} (tests/fullsize/conftest.py)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -102,3 +103,52 @@ def test_whole_text_to_image_completes(folder, fullsize_report, dtype):
     fullsize_report.setdefault("t2i", []).append(r)
     assert r["image_shape"] == [1, 256, 256, 3] and r["image_finite"] and r["latent_finite"], r
     assert r["grid"] == [1, 8, 8], r
+
+
+# ---- GGUF at full size: the converter streams, the blocks stay quantized -------------------------
+
+GGUF = "gguf_q4_k"      # the type for 8-12 GB cards (Q5_0 where 256-weight blocks do not fit a row)
+# Q4_K perturbs each weight by ~7 % (relative L2, tests/core/test_gguf_quant.py); through 30 DiT blocks /
+# 40 AR layers of random weights the output moves by about as much, far from this bound
+GGUF_MAX_REL = 0.5
+
+
+@pytest.fixture(scope="session")
+def gguf_converted(folder, fullsize_report):
+    r = job("gguf-convert", GGUF, timeout=4 * 3600)
+    fullsize_report.setdefault("gguf", {})["convert"] = r
+    yield r
+    if os.environ.get("GLM_KEEP_GGUF") != "1":         # ~10 GB on the checkout's disk
+        shutil.rmtree(os.path.join(ROOT, ".cache", "gguf-full"), ignore_errors=True)
+
+
+def test_gguf_conversion_streams_within_ram(gguf_converted):
+    """DiT and AR to Q4_K GGUF, tensor by tensor: the process never holds more than a few tensors."""
+    r = gguf_converted
+    assert r["peak_rss"] < 4 * GIB, r
+    dit, ar = r["components"]["dit"], r["components"]["ar"]
+    assert 3.5 * GIB < dit["bytes"] < 4.5 * GIB and 6 * GIB < ar["bytes"] < 8 * GIB, r
+    assert {"Q4_K", "Q5_0"} <= set(ar["types"]) and "Q4_K" in dit["types"], r
+
+
+@pytest.mark.parametrize("component", ["dit", "ar_text"])
+def test_gguf_loads_quantized_within_its_size(gguf_converted, fullsize_report, component):
+    r = job("load", component, GGUF)
+    fullsize_report["gguf"].setdefault("load", []).append(r)
+    assert r["peak_rss"] <= r["final_bytes"] + GIB, r
+    assert r["bytes_by_dtype"].get("torch.uint8", 0) > 0.7 * r["final_bytes"], r    # the blocks, kept
+
+
+@pytest.mark.parametrize("kind", ["dit-forward", "ar-logits"])
+def test_gguf_output_is_close_to_bf16(gguf_converted, tmp_path, fullsize_report, kind):
+    from safetensors.torch import load_file
+    outs = {}
+    for who in ("ours", GGUF):
+        path = str(tmp_path / f"{kind}-{who}.safetensors")
+        r = job(kind, who, "--out", path)
+        fullsize_report["gguf"].setdefault(kind, {})[who] = r
+        assert r["finite"], r
+        outs[who] = load_file(path)["x"]
+    err = _rel(outs[GGUF], outs["ours"])
+    fullsize_report["gguf"][kind]["rel_l2"] = err
+    assert 0 < err < GGUF_MAX_REL, err

@@ -15,6 +15,7 @@ ComfyUI's own cast/offload path moves the blocks): only ``Linear`` changes, and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -101,3 +102,11 @@ def quantized_layers(model: nn.Module):
     """(name, layer) of every Linear holding GGUF blocks (by the attribute, not the class: the nodes
     import this package under the pack's name, tests under its own)."""
     return [(n, m) for n, m in model.named_modules() if getattr(m, "ggml", None) is not None]
+
+
+def dequant_scratch_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Memory a forward needs beyond the weights for dequantizing its widest quantized layer: ggml's
+    formulas run in float32 (the result and about one intermediate of the layer's size) before the
+    cast to ``dtype``. 0 for a network without quantized layers."""
+    n = max((math.prod(m.ggml[1]) for _, m in quantized_layers(model)), default=0)
+    return n * (2 * 4 + torch.empty(0, dtype=dtype).element_size())

@@ -138,6 +138,8 @@ class LazyComponent:
                 self._patcher = host.new_patcher(model, self.load_device, self.offload_device)
                 self._patcher.glm_compute_dtype = compute
                 self._patcher.glm_network = network
+                # GGUF blocks are dequantized one layer at a time: room for the widest layer's float copy
+                self._patcher.glm_scratch_bytes = gguf_ops.dequant_scratch_bytes(network, compute)
             return self._patcher
 
     @property
@@ -152,7 +154,7 @@ class LazyComponent:
     def load(self, memory_required: int = 0) -> torch.nn.Module:
         """Make the network ready on its load device (ComfyUI frees/evicts what it must)."""
         p = self.patcher
-        mm.load_models_gpu([p], memory_required=memory_required)
+        mm.load_models_gpu([p], memory_required=memory_required + p.glm_scratch_bytes)
         return p.glm_network
 
     def fully_resident(self) -> bool:

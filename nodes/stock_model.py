@@ -148,6 +148,7 @@ class GLMImageModel(comfy.model_base.BaseModel):
         self.scheduler_config = dict(scheduler_config)
         self.dit_config = dict(dit.config)
         self.compute_dtype = compute
+        self.scratch_bytes = gguf_ops.dequant_scratch_bytes(dit, compute)    # GGUF: one layer dequantized at a time
 
     def process_timestep(self, timestep, x=None, **kwargs):
         # timestep = model_sampling.timestep(sigma) = sigma * multiplier (1, or 1000 after ModelSamplingSD3)
@@ -177,8 +178,9 @@ class GLMImageModel(comfy.model_base.BaseModel):
     def memory_required(self, input_shape, cond_shapes={}):
         # input_shape: [batch (cond and uncond together), C, h, w]; glyph length unknown here: 256 tokens.
         dtype = self.manual_cast_dtype or self.get_dtype()
-        return mp.dit_activation_bytes(self.dit_config, int(input_shape[-1]) * 8, int(input_shape[-2]) * 8, 256,
-                                       batch=int(input_shape[0]), passes=1, dtype_bytes=max(dtype.itemsize, 2))
+        return self.scratch_bytes + mp.dit_activation_bytes(
+            self.dit_config, int(input_shape[-1]) * 8, int(input_shape[-2]) * 8, 256, batch=int(input_shape[0]),
+            passes=1, dtype_bytes=max(dtype.itemsize, 2))
 
 
 def wrap_dit(scheduler_config: dict, latent_format: GLMImageLatentFormat):

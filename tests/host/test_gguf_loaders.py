@@ -140,11 +140,15 @@ def test_a_gguf_t2i_keeps_blocks_quantized_and_equals_the_file_dequantized_at_lo
         blocks = sum(m.weight.numel() for _, m in layers)
         assert blocks < floats / 3
         size_q = comp.patcher.model_size()
+        # ComfyUI is asked for room to dequantize the widest layer (fp32 formulas + an fp32 compute copy)
+        widest = max(m.out_features * m.in_features for _, m in layers)
+        assert comp.patcher.glm_scratch_bytes == widest * 12, what
     assert all(torch.isfinite(t).all() for t in kept[1:]) and kept[2].shape == (1, H, W, 3)
 
     host.run_ok(graph(dit, ar, weight_dtype="fp32"))                # the same file, dequantized at load
     whole = outputs(host)
     assert not gguf_ops.quantized_layers(glmtest_host.node_output(host, "12").dit.network)
+    assert glmtest_host.node_output(host, "12").dit.patcher.glm_scratch_bytes == 0
     assert glmtest_host.node_output(host, "10").model.patcher.model_size() > size_q
     for name, a, b in zip(("tokens", "latent", "image"), kept, whole):
         assert torch.equal(a, b), f"{name}: blocks dequantized per layer differ from the file dequantized at load"

@@ -26,7 +26,7 @@ endif
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: help host host33 tiny browser-deps test test-core test-fast test-host test-server test-browser \
-        workflows-check demo bench bench-stock memory fullsize gpu-check clean distclean
+        workflows-check demo bench bench-stock bench-gguf memory fullsize fullsize-gguf gpu-check clean distclean
 
 help:
 	@echo "make host          install the ComfyUI 0.3.75 test host + venv (scripts/install_host.sh; idempotent)"
@@ -41,8 +41,10 @@ help:
 	@echo "make demo          run workflows/api/glm_image_t2i_api.json on the tiny checkpoint; PNG -> demo-output/"
 	@echo "make bench         pack vs official pipeline, medium checkpoint, CPU (bench/run.py \$$BENCH_ARGS; ~5 min)"
 	@echo "make bench-stock   the stock-sampler path and EasyCache on the DiT's MODEL, medium checkpoint (bench/bench_stock.py)"
+	@echo "make bench-gguf    GGUF Q8_0/Q5_K/Q4_K vs bf16 and fp8: size, memory, speed, error (bench/bench_gguf.py; ~8 min)"
 	@echo "make memory        GPU memory plan of a 1024² t2i (bench/memory.py \$$MEMORY_ARGS, e.g. --cpu-check; measured when CUDA is there)"
 	@echo "make fullsize      the official-size random checkpoint on this machine: loading RSS, parity, whole t2i (~20 min + ~2.3 h for fp8; not in make test)"
+	@echo "make fullsize-gguf the full-size DiT and AR converted to GGUF Q4_K, loaded quantized, vs bf16 (~30 min; not in make test)"
 	@echo "make gpu-check     on a CUDA machine: pack vs official at full size, memory caps, determinism (bench/gpu_check.py)"
 	@echo "make clean         remove caches, artifacts, demo output, node_modules (keeps .venv/.host)"
 	@echo "make distclean     clean + remove .venv, .host, .venv33 and .host33"
@@ -100,6 +102,9 @@ bench: host
 bench-stock: host
 	OMP_NUM_THREADS=1 $(PY) bench/bench_stock.py $(BENCH_STOCK_ARGS)
 
+bench-gguf: host
+	OMP_NUM_THREADS=1 $(PY) bench/bench_gguf.py $(BENCH_GGUF_ARGS)
+
 # Device-memory plan (any machine); on a CUDA machine it also runs the stages and measures them.
 memory: host tiny
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) bench/memory.py $(MEMORY_ARGS)
@@ -111,6 +116,10 @@ FULLSIZE_HOST = $(if $(wildcard .host33/ComfyUI/main.py),COMFYUI_DIR=$(CURDIR)/.
 fullsize: host
 	GLM_FULLSIZE=1 OMP_NUM_THREADS=$$(nproc) $(FULLSIZE_HOST) -m pytest tests/fullsize -q -rfEsx -p no:cacheprovider \
 	  --junitxml=$(ART)/fullsize-junit.xml $(FULLSIZE_ARGS)
+
+# The GGUF part of the full-size tier alone: Q4_K conversion (streamed), quantized loads, outputs vs bf16.
+fullsize-gguf:
+	$(MAKE) fullsize FULLSIZE_ARGS="-k gguf"
 
 # The one prepared script for a lent GPU (bench/gpu_check.py; --dry-run runs in make test). Runs the
 # pack on the 0.33 host (dynamic VRAM on, as ComfyUI's default on NVIDIA) when it is installed.

@@ -251,3 +251,27 @@ def test_a_gguf_that_is_not_glm_image_is_refused_like_safetensors(host, models):
     ok, res = host.run(g)
     msg = " ".join(f"{e['message']} {e.get('details', '')}" for e in res["node_errors"]["11"]["errors"])
     assert not ok and "glyph_Q8_0.gguf" in msg and "safetensors" in msg, msg
+
+
+def test_a_reference_edit_tokenises_with_the_quantized_vision_tower(host, models):
+    """The AR's GGUF file holds the vision tower too: Reference Edit builds it from the blocks and the edit
+    equals the same files dequantized at load."""
+    import glmtest_server
+    glmtest_server.copy_example_inputs(host.folder_paths.get_input_directory())
+
+    def edit(weight_dtype):
+        g = graph(name_of("dit", "gguf_q8_0"), name_of("ar", "gguf_q8_0"), weight_dtype)
+        g["7"] = {"class_type": "LoadImage", "inputs": {"image": "glm_image_example_reference.png"}}
+        g["8"] = {"class_type": "GLMImageReferenceEdit", "inputs": {"ar": ["10", 0], "decoder": ["12", 0],
+                  "vae": ["13", 0], "image": ["7", 0]}}
+        g["2"]["inputs"]["reference"] = ["8", 0]
+        g["3"]["inputs"]["reference"] = ["8", 0]
+        host.run_ok(g)
+        return outputs(host)
+
+    kept = edit("default")
+    vision = glmtest_host.node_output(host, "10").vision.network
+    assert gguf_ops.quantized_layers(vision) and glmtest_host.node_output(host, "2").num_references == 1
+    whole = edit("fp32")
+    for name, a, b in zip(("tokens", "latent", "image"), kept, whole):
+        assert torch.equal(a, b), name

@@ -197,10 +197,10 @@ def full_size_bytes() -> dict:
         qt = sf.GGUF_TYPES.get(conv)
         parts = {"dit": 0, "ar_text": 0, "ar_vision": 0}
         for comp, items in shapes.items():
-            keys = NETWORKS[comp].fp8_keys
+            net = NETWORKS[comp]
             for key, shape in items:
-                eligible = len(shape) == 2 and keys.match(key)
-                bt = gguf_quant.block_type_for(shape, qt) if (qt is not None and eligible) else None
+                eligible = len(shape) == 2 and net.fp8_keys.match(key)
+                bt = gguf_quant.block_type_for(shape, qt) if (qt is not None and net.gguf_blocks(key, shape)) else None
                 if bt is not None:
                     n = gguf_quant.nbytes(shape, bt)
                 else:

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import gguf_ops
 from .attention import attention
 from .loading import build_loaded, default_compute_dtype
 
@@ -302,10 +303,9 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
-        """Embedding rows of ``ids`` looked up where the table lives, then moved/cast (no full-table cast)."""
-        w = self.embed_tokens.weight
-        rows = F.embedding(ids.to(w.device), w)
-        return rows.to(device=device, dtype=dtype)
+        """Embedding rows of ``ids`` looked up where the table lives, then moved/cast (no full-table cast;
+        a GGUF table dequantizes only these rows)."""
+        return gguf_ops.embedding_rows(self.embed_tokens, ids, dtype, device)
 
     def inv_freq(self, device) -> torch.Tensor:
         dim = self.cfg.rotary_dim

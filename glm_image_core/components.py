@@ -40,6 +40,7 @@ class Network:
     compute: Tuple[torch.dtype, ...]         # compute dtypes it runs in
     builder: Callable[..., nn.Module]        # (config, files, dtype, device, operations, compute_dtype, what, **kw)
     skeleton_of: Callable[..., nn.Module]    # (config, dtype, device, operations) -> the module, no weights
+    gguf_rows: Optional[re.Pattern] = None   # embedding tables a GGUF file stores as blocks too (read row by row)
 
     @property
     def config_file(self) -> str:
@@ -48,6 +49,11 @@ class Network:
     def full_size_config(self) -> dict:
         """The official (zai-org/GLM-Image) config.json of this network."""
         return configs.official_configs(configs.FULL_SIZE)[self.config_file]
+
+    def gguf_blocks(self, key: str, shape: Sequence[int]) -> bool:
+        """Whether a GGUF file stores this tensor as ggml blocks: the fp8-eligible matrices, and the
+        embedding tables that are only read row by row (``gguf_ops.embedding_rows``)."""
+        return len(shape) == 2 and any(p is not None and p.match(key) for p in (self.fp8_keys, self.gguf_rows))
 
     def storage_dtype(self, requested: Optional[torch.dtype]) -> Optional[torch.dtype]:
         """The dtype a request actually stores it in: one it does not take keeps the file's (None)."""
@@ -93,7 +99,9 @@ NETWORKS: Dict[str, Network] = {n.id: n for n in (
             fp8_keys=ar_model.FP8_WEIGHT_KEYS, storage=("bf16", "fp16", "fp32") + FP8,
             compute=(torch.bfloat16, torch.float16, torch.float32), builder=_build_ar,
             skeleton_of=lambda c, dt, dev, ops, parts=None: ar_model.GlmImageAR(
-                c, dtype=dt, device=dev, operations=ops or nn, parts=parts or ar_model.ALL_PARTS)),
+                c, dtype=dt, device=dev, operations=ops or nn, parts=parts or ar_model.ALL_PARTS),
+            # the 168064 x 4096 token table (1.3 GiB in bf16): a lookup dequantizes only its rows
+            gguf_rows=re.compile(r"model\.language_model\.embed_tokens\.weight$")),
     # The T5 glyph encoder is small and numerically sensitive: never fp8.
     Network("glyph_encoder", "GLM-Image glyph encoder (ByT5, text_encoder)", "text_encoder", "text_encoders",
             ("text_encoder/config.json",),

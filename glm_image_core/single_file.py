@@ -275,9 +275,9 @@ def convert_component(folder: str, component: str, out_path: str, dtype: Optiona
 
 def convert_component_gguf(folder: str, component: str, out_path: str, dtype_name: str) -> dict:
     """Write the DiT or the AR of an official folder as one GGUF file (``GGUF_TYPES``), tensor by tensor:
-    the fp8-eligible weights as ggml blocks (``gguf_quant.block_type_for``), the rest as stored (bf16 /
-    fp16 / fp32). The metadata are
-    the safetensors single file's, as GGUF strings."""
+    the fp8-eligible weights and the row-read embedding tables as ggml blocks (``Network.gguf_blocks``,
+    ``gguf_quant.block_type_for``), the rest as stored (bf16 / fp16 / fp32). The metadata are the
+    safetensors single file's, as GGUF strings."""
     qt = GGUF_TYPES[dtype_name]
     comp = NETWORKS[component]
     if comp.fp8_keys is None:
@@ -289,7 +289,7 @@ def convert_component_gguf(folder: str, component: str, out_path: str, dtype_nam
         if stored not in gguf_file.GGML_TYPE_OF_DTYPE:
             raise ckpt.CheckpointError(f"{shard}: tensor {key} is {stored}, which GGUF files do not hold "
                                        "unquantized (F32, F16, BF16)")
-        as_blocks = gguf_quant.block_type_for(shape, qt) if (len(shape) == 2 and comp.fp8_keys.match(key)) else None
+        as_blocks = gguf_quant.block_type_for(shape, qt) if comp.gguf_blocks(key, shape) else None
         ggml_type = as_blocks.ggml_type if as_blocks else gguf_file.GGML_TYPE_OF_DTYPE[stored]
         entries.append(gguf_file.Entry(key, tuple(int(x) for x in shape), ggml_type, _reader(shard, key)))
         name = gguf_file.type_name(ggml_type)

@@ -56,11 +56,18 @@ def stored_dtype(weight_files: Sequence[str]) -> torch.dtype:
 
 
 def gguf_operations(base: type) -> type:
-    """``base`` (the comfy.ops namespace picked for the float weights) whose Linear keeps GGUF blocks
-    (glm_image_core.gguf_ops): ComfyUI's own cast path moves the uint8 blocks to the compute device —
-    whole under a full load, layer by layer under --lowvram / dynamic VRAM — and the layer dequantizes
-    them there, in the input's dtype, for its one product."""
-    class Linear(gguf_ops.QuantizedLinearMixin, base.Linear):
+    """``base`` (the comfy.ops namespace picked for the float weights) whose Linear and Embedding keep
+    GGUF blocks (glm_image_core.gguf_ops): ComfyUI's own cast path moves a Linear's uint8 blocks to the
+    compute device — whole under a full load, layer by layer under --lowvram / dynamic VRAM — and the
+    layer dequantizes them there, in the input's dtype, for its one product. The AR looks its embedding
+    rows up where the table lives (``gguf_ops.embedding_rows``)."""
+    class Embedding(gguf_ops.QuantizedWeightMixin, base.Embedding):
+        def forward(self, ids, *args, **kwargs):
+            if self.ggml is None:
+                return super().forward(ids, *args, **kwargs)
+            return gguf_ops.embedding_rows(self, ids, kwargs.get("out_dtype") or torch.float32)
+
+    class Linear(gguf_ops.QuantizedWeightMixin, base.Linear):
         def forward(self, x, *args, **kwargs):
             if self.ggml is None:
                 return super().forward(x, *args, **kwargs)
@@ -73,7 +80,8 @@ def gguf_operations(base: type) -> type:
             finally:
                 comfy.ops.uncast_bias_weight(self, weight, bias, offload)
     Linear.__name__ = Linear.__qualname__ = f"GGUF{base.Linear.__name__}"
-    return gguf_ops.quantized_ops(base, Linear)
+    Embedding.__name__ = Embedding.__qualname__ = f"GGUF{base.Embedding.__name__}"
+    return gguf_ops.quantized_ops(base, Linear, Embedding)
 
 
 GGUF_PATCHES_REFUSED = ("GLM-Image: LoRAs and other weight patches are not supported on GGUF-quantized weights "

@@ -132,8 +132,13 @@ def test_a_gguf_ar_stays_quantized_in_memory_and_equals_the_dequantized_load(fol
     build = sources.builder(sf.open_single_file(path, "ar"), "ar", ("text",))
     eager = build(None, "cpu", torch.nn, torch.float32)
     kept = build(None, "cpu", gguf_ops.quantized_ops(torch.nn), torch.float32)
-    assert len(gguf_ops.quantized_layers(kept)) > 0
+    layers = dict(gguf_ops.quantized_layers(kept))
+    assert "model.language_model.layers.0.self_attn.q_proj" in layers
+    # the token table is blocks too; a lookup dequantizes only the rows it reads
+    table = layers["model.language_model.embed_tokens"]
+    assert table.weight.dtype == torch.uint8 and table.logical_weight_shape == eager.language_model.embed_tokens.weight.shape
     ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gguf_ops.embedding_rows(table, ids, torch.float32), eager.language_model.embed_tokens(ids))
     pos = torch.arange(12).view(1, 1, 12).expand(3, 1, 12)
     with torch.no_grad():
         want = eager(ids, pos)

@@ -9,6 +9,7 @@ quantized weights and a GGUF that is not GLM-Image are refused with clear messag
 The checkpoint is the tiny one widened where the blocks need it (AR 256 wide, DiT 4 heads x 64), so
 every block matrix holds whole Q8_0 (32) and K-quant (256) blocks."""
 import importlib
+import math
 import os
 import shutil
 import subprocess
@@ -135,13 +136,15 @@ def test_a_gguf_t2i_keeps_blocks_quantized_and_equals_the_file_dequantized_at_lo
         layers = gguf_ops.quantized_layers(comp.network)
         assert layers, f"the {what} holds no quantized layer"
         assert all(m.weight.dtype == torch.uint8 for _, m in layers), what
+        if what == "AR":                                # the token table too (rows dequantized on lookup)
+            assert "language_model.embed_tokens" in {n.replace("model.", "", 1) for n, _ in layers}
         # ComfyUI sizes the patcher by what it holds: the blocks, not their float size
-        floats = sum(4 * m.out_features * m.in_features for _, m in layers)
+        floats = sum(4 * math.prod(m.logical_weight_shape) for _, m in layers)
         blocks = sum(m.weight.numel() for _, m in layers)
         assert blocks < floats / 3
         size_q = comp.patcher.model_size()
-        # ComfyUI is asked for room to dequantize the widest layer (fp32 formulas + an fp32 compute copy)
-        widest = max(m.out_features * m.in_features for _, m in layers)
+        # ComfyUI is asked for room to dequantize the widest Linear (fp32 formulas + an fp32 compute copy)
+        widest = max(m.out_features * m.in_features for _, m in layers if hasattr(m, "in_features"))
         assert comp.patcher.glm_scratch_bytes == widest * 12, what
     assert all(torch.isfinite(t).all() for t in kept[1:]) and kept[2].shape == (1, H, W, 3)
 

@@ -127,7 +127,8 @@ def test_gguf_conversion_streams_within_ram(gguf_converted):
     r = gguf_converted
     assert r["peak_rss"] < 4 * GIB, r
     dit, ar = r["components"]["dit"], r["components"]["ar"]
-    assert 3.5 * GIB < dit["bytes"] < 4.5 * GIB and 6 * GIB < ar["bytes"] < 8 * GIB, r
+    # bench/bench_gguf.py's shape-based sizes: DiT 3.81 GiB, AR 5.02 (text part) + 0.72 (vision tower) GiB
+    assert 3.7 * GIB < dit["bytes"] < 3.95 * GIB and 5.6 * GIB < ar["bytes"] < 5.9 * GIB, r
     assert {"Q4_K", "Q5_0"} <= set(ar["types"]) and "Q4_K" in dit["types"], r
 
 

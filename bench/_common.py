@@ -181,25 +181,71 @@ class Patches:
                 delattr(obj, attr)
 
 
+class NodeTimer:
+    """Wall time of each node of a prompt run in a ``glmtest_host.Host``: from the ``executing`` event
+    of a node to the next one (ComfyUI sends one as each node starts, and a last one at the end)."""
+
+    def __init__(self, host):
+        self.stamps: list = []
+        record = host.server.send_sync
+
+        def send_sync(event, data, sid=None):
+            if event == "executing":
+                self.stamps.append((time.perf_counter(), (data or {}).get("node")))
+            record(event, data, sid)
+        host.server.send_sync = send_sync
+
+    def clear(self) -> None:
+        self.stamps.clear()
+
+    def seconds(self, node: str) -> float:
+        i = next(k for k, (_, n) in enumerate(self.stamps) if n == node)
+        return self.stamps[i + 1][0] - self.stamps[i][0]
+
+
 # --------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------
 
-def cached_checkpoint(size: str, seed: int = 0) -> str:
-    """``.cache/models/diffusers/GLM-Image-<size>`` written by ``glm_image_core.tiny_checkpoint``,
-    rewritten when the writer (or the configs it writes) is newer than the folder (the rule ``make tiny`` uses); written to
-    a temporary folder first so a half-written checkpoint is never picked up."""
+def cached_checkpoint(size: str, seed: int = 0, bf16: bool = False) -> str:
+    """``.cache/models/diffusers/GLM-Image-<size>`` (``-bf16``: weights in bf16, like the official
+    files) written by ``glm_image_core.tiny_checkpoint``, rewritten when the writer (or the configs it
+    writes) is newer than the folder (the rule ``make tiny`` uses); written to a temporary folder first so
+    a half-written checkpoint is never picked up."""
     import shutil
 
+    import torch
     from glm_image_core import configs, tiny_checkpoint
-    folder = os.path.join(CACHE_MODELS, f"GLM-Image-{size}")
+    folder = os.path.join(CACHE_MODELS, f"GLM-Image-{size}{'-bf16' if bf16 else ''}")
     stamp = os.path.join(folder, "model_index.json")
     writer = max(os.path.getmtime(m.__file__) for m in (tiny_checkpoint, configs))
     if os.path.isfile(stamp) and os.path.getmtime(stamp) >= writer:
         return folder
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tiny_checkpoint.write_checkpoint(tmp, size, seed=seed)
+    tiny_checkpoint.write_checkpoint(tmp, size, seed=seed, dtype=torch.bfloat16 if bf16 else torch.float32)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
+
+
+# --------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------
+
+def psnr(a, b) -> float:
+    """PSNR in dB of two images in [0, 1] (inf when equal)."""
+    import math
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def write_report(out: str, res: dict, md: List[str]) -> None:
+    """``out``.json (the figures) and ``out``.md (the table), and the table on stdout."""
+    import json
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(res, f, indent=2)
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(md))
+    print("\n".join(md))

@@ -36,7 +36,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CACHE_MODELS, PROMPT, ROOT, current_rss_mb, peak_rss_mb  # noqa: E402
+from _common import PROMPT, ROOT, NodeTimer, cached_checkpoint, current_rss_mb, peak_rss_mb, psnr, write_report  # noqa: E402
 
 VARIANTS = {                  # name: (conversion, weight_dtype of the loaders)
     "bf16": ("as_stored", "default"),
@@ -57,26 +57,10 @@ def files_of(variant: str) -> tuple:
 
 # ---- the checkpoint and its conversions (parent) --------------------------------------------------
 
-def medium_bf16() -> str:
-    """The medium random checkpoint in bf16, cached beside the fp32 one (rewritten with the writer)."""
-    import torch
-    from glm_image_core import configs, tiny_checkpoint
-    folder = os.path.join(CACHE_MODELS, "GLM-Image-medium-bf16")
-    stamp = os.path.join(folder, "model_index.json")
-    writer = max(os.path.getmtime(m.__file__) for m in (tiny_checkpoint, configs))
-    if not (os.path.isfile(stamp) and os.path.getmtime(stamp) >= writer):
-        tmp = f"{folder}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tiny_checkpoint.write_checkpoint(tmp, "medium", seed=0, dtype=torch.bfloat16)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    return folder
-
-
-def convert_all(folder: str, models: str) -> dict:
-    """Every variant's files under ``models``/<ComfyUI folder>/; {file name: (bytes, seconds)}."""
+def convert_all(folder: str, models: str, variants) -> dict:
+    """The ``variants``' files under ``models``/<ComfyUI folder>/; {file name: (bytes, seconds)}."""
     out = {}
-    for conv in sorted({c for c, _ in VARIANTS.values()}):
+    for conv in sorted({VARIANTS[v][0] for v in variants}):
         t = time.perf_counter()
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_to_single_file.py"), folder,
                         "--out", models, "--into-models", "--dtype", conv, "--prefix", PREFIX], check=True,
@@ -102,18 +86,7 @@ def worker(variant: str, base: str, px: int, steps: int, ref_tokens: str | None)
         host.folder_paths.add_model_folder_path(sub, os.path.join(base, "models", sub), is_default=True)
     dit_file, ar_file = files_of(variant)
     wd = VARIANTS[variant][1]
-    stamps = []
-    record = host.server.send_sync
-
-    def send_sync(event, data, sid=None):
-        if event == "executing":
-            stamps.append((time.perf_counter(), (data or {}).get("node")))
-        record(event, data, sid)
-    host.server.send_sync = send_sync
-
-    def node_seconds(node: str) -> float:
-        i = next(k for k, (_, n) in enumerate(stamps) if n == node)
-        return stamps[i + 1][0] - stamps[i][0]
+    timer = NodeTimer(host)
 
     loaders = {
         "10": {"class_type": "GLMImageARLoader", "inputs": {"ar_name": ar_file, "weight_dtype": wd}},
@@ -124,7 +97,7 @@ def worker(variant: str, base: str, px: int, steps: int, ref_tokens: str | None)
         "13": {"class_type": "GLMImageVAELoader", "inputs": {"vae_name": f"{PREFIX}_vae.safetensors", "weight_dtype": "default"}},
     }
     # the AR: tokens of its own
-    stamps.clear()
+    timer.clear()
     host.run_ok({**{k: v for k, v in loaders.items() if k == "10"},
                  "2": {"class_type": "GLMImageTextToTokens", "inputs": {
                      "ar": ["10", 0], "prompt": PROMPT, "width": px, "height": px, "seed": 0, "temperature": 0.9,
@@ -133,20 +106,20 @@ def worker(variant: str, base: str, px: int, steps: int, ref_tokens: str | None)
     tokens = glmtest_host.node_output(host, "2")
     ar = glmtest_host.node_output(host, "10")
     n_tokens = int(tokens.grid.numel()) + (px // 64) ** 2      # the grid + the preview grid (256² → 16×16 + 8×8)
-    ar_s = node_seconds("2")
+    ar_s = timer.seconds("2")
     own = os.path.join(host.folder_paths.get_input_directory(), f"own-{variant}.glmtokens.safetensors")
     save_tokens(tokens, own)
     # the DiT on the reference (bf16) tokens
     ref = ref_tokens or own
     shutil.copy(ref, os.path.join(host.folder_paths.get_input_directory(), "ref.glmtokens.safetensors"))
-    stamps.clear()
+    timer.clear()
     host.run_ok({**{k: v for k, v in loaders.items() if k != "10"},
                  "3": {"class_type": "GLMImageLoadTokens", "inputs": {"token_file": "ref.glmtokens.safetensors"}},
                  "4": {"class_type": "GLMImageTokensToLatent", "inputs": {"decoder": ["12", 0], "tokens": ["3", 0],
                        "seed": 0, "steps": steps, "cfg": 1.5}},
                  "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["13", 0]}},
                  "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}})
-    dit_s = node_seconds("4")
+    dit_s = timer.seconds("4")
     image = glmtest_host.node_output(host, "5").float()
     # one DiT forward on fixed inputs
     decoder = glmtest_host.node_output(host, "12")
@@ -213,16 +186,14 @@ def full_size_bytes() -> dict:
 
 # ---- report ---------------------------------------------------------------------------------------
 
-def psnr(a, b) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--px", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--size", default="medium", choices=["tiny", "medium"],
+                    help="checkpoint (tiny: the smoke test; its DiT is too narrow for blocks)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gguf"))
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_ref", default=None, help=argparse.SUPPRESS)
@@ -234,12 +205,16 @@ def main(argv=None) -> int:
     import torch
     from safetensors.torch import load_file
     t0 = time.perf_counter()
-    folder = medium_bf16()
+    variants = ["bf16"] + [v for v in a.variants.split(",") if v != "bf16"]      # bf16 first: the reference
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    folder = cached_checkpoint(a.size, bf16=True)
     base = tempfile.mkdtemp(prefix="glm-bench-gguf-")
     atexit.register(shutil.rmtree, base, True)
-    files = convert_all(folder, os.path.join(base, "models"))
+    files = convert_all(folder, os.path.join(base, "models"), variants)
     runs = {}
-    for v in VARIANTS:
+    for v in variants:
         runs[v] = run_worker(v, base, a, runs["bf16"]["tokens_file"] if v != "bf16" else None)
         print(f"{v}: {runs[v]['ar_seconds']:.1f} s AR, {runs[v]['dit_seconds']:.1f} s DiT, "
               f"peak {runs[v]['peak_rss_mb']:.0f} MiB", file=sys.stderr)
@@ -262,11 +237,11 @@ def main(argv=None) -> int:
             "full_size_gib": {k: b / 2**30 for k, b in full[v].items()},
         }
     res = {"machine": f"{os.cpu_count()} cores, {platform.platform()}", "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "checkpoint": "medium (bf16)",
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "checkpoint": f"{a.size} (bf16)",
            "px": a.px, "steps": a.steps, "threads": a.threads, "rows": rows,
            "total_minutes": (time.perf_counter() - t0) / 60}
     b = rows["bf16"]
-    md = [f"# GGUF weights vs bf16 (medium checkpoint in bf16, {a.px}², {a.steps} steps, CPU, {a.threads} thread)", "",
+    md = [f"# GGUF weights vs bf16 ({a.size} checkpoint in bf16, {a.px}², {a.steps} steps, CPU, {a.threads} thread)", "",
           f"Machine: {res['machine']}; torch {res['torch']}; {res['date']}. Each row is its own process in the real "
           "ComfyUI host, through the single-file loaders (`bench/bench_gguf.py`). Errors are against the bf16 row: the "
           "DiT's output of one forward on fixed inputs (relative L2), the AR's tokens for the same seed (fraction "
@@ -298,12 +273,7 @@ def main(argv=None) -> int:
            "of bf16's cast. On a GPU the DiT's steps are compute-bound and the dequantization is a small extra; the AR "
            "decodes one token per forward, so it reads the blocks and writes and reads a float copy of each weight "
            "every token: GGUF is how the AR fits a small card, bf16 or fp8 are faster where they fit.", ""]
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(res, f, indent=2)
-    with open(a.out + ".md", "w") as f:
-        f.write("\n".join(md))
-    print("\n".join(md))
+    write_report(a.out, res, md)
     return 0
 
 

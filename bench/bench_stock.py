@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import json
 import os
 import platform
 import shutil
@@ -32,7 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT, SUPPORT, cached_checkpoint  # noqa: E402
+from _common import ROOT, SUPPORT, NodeTimer, cached_checkpoint, psnr, write_report  # noqa: E402
 
 sys.path.insert(0, SUPPORT)
 sys.path.insert(0, ROOT)
@@ -71,12 +70,6 @@ def graph(token_file: str, seed: int, steps: int, cfg: float, px: int, side: str
 EASYCACHE = {"easycache": 0.2, "easycache-0.5": 0.5}     # side -> reuse threshold
 
 
-def psnr(a, b) -> float:
-    import torch
-    mse = torch.mean((a.float() - b.float()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * __import__("math").log10(1.0 / mse)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="medium")
@@ -102,21 +95,12 @@ def main() -> None:
     save_tokens(GLMTokens(grid=grid, width=a.px, height=a.px, prompt='a sign that says "GLM"', seed=0),
                 os.path.join(host.folder_paths.get_input_directory(), "bench.glmtokens.safetensors"))
 
-    stamps = []
-    record = host.server.send_sync
-
-    def send_sync(event, data, sid=None):
-        if event == "executing":
-            stamps.append((time.perf_counter(), (data or {}).get("node")))
-        record(event, data, sid)
-    host.server.send_sync = send_sync
+    timer = NodeTimer(host)
 
     def run(side: str, seed: int):
-        stamps.clear()
+        timer.clear()
         host.run_ok(graph("bench.glmtokens.safetensors", seed, a.steps, a.cfg, a.px, side))
-        i = next(k for k, (_, node) in enumerate(stamps) if node == "3")
-        dt = stamps[i + 1][0] - stamps[i][0]                 # node 3 starts .. the next node starts
-        return dt, glmtest_host.node_output(host, "3")["samples"].float(), glmtest_host.node_output(host, "11").float()
+        return timer.seconds("3"), glmtest_host.node_output(host, "3")["samples"].float(), glmtest_host.node_output(host, "11").float()
 
     sides = ("own", "stock") + tuple(EASYCACHE)
     run("own", 10_000)                                     # warm-up: builds the networks
@@ -161,12 +145,7 @@ def main() -> None:
         "- Random weights: EasyCache skips steps by how much the DiT's output changes from step to step, which "
         "differs on trained weights; the speed-up and error here show that the patch works on the GLM MODEL, "
         "not what it gives on the real model.", ""]
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(res, f, indent=2)
-    with open(a.out + ".md", "w") as f:
-        f.write("\n".join(md))
-    print("\n".join(md))
+    write_report(a.out, res, md)
 
 
 if __name__ == "__main__":

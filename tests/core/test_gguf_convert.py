@@ -70,6 +70,15 @@ def test_the_small_components_are_refused_clearly(folder, tmp_path):
         sf.convert_component(folder, "vae", str(tmp_path / "vae.gguf"), None, "gguf_q8_0")
 
 
+def dit_inputs(net) -> tuple:
+    """Fixed random inputs of one DiT forward at 64x64 (latent 8x8, 16 prior ids, 3 glyph tokens)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    glyph = torch.randn(1, 3, net.text_embed_dim, generator=g)
+    ids = torch.randint(0, 100, (1, 16), generator=g)
+    return x, glyph, ids, False, torch.tensor([500.0]), torch.tensor([[64.0, 64.0]]), torch.zeros(1, 2)
+
+
 # ---- loading a GGUF single file (plain PyTorch: block-quantized weights dequantized at load) ---------
 
 @pytest.mark.parametrize("dtype_name", list(sf.GGUF_TYPES))
@@ -86,13 +95,8 @@ def test_a_gguf_dit_loads_and_runs_close_to_the_original(folder, tmp_path, dtype
             bt = gguf_quant.BY_GGML_TYPE.get(t.ggml_type)
             want = gguf_quant.dequantize(g.tensor(key), bt, t.shape) if bt else g.tensor(key)
             assert got.dtype == torch.float32 and torch.equal(got, want), key
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 8, 8, generator=g)
-    glyph = torch.randn(1, 3, ref.text_embed_dim, generator=g)
-    ids = torch.randint(0, 100, (1, 16), generator=g)
-    args = (glyph, ids, False, torch.tensor([500.0]), torch.tensor([[64.0, 64.0]]), torch.zeros(1, 2))
     with torch.no_grad():
-        out, want = net(x, *args), ref(x, *args)
+        out, want = net(*dit_inputs(ref)), ref(*dit_inputs(ref))
     rel = ((out - want).norm() / want.norm()).item()
     assert torch.isfinite(out).all() and rel < {"gguf_q8_0": 0.02, "gguf_q5_k": 0.1, "gguf_q4_k": 0.2}[dtype_name], rel
 
@@ -116,13 +120,8 @@ def test_a_gguf_dit_stays_quantized_in_memory_and_equals_the_dequantized_load(fo
             assert layer.logical_weight_shape == tuple(g.tensors[name + ".weight"].shape)
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())   # noqa: E731
     assert size(kept) < size(eager)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 8, 8, generator=g)
-    glyph = torch.randn(1, 3, eager.text_embed_dim, generator=g)
-    ids = torch.randint(0, 100, (1, 16), generator=g)
-    args = (glyph, ids, False, torch.tensor([500.0]), torch.tensor([[64.0, 64.0]]), torch.zeros(1, 2))
     with torch.no_grad():
-        assert torch.equal(kept(x, *args), eager(x, *args))
+        assert torch.equal(kept(*dit_inputs(eager)), eager(*dit_inputs(eager)))
 
 
 def test_a_gguf_ar_stays_quantized_in_memory_and_equals_the_dequantized_load(folder, tmp_path):

@@ -85,3 +85,22 @@ def test_stock_path_bench_runs_and_reports(tmp_path):
     for e in res["easycache"].values():
         assert e["speedup"] > 0 and math.isfinite(e["rel_l2"])
     assert "EasyCache" in (tmp_path / "stock.md").read_text()
+
+
+def test_gguf_bench_runs_and_reports(tmp_path):
+    """bench/bench_gguf.py on the tiny checkpoint with bf16 and one GGUF type: it converts, runs each
+    variant in its own process through the single-file loaders, and reports every column."""
+    out = tmp_path / "gguf"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_gguf.py"), "--size", "tiny", "--steps", "1",
+                        "--variants", "bf16,gguf_q8_0", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=540, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, f"bench/bench_gguf.py failed:\n{p.stderr[-4000:]}"
+    res = json.loads((tmp_path / "gguf.json").read_text())
+    rows = res["rows"]
+    assert list(rows) == ["bf16", "gguf_q8_0"]
+    assert rows["bf16"]["dit_rel_l2"] == 0 and rows["bf16"]["token_agreement"] == 1
+    q = rows["gguf_q8_0"]
+    assert q["quantized_layers"] > 0 and q["files_mib"]["ar"] < rows["bf16"]["files_mib"]["ar"]
+    assert all(math.isfinite(q[k]) and q[k] > 0 for k in ("ar_s_per_token", "dit_s_per_step", "peak_rss_mib"))
+    assert q["full_size_gib"]["ar_text"] < 0.6 * rows["bf16"]["full_size_gib"]["ar_text"]
+    assert "| gguf_q8_0 |" in (tmp_path / "gguf.md").read_text()

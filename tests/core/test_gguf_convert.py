@@ -159,3 +159,25 @@ def test_a_gguf_file_of_another_component_is_refused_like_safetensors(folder, tm
     sf.convert_component(folder, "dit", path, None, "gguf_q8_0")
     with pytest.raises(Exception, match=r"is not a GLM-Image AR model .*: it looks like a GLM-Image DiT"):
         sf.open_single_file(path, "ar")
+
+
+def test_a_gguf_ar_decodes_statically_and_compiles_to_one_graph(folder, tmp_path, tok):
+    """The GPU decode path on quantized weights: the static step (what CUDA graphs capture) gives the
+    exact step's tokens, and torch.compile(fullgraph=True) takes the per-layer dequantization and the
+    row lookup of the token table without a graph break."""
+    from torch._dynamo.utils import counters
+
+    from glm_image_core import ar_generate, gguf_ops, sources
+    path = str(tmp_path / "ar.gguf")
+    sf.convert_component(folder, "ar", path, None, "gguf_q8_0")
+    kept = sources.builder(sf.open_single_file(path, "ar"), "ar", ("text",))(None, "cpu", gguf_ops.quantized_ops(torch.nn),
+                                                                             torch.float32)
+    exact = ar_generate.generate_tokens(kept, tok, "a cat", 256, 256, 0, decode="exact")
+    static = ar_generate.generate_tokens(kept, tok, "a cat", 256, 256, 0, decode="static")
+    assert torch.equal(static.grid, exact.grid)
+    torch._dynamo.reset()
+    ar_generate._COMPILED_STEP.clear()
+    counters.clear()
+    compiled = ar_generate.generate_tokens(kept, tok, "a cat", 256, 256, 0, decode="static", compile="eager")
+    assert torch.equal(compiled.grid, exact.grid)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])

@@ -52,11 +52,9 @@ def gguf_files(folder: str) -> list[str]:
     except KeyError:
         return []
     names = set()
-    for root in roots:
-        for dirpath, _, files in os.walk(root, followlinks=True):
-            for f in files:
-                if f.lower().endswith(".gguf"):
-                    names.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+    for root in roots:                     # ComfyUI's own walk (the one its lists use), .gguf kept
+        files, _ = folder_paths.recursive_search(root, excluded_dir_names=[".git"])
+        names.update(folder_paths.filter_files_extensions(files, {".gguf"}))
     return sorted(names)
 
 

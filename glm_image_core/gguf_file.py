@@ -211,6 +211,18 @@ class Entry:
     values: Callable[[], torch.Tensor]
 
 
+# Weights quantized per pass when writing (16 M: 64 MiB of float32, plus the quantizer's intermediates):
+# the 168064 x 4096 token table would otherwise need several float32 copies of itself at once.
+QUANTIZE_CHUNK = 1 << 24
+
+
+def _write(f, data: torch.Tensor) -> int:
+    """Write a CPU uint8 tensor's bytes without another copy; returns their number."""
+    view = memoryview(data.contiguous().numpy()).cast("B")
+    f.write(view)
+    return len(view)
+
+
 def write_gguf(path: str, entries: Iterable[Entry], metadata: Dict[str, str],
                alignment: int = DEFAULT_ALIGNMENT, progress: Optional[Callable[[str], None]] = None) -> None:
     """Write a GGUF file tensor by tensor (the header is computed from the shapes first). Metadata
@@ -242,13 +254,17 @@ def write_gguf(path: str, entries: Iterable[Entry], metadata: Dict[str, str],
                 w = e.values()
                 if tuple(w.shape) != tuple(e.shape):
                     raise ValueError(f"{e.name}: values of shape {tuple(w.shape)}, declared {tuple(e.shape)}")
+                n = 0
                 if e.ggml_type in FLOAT_TYPES:
-                    data = w.detach().to("cpu", FLOAT_TYPES[e.ggml_type]).contiguous().view(torch.uint8)
-                else:
-                    data = gguf_quant.quantize(w, gguf_quant.BY_GGML_TYPE[e.ggml_type])
-                b = data.numpy().tobytes()
-                f.write(b)
-                f.write(b"\0" * (-len(b) % alignment))
+                    n += _write(f, w.detach().to("cpu", FLOAT_TYPES[e.ggml_type]).contiguous().view(torch.uint8))
+                else:       # whole rows at a time (blocks never cross a row): bounded memory, same bytes
+                    qt = gguf_quant.BY_GGML_TYPE[e.ggml_type]
+                    rows = w.detach().reshape(-1, w.shape[-1])
+                    step = max(1, QUANTIZE_CHUNK // rows.shape[1])
+                    for i in range(0, rows.shape[0], step):
+                        n += _write(f, gguf_quant.quantize(rows[i:i + step], qt))
+                del w
+                f.write(b"\0" * (-n % alignment))
                 if progress is not None:
                     progress(e.name)
         os.replace(tmp, path)

@@ -120,3 +120,17 @@ def test_tensors_outlive_the_file_object(tmp_path):
     assert torch.equal(got["norm.weight"], w)
     q, _ = tensors["blocks.0.attn.to_q.weight"]
     assert torch.equal(got["blocks.0.attn.to_q.weight"], Q.quantize(q, Q.Q4_K))
+
+
+def test_quantizing_in_row_chunks_writes_the_same_bytes(tmp_path, monkeypatch):
+    """write_gguf quantizes a big matrix a few rows at a time (bounded memory): the file is byte for
+    byte the one a single pass writes."""
+    w = torch.randn(40, 512, generator=torch.Generator().manual_seed(0))
+    entries = [G.Entry("m.weight", (40, 512), Q.Q4_K.ggml_type, lambda: w),
+               G.Entry("n.weight", (40, 512), Q.Q8_0.ggml_type, lambda: w)]
+    G.write_gguf(str(tmp_path / "one.gguf"), entries, {})
+    monkeypatch.setattr(G, "QUANTIZE_CHUNK", 3 * 512)           # 3 rows per pass, a remainder at the end
+    G.write_gguf(str(tmp_path / "chunked.gguf"), entries, {})
+    assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "chunked.gguf").read_bytes()
+    with G.GGUFFile(str(tmp_path / "chunked.gguf")) as g:
+        assert torch.equal(g.tensor("m.weight"), Q.quantize(w, Q.Q4_K))

@@ -241,12 +241,11 @@ def _shard_tensors(src: FolderSource, component: str):
 
 
 def _reader(shard: str, key: str, dtype: Optional[torch.dtype] = None) -> Callable[[], torch.Tensor]:
-    """Reads one tensor when called (the converters' entries: one tensor in memory at a time)."""
+    """Reads one tensor when called (the converters' entries: one tensor in memory at a time). As
+    stored, it is a view of the mapped file (``checkpoint.iter_safetensors``): no copy, and its pages
+    are file-backed and released with it."""
     def load():
-        from safetensors import safe_open
-        with safe_open(shard, framework="pt") as f:
-            t = f.get_tensor(key)
-        return t if dtype is None else t.to(dtype)
+        return next(t for _, t in ckpt.iter_safetensors([shard], dtype=dtype, keep=lambda k: k == key))
     return load
 
 

@@ -108,9 +108,11 @@ def test_whole_text_to_image_completes(folder, fullsize_report, dtype):
 # ---- GGUF at full size: the converter streams, the blocks stay quantized -------------------------
 
 GGUF = "gguf_q4_k"      # the type for 8-12 GB cards (Q5_0 where 256-weight blocks do not fit a row)
-# Q4_K perturbs each weight by ~7 % (relative L2, tests/core/test_gguf_quant.py); through 30 DiT blocks /
-# 40 AR layers of random weights the output moves by about as much, far from this bound
-GGUF_MAX_REL = 0.5
+# Q4_K perturbs each weight by ~7 % (relative L2, tests/core/test_gguf_quant.py); through 30 DiT blocks and
+# 40 AR layers of random weights the errors add up (measured: 0.14 for the DiT forward, 0.42 for the AR's
+# logits, whose random-weight scores are nearly flat). The bound catches a broken format (a wrong block
+# layout gives errors of 1 and more), not the quality of 4 bits.
+GGUF_MAX_REL = 0.6
 
 
 @pytest.fixture(scope="session")

@@ -74,7 +74,7 @@ def models(host, tmp_path_factory):
         place[name_of("dit", dtype)] = "unet" if dtype == "gguf_q4_k" else "diffusion_models"
         place[name_of("ar", dtype)] = "text_encoders"
     for name, sub in place.items():
-        shutil.copy(os.path.join(out, name), os.path.join(dirs[sub], name))
+        os.symlink(os.path.join(out, name), os.path.join(dirs[sub], name))      # no second copy on disk
     return dirs
 
 

@@ -36,10 +36,6 @@ class QuantizedWeight:
     qt: gguf_quant.QuantType
     shape: Tuple[int, ...]             # the logical (float) shape
 
-    @property
-    def nbytes(self) -> int:
-        return self.raw.numel()
-
 
 class QuantizedWeightMixin:
     """Put before a Linear or Embedding class: accepts a :class:`QuantizedWeight` for ``weight`` at

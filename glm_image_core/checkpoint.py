@@ -247,9 +247,9 @@ def iter_safetensors(paths: Iterable[str], device: str | torch.device = "cpu", d
 # --------------------------------------------------------------------------------------
 
 # A quantized tensor handed to the loader: (ggml blocks uint8 [rows, row_bytes], format, logical shape)
-# -> the tensor the layer keeps (ComfyUI: a QuantizedTensor that stays compressed). None: dequantized
-# at load into the storage dtype (float32 when kept "as stored"): plain PyTorch, for tests and tools.
-QuantizedFactory = Callable[[torch.Tensor, "gguf_quant.QuantType", Tuple[int, ...]], torch.Tensor]
+# -> what its layer takes (``gguf_ops.QuantizedWeight``, the blocks kept as they are). None: dequantized
+# at load into the storage dtype (float32 when kept "as stored").
+QuantizedFactory = Callable[[torch.Tensor, "gguf_quant.QuantType", Tuple[int, ...]], object]
 
 
 def is_gguf(path: str) -> bool:

@@ -50,6 +50,12 @@ class Network:
         """The official (zai-org/GLM-Image) config.json of this network."""
         return configs.official_configs(configs.FULL_SIZE)[self.config_file]
 
+    @property
+    def takes_gguf(self) -> bool:
+        """Whether the network comes as a GGUF single file too: the big ones, whose block matrices fp8
+        would also cover (the DiT and the AR); the glyph encoder and the VAE stay safetensors."""
+        return self.fp8_keys is not None
+
     def gguf_blocks(self, key: str, shape: Sequence[int]) -> bool:
         """Whether a GGUF file stores this tensor as ggml blocks: the fp8-eligible matrices, and the
         embedding tables that are only read row by row (``gguf_ops.embedding_rows``)."""

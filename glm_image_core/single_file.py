@@ -279,7 +279,7 @@ def convert_component_gguf(folder: str, component: str, out_path: str, dtype_nam
     safetensors single file's, as GGUF strings."""
     qt = GGUF_TYPES[dtype_name]
     comp = NETWORKS[component]
-    if comp.fp8_keys is None:
+    if not comp.takes_gguf:
         raise ckpt.CheckpointError(f"GGUF conversion is for the DiT and the AR; the {comp.title} is small and stays "
                                    "a safetensors file (convert it with --dtype as_stored / bf16 / fp32)")
     src, files = _single_file_assets(folder, component)

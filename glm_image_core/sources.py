@@ -34,9 +34,9 @@ PREQUANTIZED_METHODS = {
 }
 
 
-def refuse_prequantized(config: dict, where: str) -> None:
-    """A CheckpointError naming the quantization of a pre-quantized release, with what to use instead."""
-    q = config.get("quantization_config")
+def refuse_prequantized(q: Optional[dict], where: str) -> None:
+    """A CheckpointError naming the quantization ``q`` (a ``quantization_config``) of a pre-quantized
+    release, with what to use instead; nothing when ``q`` is None."""
     if not isinstance(q, dict):
         return
     method = str(q.get("quant_method", "unknown")).lower()
@@ -72,14 +72,13 @@ class Source:
             raise ckpt.CheckpointError(f"{self.name}: {rel} is not valid JSON ({e})") from None
         if rel.endswith("/config.json") and isinstance(data, dict):
             folder = rel.rsplit("/", 1)[0]
-            side = self.text(f"{folder}/quantization_config.json")
-            if side is not None and "quantization_config" not in data:
+            q, side = data.get("quantization_config"), self.text(f"{folder}/quantization_config.json")
+            if q is None and side is not None:
                 try:
-                    data_q = {"quantization_config": json.loads(side)}
+                    q = json.loads(side)
                 except json.JSONDecodeError:
-                    data_q = {"quantization_config": {"quant_method": "unknown"}}
-                refuse_prequantized(data_q, f"{self.name} ({folder}/)")
-            refuse_prequantized(data, f"{self.name} ({folder}/)")
+                    q = {"quant_method": "unknown"}
+            refuse_prequantized(q, f"{self.name} ({folder}/)")
         return data
 
     def weight_files(self, component: str) -> List[str]:

@@ -80,8 +80,7 @@ def resolve_file(folder: str, name: str, gguf: bool = False) -> str:
 
 
 def open_component(folder: str, name: str, component: str) -> sources.SingleFileSource:
-    gguf = NETWORKS[component].fp8_keys is not None          # the DiT and the AR come as GGUF too
-    return sf.open_single_file(resolve_file(folder, name, gguf), component)
+    return sf.open_single_file(resolve_file(folder, name, NETWORKS[component].takes_gguf), component)
 
 
 def check_file(folder: str, name: str, component: str) -> bool | str:
@@ -139,7 +138,7 @@ class GLMImageARLoader(io.ComfyNode):
                         "Weights are read the first time Text → Semantic Tokens runs.",
             inputs=[
                 io.Combo.Input("ar_name", options=weight_files("text_encoders"),
-                               tooltip="A GLM-Image AR single file (…_ar.safetensors, or …_ar_Q8_0.gguf etc.: quantized "
+                               tooltip="A GLM-Image AR single file (…_ar.safetensors, or …_ar_gguf_q4_k.gguf etc.: quantized "
                                        "blocks stay quantized in memory) in models/text_encoders/."),
                 _weight_dtype_input(WEIGHT_DTYPES, _FP8_TOOLTIP),
                 _compute_dtype_input(),
@@ -210,7 +209,7 @@ class GLMImageDiTLoader(io.ComfyNode):
                         "Its metadata carries the schedule and the latent statistics.",
             inputs=[
                 io.Combo.Input("dit_name", options=weight_files("diffusion_models"),
-                               tooltip="A GLM-Image DiT single file (…_dit.safetensors, or …_dit_Q4_K.gguf etc.: quantized "
+                               tooltip="A GLM-Image DiT single file (…_dit.safetensors, or …_dit_gguf_q4_k.gguf etc.: quantized "
                                        "blocks stay quantized in memory) in models/diffusion_models/ or models/unet/."),
                 GlmGlyphEncoder.Input("glyph_encoder",
                                       tooltip="From Load GLM-Image Glyph Encoder: the DiT's text conditioning "

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     try:
         for c in comps:
             t0 = time.perf_counter()
-            quantized = gguf and NETWORKS[c].fp8_keys is not None      # DiT and AR; the small ones stay safetensors
+            quantized = gguf and NETWORKS[c].takes_gguf       # DiT and AR; the small ones stay safetensors
             actual = True if quantized else NETWORKS[c].storage_dtype(dtype)
             ext = ".gguf" if quantized else ".safetensors"
             name = f"{prefix}_{c}{suffix if actual is not None else ''}{ext}"

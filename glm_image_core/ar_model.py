@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import gguf_ops
-from .attention import attention
+from .attention import attention, cache_attention
 from .loading import build_loaded, default_compute_dtype
 
 IGNORED_KEYS = ("model.vqmodel.post_quant_conv.",)
@@ -241,7 +241,7 @@ class TextAttention(nn.Module):
             ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
             ck[:, :, start] = k        # an index_put_, which the compiler keeps in place
             cv[:, :, start] = v
-            out = attention(q, ck, cv, attn_mask, self.scaling)
+            out = cache_attention(q, ck, cv, attn_mask, self.scaling)
             return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
         if cache is not None:
             ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]

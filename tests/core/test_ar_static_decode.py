@@ -113,3 +113,39 @@ def test_static_decode_compiles_to_one_graph_without_recompiles(model, tok):
     assert not counters["graph_break"], dict(counters["graph_break"])
     exact = ar_generate.generate_tokens(model, tok, PROMPT, 1024, 992, 1, decode="exact")
     assert torch.equal(b.grid, exact.grid)
+
+
+def test_one_row_attention_equals_sdpa():
+    """The compiler-fusable form of the cache attention (GQA, additive mask, batch 2) against SDPA."""
+    from glm_image_core import attention
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    k, v = torch.randn(2, 2, 64, 16, generator=g), torch.randn(2, 2, 64, 16, generator=g)
+    mask = torch.zeros(64).masked_fill(torch.arange(64) > 40, float("-inf")).view(1, 1, 1, -1)
+    ref = attention.sdpa(q, k, v, mask, 0.3)
+    out = attention.one_row_attention(q, k, v, mask, 0.3)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, rtol=0, atol=1e-6), (out - ref).abs().max()
+    assert torch.equal(attention.cache_attention(q, k, v, mask, 0.3), ref)    # eager: the installed SDPA
+
+
+def test_compiled_step_fuses_the_attention_and_keeps_the_tokens(model, tok):
+    """Traced by torch.compile, the step's attention is products and sums (no SDPA node, which
+    inductor could not fuse); inductor's code of that graph gives the exact step's tokens."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    ar_generate._COMPILED_STEP.clear()
+    exact = ar_generate.generate_tokens(model, tok, PROMPT, 128, 96, 2, decode="exact")
+    a = ar_generate.generate_tokens(model, tok, PROMPT, 128, 96, 2, decode="static", compile=record)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if "scaled_dot_product" in t], targets
+    assert torch.equal(a.grid, exact.grid) and torch.equal(a.preview, exact.preview)
+    b = ar_generate.generate_tokens(model, tok, PROMPT, 128, 96, 2, decode="static", compile=True)
+    assert torch.equal(b.grid, exact.grid) and torch.equal(b.preview, exact.preview)
+    ar_generate._COMPILED_STEP.clear()

@@ -128,14 +128,19 @@ class CodebookSampler:
             self._q = torch.empty_like(probs)
         q = self._q.exponential_(1, generator=self.generator)
         race = probs / q
-        full = race.argmax(dim=-1)
         if not self.restrict:
+            full = race.argmax(dim=-1)
             return full, torch.zeros_like(full, dtype=torch.bool)
-        cb = race[:, :self.codebook_size]
-        best, tok = cb.max(dim=-1)
-        # no codebook id left with p > 0: take the most likely codebook id (no extra draw)
-        tok = torch.where(best > 0, tok, logits[:, :self.codebook_size].argmax(dim=-1))
-        return tok, tok != full
+        best, tok = race[:, :self.codebook_size].max(dim=-1)
+        # The unrestricted winner (argmax: the first of equal maxima, and codebook ids come first) is
+        # not a codebook id exactly when a later id beats the best codebook one.
+        replaced = race[:, self.codebook_size:].amax(dim=-1) > best if race.shape[-1] > self.codebook_size \
+            else torch.zeros_like(best, dtype=torch.bool)
+        # no codebook id left with p > 0: take the most likely codebook id (no extra draw); on the
+        # CPU the check costs nothing, elsewhere it must not read back (sync_free)
+        if self.sync_free or not bool((best > 0).all()):
+            tok = torch.where(best > 0, tok, logits[:, :self.codebook_size].argmax(dim=-1))
+        return tok, replaced
 
 
 def top_p_remove_mask_reference(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -159,9 +164,8 @@ def top_p_remove_mask(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     argsort here); elsewhere from ``torch.sort``.
     """
     if scores.device.type == "cpu" and scores.dtype == torch.float32:
-        sorted_vals = torch.from_numpy(np.sort(scores.detach().contiguous().numpy(), axis=-1))
-    else:
-        sorted_vals = torch.sort(scores, descending=False).values
+        return _top_p_remove_mask_cpu(scores, top_p)
+    sorted_vals = torch.sort(scores, descending=False).values
     cum = sorted_vals.softmax(dim=-1).cumsum(dim=-1)
     rem = cum <= (1 - top_p)
     rem[..., -1] = False
@@ -171,6 +175,29 @@ def top_p_remove_mask(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     if bool(((j > 0) & (nxt == v)).any()):                              # a tie straddles the cut
         return top_p_remove_mask_reference(scores, top_p)
     return (scores <= v) & (j > 0)
+
+
+def _top_p_remove_mask_cpu(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """:func:`top_p_remove_mask` on the CPU: the sort by numpy, and the cut found by a binary search of
+    the cumulative sums (non-decreasing: non-negative terms) instead of four full-width passes. The
+    softmax and cumsum stay torch's, whose roundings the reference's comparison sees; the threshold is
+    compared in float32, as torch compares a float32 tensor with a Python float."""
+    sorted_np = np.sort(scores.detach().contiguous().numpy(), axis=-1)
+    cum = torch.from_numpy(sorted_np).softmax(dim=-1).cumsum(dim=-1).numpy()
+    thr = np.float32(1 - top_p)
+    cuts = []
+    for b in range(sorted_np.shape[0]):
+        if not np.isfinite(cum[b, -1]):                  # NaN logits: the reference's own answer
+            return top_p_remove_mask_reference(scores, top_p)
+        j = int(np.searchsorted(cum[b, :-1], thr, side="right"))    # removed count (the last id stays)
+        if j and sorted_np[b, j] == sorted_np[b, j - 1]:             # a tie straddles the cut
+            return top_p_remove_mask_reference(scores, top_p)
+        cuts.append(float(sorted_np[b, j - 1]) if j else None)
+    if len(cuts) == 1:
+        return scores <= cuts[0] if cuts[0] is not None else torch.zeros_like(scores, dtype=torch.bool)
+    v = torch.tensor([c if c is not None else 0.0 for c in cuts], dtype=scores.dtype).view(-1, 1)
+    keep_all = torch.tensor([c is None for c in cuts]).view(-1, 1)
+    return (scores <= v) & ~keep_all
 
 
 def _generator(seed: int, device) -> torch.Generator:
@@ -246,7 +273,8 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
     sampler.sync_free = static and device.type != "cpu"     # a host read costs nothing on the CPU
 
     with torch.no_grad():
-        cache = model.new_cache(B, cache_capacity(L + n_gen) if static else L + n_gen, dtype=dtype, device=device)
+        cache = model.new_cache(B, cache_capacity(L + n_gen) if static else L + n_gen, dtype=dtype, device=device,
+                                key_columns=static and bool(compile))
         _sync(device)
         t0 = time.perf_counter()
         inp = ids.to(device)[None].expand(B, L)
@@ -370,9 +398,10 @@ class StaticDecode:
     * ``compile=True`` (or a backend name or callable): ``torch.compile(fullgraph=True,
       dynamic=False)``, one graph per bucket; after the first token the guards are not evaluated
       again (same objects). The one-row attention is traced as products and sums
-      (``attention.cache_attention``) and, with inductor, the narrow one-row products become
-      multiply-and-sum loops (:func:`_inductor_options`): the step is a few fused loops rather than
-      ~300 BLAS and SDPA calls of fixed cost each.
+      (``attention.cache_attention``, over keys stored by column: ``KVCache(key_columns=True)``)
+      and, with inductor, the narrow one-row products become multiply-and-sum loops
+      (:func:`_inductor_options`): the step is a few fused loops rather than ~300 BLAS and SDPA
+      calls of fixed cost each.
 
     Numerics: the same operations as the exact step except that attention spans the masked cache
     (its reductions run over more, zero-weighted, terms), so logits may differ from the exact mode

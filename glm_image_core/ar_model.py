@@ -201,12 +201,22 @@ class KVCache:
     """Pre-allocated static key/value cache: per layer, k[i] and v[i] [B, kv_heads, max_len, head_dim].
 
     One tensor per layer, not one stacked tensor: a compiled decode step writes one row of each in
-    place, and a write into a slice of one big input tensor would make the compiler copy it whole."""
+    place, and a write into a slice of one big input tensor would make the compiler copy it whole.
+
+    ``key_columns=True`` stores each layer's keys as [B, kv_heads, head_dim, max_len], seen through a
+    transposed view with the usual shape: the compiled one-row attention (``attention.cache_attention``)
+    then sums over head_dim with the cache rows contiguous, so its loops run along the rows instead of
+    reducing each row across the lanes of one vector. Same values, same shape; for the compiled step
+    only (GPU attention kernels want the head_dim contiguous)."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, key_columns: bool = False):
         shape = (batch, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        if key_columns:
+            self.k = [torch.zeros(batch, kv_heads, head_dim, max_len, dtype=dtype, device=device).transpose(-1, -2)
+                      for _ in range(num_layers)]
+        else:
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
 
@@ -548,10 +558,11 @@ class GlmImageAR(nn.Module):
         # the real device is always read off the weights.
         pass
 
-    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None, key_columns: bool = False) -> KVCache:
         c = self.text_config
         return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim,
-                       dtype or self.compute_dtype, device if device is not None else self.device)
+                       dtype or self.compute_dtype, device if device is not None else self.device,
+                       key_columns=key_columns)
 
     # ---- text ----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Optional[KVCache] = None,

@@ -227,3 +227,21 @@ def test_ar_top_p_mask_fast_equals_reference():
             sv = torch.sort(x).values
             fallbacks += int(bool((sv[:, 1:] == sv[:, :-1]).any()))
     assert fallbacks > 0        # tie cases were exercised
+
+
+def test_codebook_sampler_replaced_flags_exactly_the_non_codebook_winners():
+    """``replaced`` is True exactly where the unrestricted sampler (same draw) picks a non-codebook id;
+    elsewhere both pick the same token; the device (sync-free) form agrees with the CPU form."""
+    V, cb = 16512, 16384
+    g = torch.Generator().manual_seed(0)
+    seen = 0
+    for seed in range(40):
+        logits = torch.randn(3, V, generator=g) * 2
+        logits[:, cb:] += 1.5 * (seed % 4)        # non-codebook ids win in some rows
+        outs = [ar_generate.CodebookSampler(0.9, 0.75, 0, V, cb, ar_generate._generator(seed, "cpu"), **kw)(logits)
+                for kw in (dict(), dict(sync_free=True), dict(restrict=False))]
+        (tok, rep), (tok_d, rep_d), (full, _) = outs
+        assert torch.equal(rep, full >= cb) and torch.equal(tok[~rep], full[~rep])
+        assert torch.equal(tok, tok_d) and torch.equal(rep, rep_d) and int(tok.max()) < cb
+        seen += int(rep.sum())
+    assert seen > 0

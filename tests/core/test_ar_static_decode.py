@@ -149,3 +149,14 @@ def test_compiled_step_fuses_the_attention_and_keeps_the_tokens(model, tok):
     b = ar_generate.generate_tokens(model, tok, PROMPT, 128, 96, 2, decode="static", compile=True)
     assert torch.equal(b.grid, exact.grid) and torch.equal(b.preview, exact.preview)
     ar_generate._COMPILED_STEP.clear()
+
+
+def test_key_columns_cache_has_the_same_shape_and_rows_contiguous(model):
+    a = model.new_cache(2, 512, dtype=torch.float32, device="cpu")
+    b = model.new_cache(2, 512, dtype=torch.float32, device="cpu", key_columns=True)
+    assert a.k[0].shape == b.k[0].shape and a.v[0].shape == b.v[0].shape
+    assert b.k[0].stride(-2) == 1 and a.k[0].stride(-1) == 1 and b.v[0].stride(-1) == 1
+    row = torch.randn(2, a.k[0].shape[1], a.k[0].shape[3])
+    a.k[0][:, :, 5] = row
+    b.k[0][:, :, 5] = row
+    assert torch.equal(a.k[0], b.k[0])

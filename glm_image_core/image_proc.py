@@ -197,3 +197,49 @@ def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     x = image.movedim(-1, 1).float()
     x = F.interpolate(x, size=[height, width], mode="bicubic", align_corners=False, antialias=True)
     return x.clamp(0, 1).movedim(1, -1).to(image.dtype)
+
+
+FIT_MODES = ("crop", "resize")
+
+
+def fit_token_grid(height: int, width: int, processor_cfg: dict, fit: str = "crop",
+                   multiple: int = 32) -> Tuple[Tuple[int, int, int, int], Tuple[int, int], str]:
+    """How an image of ``height``×``width`` pixels becomes one whose token grid is exactly
+    (H/32, W/32) — the grid the DiT uses for that image size (``Image → Semantic Tokens``).
+
+    An image whose sides are multiples of ``multiple`` inside the processor's range (short side ≥
+    sqrt(min_pixels), long side ≤ sqrt(max_pixels)) with an aspect ratio of at most 4 is kept as it is.
+    Any other size:
+    - ``fit="crop"``: centre-cropped to the largest multiples of 32 (no resampling: the kept pixels are
+      the image's own), and refused when that leaves it outside the processor's range;
+    - ``fit="resize"``: resized (bicubic) to the nearest multiple-of-32 size of the same aspect ratio and
+      pixel count inside the range (:func:`fit_reference_size`, what Reference Edit does).
+
+    Returns ((top, left, crop_h, crop_w), (th, tw), note): crop first, then resize to (th, tw) when it
+    differs from the crop; note says what changed ("" when nothing did).
+    """
+    if fit not in FIT_MODES:
+        raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image has an empty size {width}x{height}")
+    if fit == "resize":
+        th, tw, note = fit_reference_size(height, width, processor_cfg, multiple=multiple)
+        return (0, 0, height, width), (th, tw), note
+    ch, cw = (height // multiple) * multiple, (width // multiple) * multiple
+    lo = max(multiple, -(-int(round(math.sqrt(processor_cfg["min_pixels"]))) // multiple) * multiple)
+    hi = (int(round(math.sqrt(processor_cfg["max_pixels"]))) // multiple) * multiple
+    if min(ch, cw) < lo or max(ch, cw) > hi or max(ch, cw) / min(ch, cw) > 4:
+        raise ValueError(f"a {width}x{height} image cropped to multiples of {multiple} ({cw}x{ch}) is outside what "
+                         f"GLM-Image's image processor tokenises exactly: sides {lo}..{hi} px with an aspect ratio of "
+                         "at most 4. Scale the image first, or set fit to 'resize'")
+    top, left = (height - ch) // 2, (width - cw) // 2
+    note = "" if (ch, cw) == (height, width) else \
+        f"centre-cropped {width}x{height} -> {cw}x{ch} to fit the {multiple}-pixel token grid"
+    return (top, left, ch, cw), (ch, cw), note
+
+
+def fit_image(image: torch.Tensor, crop: Tuple[int, int, int, int], size: Tuple[int, int]) -> torch.Tensor:
+    """Apply :func:`fit_token_grid`'s (crop, size) to an IMAGE [B, H, W, C]."""
+    top, left, ch, cw = crop
+    image = image[:, top:top + ch, left:left + cw]
+    return resize_image(image, *size)

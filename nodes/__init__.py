@@ -7,13 +7,14 @@ from . import attention, stock_model
 from .ar import GLMImageTextToTokens
 from .decoder import GLMImageTokensToLatent
 from .glyph import GLMImageGlyphText
+from .image_tokens import GLMImageImageToTokens
 from .loader import GLMImageLoader
 from .reference import GLMImageReferenceEdit
 from .sampling import GLMImageConditioning, GLMImageScheduler
 from .single_file import NODES as SINGLE_FILE_NODES
 from .tokens_io import GLMImageLoadTokens, GLMImageSaveTokens
 
-NODES = [GLMImageLoader, GLMImageTextToTokens, GLMImageGlyphText, GLMImageReferenceEdit,
+NODES = [GLMImageLoader, GLMImageTextToTokens, GLMImageImageToTokens, GLMImageGlyphText, GLMImageReferenceEdit,
          GLMImageTokensToLatent, GLMImageConditioning, GLMImageScheduler, GLMImageSaveTokens,
          GLMImageLoadTokens] + SINGLE_FILE_NODES
 

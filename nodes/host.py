@@ -20,14 +20,16 @@ def core_model_patcher() -> type:
     return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
-def new_patcher(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+def new_patcher(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device,
+                disable_dynamic: bool = False):
     """Wrap a loaded network as ComfyUI wraps its own: record the dtype every weight is stored in
     (the dynamic loader casts to it; construction-time dtypes differ under mixed fp8 storage), then
-    the host's core patcher class."""
+    the host's core patcher class (the plain ModelPatcher when ``disable_dynamic``, as core's loaders)."""
     archive = getattr(mm, "archive_model_dtypes", None)
     if archive is not None:
         archive(model)
-    return core_model_patcher()(model, load_device=load_device, offload_device=offload_device)
+    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else core_model_patcher()
+    return cls(model, load_device=load_device, offload_device=offload_device)
 
 
 def main_devices() -> tuple:

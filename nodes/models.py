@@ -134,21 +134,30 @@ class LazyComponent:
     def patcher(self) -> comfy.model_patcher.ModelPatcher:
         with self._lock:
             if self._patcher is None:
-                weight, compute = self.dtypes()
-                ops = comfy.ops.pick_operations(weight, compute, load_device=self.load_device)
-                if keeps_blocks(self.spec):
-                    ops = gguf_operations(ops)
-                log.info("GLM-Image: loading %s (%s weights, %s compute) from %s",
-                         self.spec.name, weight, compute, self.spec.source)
-                network = self.spec.build(weight, self.offload_device, ops, compute)
-                network.train(False).requires_grad_(False)
-                model = network if self.spec.wrap is None else self.spec.wrap(network, weight, compute)
-                self._patcher = host.new_patcher(model, self.load_device, self.offload_device)
-                self._patcher.glm_compute_dtype = compute
-                self._patcher.glm_network = network
-                # GGUF blocks are dequantized one layer at a time: room for the widest layer's float copy
-                self._patcher.glm_scratch_bytes = gguf_ops.dequant_scratch_bytes(network, compute)
+                self._patcher = self.build_patcher()
             return self._patcher
+
+    def build_patcher(self, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+        """Build the network from its files and wrap it in a new patcher (the core class, or the plain
+        ModelPatcher when ``disable_dynamic``)."""
+        weight, compute = self.dtypes()
+        ops = comfy.ops.pick_operations(weight, compute, load_device=self.load_device)
+        if keeps_blocks(self.spec):
+            ops = gguf_operations(ops)
+        log.info("GLM-Image: loading %s (%s weights, %s compute) from %s",
+                 self.spec.name, weight, compute, self.spec.source)
+        network = self.spec.build(weight, self.offload_device, ops, compute)
+        network.train(False).requires_grad_(False)
+        model = network if self.spec.wrap is None else self.spec.wrap(network, weight, compute)
+        patcher = host.new_patcher(model, self.load_device, self.offload_device, disable_dynamic=disable_dynamic)
+        patcher.glm_compute_dtype = compute
+        patcher.glm_network = network
+        # GGUF blocks are dequantized one layer at a time: room for the widest layer's float copy
+        patcher.glm_scratch_bytes = gguf_ops.dequant_scratch_bytes(network, compute)
+        # ComfyUI >= 0.2x builds a private copy of a model from this factory, as for its own loaders:
+        # the stock trainer's clone(force_deepcopy=True), dynamic VRAM's non-dynamic delegate.
+        patcher.cached_patcher_init = (rebuilt_patcher, (self.spec,))
+        return patcher
 
     @property
     def network(self) -> torch.nn.Module:
@@ -172,6 +181,11 @@ class LazyComponent:
         p = self.patcher
         dynamic = getattr(p, "is_dynamic", lambda: False)()
         return not dynamic and p.loaded_size() >= p.model_size()
+
+
+def rebuilt_patcher(spec: ComponentSpec, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """The ``cached_patcher_init`` factory: the same network built afresh from its files."""
+    return LazyComponent(spec).build_patcher(disable_dynamic=disable_dynamic)
 
 
 @dataclass

@@ -49,6 +49,7 @@ PACK_NAME = "ComfyUI-GLM-Image"
 PACK_NODES = {
     "GLMImageLoader": "GLM-Image",
     "GLMImageTextToTokens": "GLM-Image",
+    "GLMImageImageToTokens": "GLM-Image",
     "GLMImageGlyphText": "GLM-Image",
     "GLMImageReferenceEdit": "GLM-Image",
     "GLMImageTokensToLatent": "GLM-Image",

@@ -54,6 +54,13 @@ def expected_images(host, prompt: dict, node_id: str) -> tuple[int, int, int]:
         return inp["width"], inp["height"], inp["batch_size"]
     if ct == "GLMImageTextToTokens":
         return inp["width"], inp["height"], inp["batch_size"]
+    if ct == "GLMImageImageToTokens":        # the image cropped to multiples of 32 (fit "crop")
+        assert inp["fit"] == "crop"
+        w, h, b = up("image")
+        return w // 32 * 32, h // 32 * 32, b
+    if ct == "LoadImage":
+        with Image.open(os.path.join(host.folder_paths.get_input_directory(), inp["image"])) as im:
+            return im.size[0], im.size[1], 1
     if ct == "GLMImageLoadTokens":
         from glm_image_core.tokens import load_tokens
         t = load_tokens(os.path.join(host.folder_paths.get_input_directory(), inp["token_file"]))
@@ -80,7 +87,7 @@ def test_every_feature_has_a_workflow():
     names = {os.path.basename(p)[:-len("_api.json")] for p in API}
     assert names >= {"glm_image_t2i", "glm_image_edit", "glm_image_multi_reference", "glm_image_text_rendering",
                      "glm_image_token_reuse", "glm_image_chain", "glm_image_t2i_official",
-                     "glm_image_stock_sampler"}
+                     "glm_image_stock_sampler", "glm_image_rerender"}
 
 
 def test_official_weights_workflow_has_the_official_settings():

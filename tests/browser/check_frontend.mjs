@@ -150,6 +150,13 @@ async function checkTemplateBrowser(page, pack, outDir) {
     const titles = await page.evaluate(() => [...document.querySelectorAll('[role="dialog"] h3, [role="dialog"] [class*="title"]')]
       .map((e) => e.textContent.trim()).filter(Boolean));
     await page.screenshot({ path: path.join(outDir, "frontend-templates.png") });
+    // cards below the fold load their thumbnails only when scrolled into view (lazy images)
+    await page.mouse.move(800, 600);
+    for (let i = 0; i < 8; i++) {
+      await page.mouse.wheel(0, 600);
+      await page.waitForTimeout(250);
+    }
+    await page.waitForTimeout(1000);
     return { titles, thumbs };
   } catch (e) {
     return { error: String(e), thumbs };

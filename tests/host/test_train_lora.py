@@ -177,3 +177,27 @@ def test_captions_that_do_not_pair_with_images_are_a_clear_error(host, dataset):
     g["3"]["inputs"]["caption"] = ["20", 1]
     msg = failure(host, g)
     assert "2 captions for 3 images" in msg, msg
+
+
+def test_interrupt_during_training_leaves_the_server_serving_and_the_next_run_normal(host, dataset):
+    """Cancel at a training step (from ComfyUI's progress hook, where the UI's Cancel lands): the run
+    stops, and the same training run again gives exactly the losses of an uninterrupted run."""
+    import comfy.model_management as mm
+    import comfy.utils
+    clean = short_run(host, steps=4, seed=11)
+    fired = []
+
+    def hook(value, total, preview, node_id=None):
+        if total == 40 and value >= 2 and not fired:      # the trainer's bar (40 steps)
+            fired.append(value)
+            mm.interrupt_current_processing()
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        torch.manual_seed(0)
+        ok, _ = host.run(T.train_graph(host, "loras/glm_short", **dict(TRAIN, steps=40, seed=11)))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    assert fired and not ok, "the training run was not interrupted"
+    assert host.cached_output("6") is None, "an interrupted Train LoRA left an output in the cache"
+    assert short_run(host, steps=4, seed=11) == clean

@@ -21,15 +21,20 @@ def core_model_patcher() -> type:
 
 
 def new_patcher(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device,
-                disable_dynamic: bool = False):
+                disable_dynamic: bool = False, patcher_class=None):
     """Wrap a loaded network as ComfyUI wraps its own: record the dtype every weight is stored in
     (the dynamic loader casts to it; construction-time dtypes differ under mixed fp8 storage), then
-    the host's core patcher class (the plain ModelPatcher when ``disable_dynamic``, as core's loaders)."""
+    the host's core patcher class (the plain ModelPatcher when ``disable_dynamic``, as core's loaders),
+    derived by ``patcher_class(cls)`` when given."""
     archive = getattr(mm, "archive_model_dtypes", None)
     if archive is not None:
         archive(model)
     cls = comfy.model_patcher.ModelPatcher if disable_dynamic else core_model_patcher()
-    return cls(model, load_device=load_device, offload_device=offload_device)
+    patcher = cls(model, load_device=load_device, offload_device=offload_device)
+    if patcher_class is not None:
+        # derived from the class actually made: ModelPatcherDynamic makes a plain ModelPatcher on a CPU
+        patcher.__class__ = patcher_class(type(patcher))
+    return patcher
 
 
 def main_devices() -> tuple:

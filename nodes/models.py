@@ -71,12 +71,19 @@ def gguf_operations(base: type) -> type:
         def forward(self, x, *args, **kwargs):
             if self.ggml is None:
                 return super().forward(x, *args, **kwargs)
-            if len(self.weight_function) > 0 or len(self.bias_function) > 0:
-                raise RuntimeError(GGUF_PATCHES_REFUSED)
-            weight, bias, offload = comfy.ops.cast_bias_weight(self, x, dtype=self.weight.dtype, device=x.device,
-                                                               bias_dtype=x.dtype, offloadable=True)
+            # The weight's patches (ComfyUI's own functions: a LoRA's LowVramPatch, a trainer's adapters)
+            # apply to the dequantized weight, never to the blocks, which are fetched as stored.
+            patches, self.weight_function = self.weight_function, []
             try:
-                return torch.nn.functional.linear(x, self.dequantized(weight, x.dtype), bias)
+                weight, bias, offload = comfy.ops.cast_bias_weight(self, x, dtype=self.weight.dtype, device=x.device,
+                                                                   bias_dtype=x.dtype, offloadable=True)
+            finally:
+                self.weight_function = patches
+            try:
+                w = self.dequantized(weight, x.dtype)
+                for patch in weight_patches(self, patches):
+                    w = patch(w)
+                return torch.nn.functional.linear(x, w.to(x.dtype), bias)
             finally:
                 comfy.ops.uncast_bias_weight(self, weight, bias, offload)
     Linear.__name__ = Linear.__qualname__ = f"GGUF{base.Linear.__name__}"
@@ -84,9 +91,70 @@ def gguf_operations(base: type) -> type:
     return gguf_ops.quantized_ops(base, Linear, Embedding)
 
 
-GGUF_PATCHES_REFUSED = ("GLM-Image: LoRAs and other weight patches are not supported on GGUF-quantized weights "
-                        "(a patch would have to be re-quantized into the blocks); load the DiT from its "
-                        "safetensors (bf16 / fp8) file to use them.")
+class GGUFPatcherMixin:
+    """Put before the host's patcher class for a network holding GGUF blocks: a weight patch (a LoRA) is
+    never merged into blocks, as ComfyUI merges patches into float weights on a full load. The blocks
+    are moved as stored, and ComfyUI's own ``LowVramPatch`` is kept on the layer (``glm_weight_patch``)
+    until the model is unpatched; ``gguf_operations``' Linear applies it to the dequantized weight in
+    each forward, as --lowvram does for every streamed layer (city96's ComfyUI-GGUF does the same)."""
+
+    def patch_weight_to_device(self, key, *args, **kwargs):
+        layer = quantized_layer(self.model, key)
+        if layer is None or key not in self.patches:
+            return super().patch_weight_to_device(key, *args, **kwargs)
+        patches = self.patches.pop(key)
+        try:
+            out = super().patch_weight_to_device(key, *args, **kwargs)
+        finally:
+            self.patches[key] = patches
+        layer.glm_weight_patch = comfy.model_patcher.LowVramPatch(key, self.patches)
+        return out
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True, *args, **kwargs):
+        if unpatch_weights:             # (a partial reload unpatches without it and keeps patched layers)
+            for _, layer in gguf_ops.quantized_layers(self.model):
+                layer.glm_weight_patch = None
+        return super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)
+
+    def clone(self, *args, **kwargs):
+        # ComfyUI's clone picks the plain ModelPatcher class for a non-dynamic delegate: keep the mixin.
+        n = super().clone(*args, **kwargs)
+        n.__class__ = gguf_patcher(type(n))
+        return n
+
+
+_GGUF_PATCHERS: dict = {}
+
+
+def gguf_patcher(base: type) -> type:
+    """``base`` (a patcher class) with :class:`GGUFPatcherMixin`, one class per base."""
+    if issubclass(base, GGUFPatcherMixin):
+        return base
+    if base not in _GGUF_PATCHERS:
+        _GGUF_PATCHERS[base] = type(f"GGUF{base.__name__}", (GGUFPatcherMixin, base), {})
+    return _GGUF_PATCHERS[base]
+
+
+def weight_patches(layer, weight_function: list) -> list:
+    """What a GGUF layer applies to its dequantized weight: its weight functions (a streamed layer's
+    LowVramPatch, a trainer's adapters) and the patch kept from a full load, unless a LowVramPatch of
+    the same key is already among them."""
+    kept = getattr(layer, "glm_weight_patch", None)
+    if kept is None or any(getattr(f, "key", None) == kept.key for f in weight_function):
+        return list(weight_function)
+    return [kept] + list(weight_function)
+
+
+def quantized_layer(model: torch.nn.Module, key: str):
+    """The layer whose GGUF blocks ``key`` ("<module>.weight") names, else None."""
+    name, _, param = key.rpartition(".")
+    if param != "weight":
+        return None
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return layer if getattr(layer, "ggml", None) is not None else None
 
 
 def keeps_blocks(spec: "ComponentSpec") -> bool:
@@ -149,7 +217,8 @@ class LazyComponent:
         network = self.spec.build(weight, self.offload_device, ops, compute)
         network.train(False).requires_grad_(False)
         model = network if self.spec.wrap is None else self.spec.wrap(network, weight, compute)
-        patcher = host.new_patcher(model, self.load_device, self.offload_device, disable_dynamic=disable_dynamic)
+        patcher = host.new_patcher(model, self.load_device, self.offload_device, disable_dynamic=disable_dynamic,
+                                   patcher_class=gguf_patcher if keeps_blocks(self.spec) else None)
         patcher.glm_compute_dtype = compute
         patcher.glm_network = network
         # GGUF blocks are dequantized one layer at a time: room for the widest layer's float copy

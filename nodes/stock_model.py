@@ -35,7 +35,6 @@ from ..glm_image_core import gguf_ops
 from ..glm_image_core import memory_plan as mp
 from ..glm_image_core import schedule as sch
 from ..glm_image_core.dit import GlmImageDiT
-from .models import GGUF_PATCHES_REFUSED
 
 log = logging.getLogger("GLM-Image")
 
@@ -198,8 +197,6 @@ def wrap_dit(scheduler_config: dict, latent_format: GLMImageLatentFormat):
 
 def glm_lora_key_map(model, key_map: dict) -> dict:
     if isinstance(model, GLMImageModel):
-        if gguf_ops.quantized_layers(model.diffusion_model):
-            raise ValueError(GGUF_PATCHES_REFUSED)
         for k in model.state_dict().keys():
             if k.startswith("diffusion_model.") and k.endswith(".weight"):
                 name = k[len("diffusion_model."):-len(".weight")]

@@ -18,7 +18,7 @@ def main(base: str, prompts_file: str, out: str) -> None:
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.ops
-    for sub in ("diffusion_models", "text_encoders", "vae"):
+    for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
         host.folder_paths.add_model_folder_path(sub, os.path.join(base, "models", sub), is_default=True)
     probe = comfy.ops.disable_weight_init.Linear(4, 4)       # how this host now builds a Linear
     report = {"aimdo_enabled": bool(comfy.memory_management.aimdo_enabled),

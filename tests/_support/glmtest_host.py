@@ -113,8 +113,8 @@ class Host:
         from comfy.cli_args import args
         args.cpu = cpu                       # must precede the first import of comfy.model_management
         args.lowvram = lowvram
-        if dynamic_vram and not cpu:
-            init_aimdo()                     # as main.py: before torch touches the GPU
+        if dynamic_vram:
+            init_aimdo()                     # as main.py: before torch touches the GPU (its file maps too)
         import folder_paths
         self.base_dir = base_dir
         for sub in ("output", "input", "temp", "models/diffusers", "models/upscale_models"):

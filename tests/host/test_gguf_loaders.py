@@ -3,8 +3,10 @@ gguf_q5_k / gguf_q4_k writes the DiT and the AR as .gguf; the single-file loader
 models/diffusion_models, models/unet and models/text_encoders), keep the blocks quantized in memory
 (uint8 in the layers, the patcher sized by them) and dequantize per layer at compute: a whole
 text-to-image runs, and equals the same file dequantized at load (weight_dtype fp32) bit for bit; a
-lowvram partial load streams the blocks and changes nothing; the stock MODEL samples; a LoRA on
-quantized weights and a GGUF that is not GLM-Image are refused with clear messages.
+lowvram partial load streams the blocks and changes nothing; the stock MODEL samples; a LoRA on the
+quantized weights is applied to the dequantized weight in the forward (within the format's own error of
+the LoRA on the float DiT; the same under a lowvram partial load); a GGUF that is not GLM-Image is
+refused with a clear message.
 
 The checkpoint is the tiny one widened where the blocks need it (AR 256 wide, DiT 4 heads x 64), so
 every block matrix holds whole Q8_0 (32) and K-quant (256) blocks."""
@@ -216,26 +218,138 @@ def test_the_stock_model_of_a_gguf_dit_samples(host, models):
     assert latent.shape == (1, 16, H // 8, W // 8) and torch.isfinite(latent).all()
 
 
-def test_a_lora_on_quantized_weights_is_refused_clearly(host, models):
-    save_file({"transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 256),
-               "transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(256, 4)},
-              os.path.join(models["loras"], "tg_lora.safetensors"))
-    g = graph(name_of("dit", "gguf_q8_0"), "tg_ar.safetensors")
-    g["16"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["12", 1], "lora_name": "tg_lora.safetensors",
-               "strength_model": 1.0}}
+def write_random_lora(path: str, rank: int = 4, scale: float = 3.0) -> int:
+    """A diffusers/PEFT-named LoRA on every Linear of the widened tiny DiT's transformer blocks (the
+    layers GGUF quantizes), strong enough to change the image; returns how many layers it patches."""
+    from safetensors import safe_open
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    with safe_open(os.path.join(os.path.dirname(path), "..", "diffusion_models", "tg_dit.safetensors"), "pt") as f:
+        for k in f.keys():
+            if k.startswith("transformer_blocks.") and k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2:
+                out_f, in_f = f.get_slice(k).get_shape()
+                name = k[:-len(".weight")]
+                sd[f"{name}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * scale / math.sqrt(in_f)
+                sd[f"{name}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * scale / math.sqrt(rank)
+    save_file(sd, path)
+    return len(sd) // 2
+
+
+def stock_graph(dit: str, lora: str | None) -> dict:
+    """The MODEL of a single-file DiT (+ LoraLoaderModelOnly) through SamplerCustomAdvanced, decoded."""
+    g = graph(dit, "tg_ar.safetensors")
+    model = ["12", 1]
+    if lora is not None:
+        g["16"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["12", 1], "lora_name": lora,
+                                                                  "strength_model": 1.0}}
+        model = ["16", 0]
     g["3"] = {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["6", 0], "guider": ["7", 0],
               "sampler": ["8", 0], "sigmas": ["9", 0], "latent_image": ["14", 0]}}
     g.update({"6": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
-              "7": {"class_type": "CFGGuider", "inputs": {"model": ["16", 0], "positive": ["15", 0],
+              "7": {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["15", 0],
                     "negative": ["15", 1], "cfg": 1.5}},
               "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
               "9": {"class_type": "GLMImageScheduler", "inputs": {"tokens": ["2", 0], "steps": 2}},
               "14": {"class_type": "EmptySD3LatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}},
               "15": {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["12", 0], "tokens": ["2", 0]}}})
-    ok, _ = host.run(g)
-    assert not ok
-    msg = host.execution_error()["exception_message"]
-    assert "GGUF" in msg and "LoRA" in msg and "safetensors" in msg, msg
+    return g
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+@pytest.fixture(scope="module")
+def lora(host, models):
+    name = "tg_lora.safetensors"
+    assert write_random_lora(os.path.join(models["loras"], name)) > 0
+    return name
+
+
+def image_of(host, g) -> torch.Tensor:
+    host.run_ok(g)
+    return glmtest_host.node_output(host, "4").clone()
+
+
+@pytest.mark.parametrize("dtype", ["gguf_q8_0", "gguf_q4_k"])
+def test_a_lora_on_gguf_weights_stays_within_the_formats_own_error(host, models, lora, dtype):
+    """The patch is applied to the dequantized weight in the forward (never re-quantized): the same LoRA
+    on Q8_0 / Q4_K is as close to the safetensors DiT + LoRA as the format is to the safetensors DiT."""
+    ref, ref_l = image_of(host, stock_graph("tg_dit.safetensors", None)), image_of(host, stock_graph("tg_dit.safetensors", lora))
+    q, q_l = image_of(host, stock_graph(name_of("dit", dtype), None)), image_of(host, stock_graph(name_of("dit", dtype), lora))
+    assert psnr(ref_l, ref) < 30, "the LoRA barely changes the image: the comparison would prove nothing"
+    fmt, with_lora = psnr(q, ref), psnr(q_l, ref_l)
+    print(f"{dtype}: PSNR vs safetensors {fmt:.2f} dB; with the LoRA on both {with_lora:.2f} dB")
+    assert with_lora >= fmt - 1.0, (dtype, fmt, with_lora)
+    assert psnr(q_l, q) < 30, "the LoRA did not change the GGUF DiT's image"
+
+
+def test_a_lora_on_gguf_weights_streams_under_lowvram_and_changes_nothing(host, models, lora):
+    """LoRA patches on quantized layers: a DiT forward of the LoRA'd MODEL under a lowvram partial load
+    (ComfyUI's LowVramPatch on the streamed layers, the kept patch on the others) equals the forward
+    under a full load, and differs from the base model's."""
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+    from glm_image_core.tokens import upsample_grid
+    sfn, loader = pack_module("nodes.single_file"), pack_module("nodes.loader")
+    enc = loader.glyph_encoder_handle(sfn.open_component("text_encoders", "tg_glyph_encoder.safetensors",
+                                                         "glyph_encoder"), "default")
+    decoder = loader.decoder_handle(sfn.open_component("diffusion_models", name_of("dit", "gguf_q4_k"), "dit"), enc,
+                                    "default")
+    model, _ = comfy.sd.load_lora_for_models(decoder.stock_model(), None,
+                                             comfy.utils.load_torch_file(os.path.join(models["loras"], lora)), 1.0, 0)
+    assert len(model.patches) > 0
+    glyph = pack_module("nodes.glyph").encode_glyph(decoder, PROMPT, mode="prompt").embeds
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 16, 16, 16, generator=g)
+    ids = upsample_grid(torch.randint(0, decoder.codebook_size, (1, 4, 4), generator=g))
+
+    def forward(patcher):
+        with torch.no_grad():
+            return patcher.model.diffusion_model(x, torch.tensor([500.0]), glm_glyph=glyph, glm_prior_ids=ids)
+
+    mm.load_models_gpu([decoder.dit.patcher])
+    base = forward(decoder.dit.patcher)
+    mm.unload_all_models()
+    mm.load_models_gpu([model])
+    full = forward(model)
+    mm.unload_all_models()
+    largest = max(mm.module_size(m) for m in model.model.modules() if hasattr(m, "comfy_cast_weights"))
+    loaded = mm.LoadedModel(model)
+    loaded.model_load(lowvram_model_memory=int(largest + 0.3 * (model.model_size() - largest)))
+    mm.current_loaded_models.insert(0, loaded)
+    streamed = [m for _, m in gguf_ops.quantized_layers(model.model) if m.comfy_cast_weights]
+    assert streamed and len(streamed) < len(gguf_ops.quantized_layers(model.model)), "not a partial load"
+    assert torch.equal(forward(model), full)
+    assert rel(full, base) > 0.01, "the LoRA does not change the quantized DiT's output"
+    mm.unload_all_models()
+    mm.load_models_gpu([decoder.dit.patcher])       # unpatched: the base model again, bit for bit
+    assert torch.equal(forward(decoder.dit.patcher), base)
+
+
+if glmtest_host.has_dynamic_vram():   # ComfyUI 0.3.75 has no dynamic VRAM
+    def test_a_lora_on_gguf_weights_under_dynamic_vram_equals_the_same_run_without_it(host, models, lora, tmp_path):
+        """A fresh host process with dynamic VRAM on (glmtest_dynamic_vram): the Q8_0 DiT's MODEL with the
+        LoRA samples exactly the tokens, latent and image of this process (dynamic VRAM off)."""
+        import json
+        from safetensors.torch import load_file
+        prompts = {"gguf_lora": stock_graph(name_of("dit", "gguf_q8_0"), lora)}
+        (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+        child = os.path.join(ROOT, "tests", "_support", "glmtest_dynamic_vram.py")
+        r = subprocess.run([sys.executable, child, host.base_dir, str(tmp_path / "prompts.json"), str(tmp_path / "dyn")],
+                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+        report = json.loads((tmp_path / "dyn.json").read_text())
+        assert report["aimdo_enabled"] and report["fresh_linear_weight_is_none"]
+        dyn = load_file(str(tmp_path / "dyn.safetensors"))
+        host.run_ok(prompts["gguf_lora"])
+        for part, want in zip(("tokens", "latent", "image"), outputs(host)):
+            got = dyn[f"gguf_lora.{part}"]
+            assert torch.equal(got, want), f"{part} differs with dynamic VRAM"
+        host.run_ok(stock_graph(name_of("dit", "gguf_q8_0"), None))
+        assert rel(outputs(host)[1], dyn["gguf_lora.latent"]) > 0.01, "the LoRA changed nothing"
 
 
 def test_a_gguf_that_is_not_glm_image_is_refused_like_safetensors(host, models):

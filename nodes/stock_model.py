@@ -26,6 +26,8 @@ import torch
 import comfy.conds
 import comfy.latent_formats
 import comfy.lora
+import comfy.lora_convert
+import comfy.sd
 import comfy.model_base
 import comfy.patcher_extension
 import comfy.supported_models_base
@@ -206,8 +208,39 @@ def glm_lora_key_map(model, key_map: dict) -> dict:
     return key_map
 
 
+# What a LoRA that fits none of the DiT's layers was most likely made for (first match wins).
+FOREIGN_LORA_HINTS = (
+    (("language_model.", "lm_head", "model.visual.", ".visual.blocks.", "vision_language_encoder"),
+     "GLM-Image's autoregressive model (the AR), not its DiT: the MODEL output is the DiT"),
+    (("lora_unet_", "lora_te", "input_blocks.", "down_blocks.", "double_blocks.", "joint_blocks."),
+     "another diffusion model (its layer names are not GLM-Image's)"),
+)
+
+
+def check_lora_fits(model, lora: dict) -> None:
+    """Refuse, with what was wrong, a LoRA of which no key fits the GLM-Image DiT (ComfyUI itself only
+    logs 'lora key not loaded' and returns the model unchanged)."""
+    if not isinstance(getattr(model, "model", None), GLMImageModel) or not lora:
+        return
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map, log_missing=False):
+        return
+    keys = sorted(lora)
+    guess = next((what for marks, what in FOREIGN_LORA_HINTS if any(m in k for k in keys for m in marks)),
+                 "another model")
+    raise ValueError(f"this LoRA fits none of the GLM-Image DiT's layers ({len(keys)} tensors, e.g. "
+                     f"{', '.join(repr(k) for k in keys[:3])}): it looks like a LoRA for {guess}. GLM-Image DiT "
+                     "LoRAs name the DiT's modules, e.g. 'transformer_blocks.0.attn1.to_q.lora_A.weight' or "
+                     "'diffusion_model.transformer_blocks.0.attn1.to_q.lora_up.weight'")
+
+
 def install_lora_keys() -> None:
-    """Extend ComfyUI's LoRA key map with GLM-Image's diffusers names (once; other models untouched)."""
+    """Extend ComfyUI's LoRA key map with GLM-Image's diffusers names, and make its LoRA loading refuse a
+    LoRA that fits none of the DiT's layers (once; other models untouched)."""
+    for name in ("load_lora_for_models", "load_bypass_lora_for_models"):
+        load = getattr(comfy.sd, name, None)
+        if load is not None and not getattr(load, "glm_image", False):
+            setattr(comfy.sd, name, _checked_lora_loader(load))
     original = comfy.lora.model_lora_keys_unet
     if getattr(original, "glm_image", False):
         return
@@ -219,3 +252,12 @@ def install_lora_keys() -> None:
     model_lora_keys_unet.glm_image = True
     model_lora_keys_unet.__wrapped__ = original
     comfy.lora.model_lora_keys_unet = model_lora_keys_unet
+
+
+def _checked_lora_loader(load):
+    def load_checked(model, clip, lora, *args, **kwargs):
+        check_lora_fits(model, lora)
+        return load(model, clip, lora, *args, **kwargs)
+    load_checked.glm_image = True
+    load_checked.__wrapped__ = load
+    return load_checked

@@ -201,3 +201,24 @@ def test_interrupt_during_training_leaves_the_server_serving_and_the_next_run_no
     assert fired and not ok, "the training run was not interrupted"
     assert host.cached_output("6") is None, "an interrupted Train LoRA left an output in the cache"
     assert short_run(host, steps=4, seed=11) == clean
+
+
+@pytest.mark.parametrize("keys,what", [
+    (("base_model.model.model.language_model.layers.0.self_attn.q_proj", (32, 32)), "autoregressive model (the AR)"),
+    (("lora_unet_down_blocks_0_attentions_0_proj_in", (64, 32)), "another diffusion model"),
+    (("encoder.block.0.layer.0.SelfAttention.q", (32, 32)), "another model"),
+])
+def test_a_lora_for_another_model_or_the_ar_is_refused_clearly_on_the_dit(host, dataset, keys, what):
+    from safetensors.torch import save_file
+    name, (out_f, in_f) = keys
+    loras = os.path.join(host.folder_paths.get_output_directory(), "loras")
+    os.makedirs(loras, exist_ok=True)
+    fname = f"glm_foreign_{abs(hash(name)) % 10000}.safetensors"
+    sep = "." if "." in name else "_"
+    save_file({f"{name}{sep}lora_A.weight" if sep == "." else f"{name}.lora_down.weight": torch.zeros(4, in_f),
+               f"{name}{sep}lora_B.weight" if sep == "." else f"{name}.lora_up.weight": torch.zeros(out_f, 4)},
+              os.path.join(loras, fname))
+    T.saved_lora(host, "loras/glm_foreign")      # registers output/loras as a loras folder
+    msg = failure(host, T.lora_model_graph(fname, 1.0))
+    assert "fits none of the GLM-Image DiT's layers" in msg and what in msg, msg
+    host.run_ok(T.lora_model_graph(fname, 0.0))  # strength 0: the stock loader does not read it at all

@@ -76,9 +76,10 @@ def dataset_graph(model: str = "GLM-Image-tiny", folder: str = DATASET, fit: str
     }
 
 
-def train_graph(host, prefix: str, model_node=("1", 3), positive=("4", 0), latents=("5", 0), **train) -> dict:
+def train_graph(host, prefix: str, model_node=("1", 3), positive=("4", 0), latents=("5", 0),
+                model: str = "GLM-Image-tiny", **train) -> dict:
     """dataset_graph + Train LoRA + Save LoRA + Plot Loss Graph."""
-    g = dataset_graph()
+    g = dataset_graph(model)
     g["6"] = {"class_type": "TrainLoraNode", "inputs": dict(
         train_inputs(host, **train), model=list(model_node), latents=list(latents), positive=list(positive))}
     g["7"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["6", output_index(host, "TrainLoraNode", "LORA_MODEL")],

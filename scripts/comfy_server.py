@@ -28,6 +28,7 @@ import argparse
 import atexit
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -99,6 +100,13 @@ class ExecutionFailed(RuntimeError):
     @property
     def traceback(self) -> str:
         return "".join(self.error.get("traceback") or [])
+
+
+def comfyui_version(comfy_dir: str = COMFY_DIR) -> tuple:
+    """A ComfyUI tree's version as a tuple, read from its comfyui_version.py (no import)."""
+    with open(os.path.join(comfy_dir, "comfyui_version.py"), encoding="utf-8") as f:
+        m = re.search(r'__version__\s*=\s*"([0-9.]+)"', f.read())
+    return tuple(int(x) for x in m.group(1).split("."))
 
 
 def summarize_rejection(body) -> str:

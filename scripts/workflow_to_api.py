@@ -159,12 +159,24 @@ def dumps(api: dict) -> str:
     return json.dumps(api, indent=2, ensure_ascii=False) + "\n"
 
 
-def ui_workflows(folder: str) -> list[str]:
+OLDEST_COMFYUI = (0, 3, 75)       # the oldest ComfyUI the pack supports
+
+
+def min_comfyui(workflow: dict) -> tuple:
+    """The oldest ComfyUI a workflow runs in: ``extra.glm_image.min_comfyui`` when it names one (a stock
+    node it uses changed its inputs or outputs since the oldest supported ComfyUI), else that one."""
+    v = ((workflow.get("extra") or {}).get("glm_image") or {}).get("min_comfyui")
+    return tuple(int(x) for x in v.split(".")) if v else OLDEST_COMFYUI
+
+
+def ui_workflows(folder: str, comfyui: tuple | None = None) -> list[str]:
+    """The UI-format workflows in ``folder``; with ``comfyui``, only those that run in that version."""
     out = []
     for p in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(p, encoding="utf-8") as f:
-            if is_ui_workflow(json.load(f)):
-                out.append(p)
+            wf = json.load(f)
+        if is_ui_workflow(wf) and (comfyui is None or min_comfyui(wf) <= tuple(comfyui)):
+            out.append(p)
     return out
 
 
@@ -206,7 +218,10 @@ def main(argv=None) -> int:
         finally:
             server.cleanup()
 
-    pairs = [(p, api_path_for(p)) for p in ui_workflows(os.path.join(ROOT, "workflows"))] if a.all \
+    # --all: the workflows that run in the ComfyUI at COMFYUI_DIR (the one /object_info comes from);
+    # convert the others with that newer ComfyUI (COMFYUI_DIR=.host33/ComfyUI COMFY_PYTHON=.venv33/bin/python)
+    pairs = [(p, api_path_for(p)) for p in ui_workflows(os.path.join(ROOT, "workflows"),
+                                                        comfy_server.comfyui_version())] if a.all \
         else [(a.workflow, a.output)]
     bad = 0
     for ui_path, out in pairs:

@@ -82,10 +82,8 @@ def host_throttles_progress() -> bool:
 
 def comfy_version() -> tuple:
     """The host's ComfyUI version as a tuple, read from its comfyui_version.py (no import)."""
-    import re
-    with open(os.path.join(COMFY_DIR, "comfyui_version.py"), encoding="utf-8") as f:
-        m = re.search(r'__version__\s*=\s*"([0-9.]+)"', f.read())
-    return tuple(int(x) for x in m.group(1).split("."))
+    from comfy_server import comfyui_version
+    return comfyui_version(COMFY_DIR)
 
 
 class ProgressRecorder:

@@ -47,13 +47,17 @@ def start(base_dir: str, tiny_ckpt: str, name: str, device_args: tuple = ("--cpu
 
 
 def copy_example_inputs(input_dir: str) -> list[str]:
-    """The example images and token files the committed workflows load (LoadImage and Load Tokens
-    read the input folder)."""
+    """The example images, token files and dataset folders the committed workflows load (LoadImage,
+    Load Tokens and the dataset loaders read the input folder)."""
     import shutil
     os.makedirs(input_dir, exist_ok=True)
     names = sorted(f for f in os.listdir(WORKFLOWS) if f.lower().endswith((".png", ".glmtokens.safetensors")))
     for f in names:
         shutil.copyfile(os.path.join(WORKFLOWS, f), os.path.join(input_dir, f))
+    for d in sorted(os.listdir(WORKFLOWS)):          # dataset folders (LoadImageTextDataSetFromFolder)
+        if d.endswith("_dataset") and os.path.isdir(os.path.join(WORKFLOWS, d)):
+            shutil.copytree(os.path.join(WORKFLOWS, d), os.path.join(input_dir, d), dirs_exist_ok=True)
+            names.append(d)
     return names
 
 
@@ -69,8 +73,10 @@ def stop(server: ComfyServer) -> None:
         pass
 
 
-def ui_workflow_paths() -> list[str]:
-    return workflow_to_api.ui_workflows(WORKFLOWS)
+def ui_workflow_paths(this_host: bool = False) -> list[str]:
+    """Every UI workflow in workflows/ (what the template browser lists); ``this_host``: only those that
+    run in the ComfyUI under test (workflow_to_api.min_comfyui)."""
+    return workflow_to_api.ui_workflows(WORKFLOWS, comfy_server.comfyui_version() if this_host else None)
 
 
 def load_json(path: str):

@@ -54,7 +54,7 @@ def frontend(server):
     for key, value in (("Comfy.Minimap.Visible", False), ("LiteGraph.Canvas.MinFontSizeForLOD", 0)):
         status, body = server.post_json(f"/api/settings/{key}", value)
         assert status == 200, (key, status, body)
-    workflows = gs.ui_workflow_paths()
+    workflows = gs.ui_workflow_paths(this_host=True)
     cmd = [NODE, os.path.join(HERE, "check_frontend.mjs"), "--url", server.url, "--chromium", CHROMIUM,
            "--out", gs.ARTIFACTS, "--pack", gs.PACK_NAME, "--nodes", ",".join(gs.PACK_NODE_IDS),
            "--run", T2I, "--run-glyph", GLYPH, "--run-stock", STOCK, "--run-timeout", "400000", *workflows]
@@ -95,7 +95,7 @@ def test_there_are_ui_workflows(frontend):
     assert {w["name"] for w in frontend["workflows"]} >= {"glm_image_t2i"}
 
 
-@pytest.mark.parametrize("ui_path", gs.ui_workflow_paths(), ids=os.path.basename)
+@pytest.mark.parametrize("ui_path", gs.ui_workflow_paths(this_host=True), ids=os.path.basename)
 def test_workflow_loads_without_missing_nodes_or_broken_links(frontend, ui_path):
     name = os.path.basename(ui_path)[:-len(".json")]
     r = next(w for w in frontend["workflows"] if w["name"] == name)
@@ -107,7 +107,7 @@ def test_workflow_loads_without_missing_nodes_or_broken_links(frontend, ui_path)
     assert os.path.isfile(r["screenshot"])
 
 
-@pytest.mark.parametrize("ui_path", gs.ui_workflow_paths(), ids=os.path.basename)
+@pytest.mark.parametrize("ui_path", gs.ui_workflow_paths(this_host=True), ids=os.path.basename)
 def test_frontend_prompt_equals_committed_api_workflow(frontend, ui_path):
     """What the frontend itself would POST for the loaded UI workflow (graphToPrompt) equals the
     committed API copy: widget values landed on the right widgets, links on the right slots."""
@@ -119,7 +119,7 @@ def test_frontend_prompt_equals_committed_api_workflow(frontend, ui_path):
     assert got == want
 
 
-@pytest.mark.parametrize("ui_path", gs.ui_workflow_paths(), ids=os.path.basename)
+@pytest.mark.parametrize("ui_path", gs.ui_workflow_paths(this_host=True), ids=os.path.basename)
 def test_workflow_survives_save_and_reload(frontend, ui_path):
     """Load, save (graph.serialize) and load again: the prompt must not change. Frontend 1.32.9
     writes a widget with `serialize = false` as a null hole at its index in widgets_values, but on

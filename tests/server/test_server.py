@@ -128,7 +128,7 @@ def test_t2i_workflow_end_to_end(server, tmp_path):
     img.save(os.path.join(gs.ARTIFACTS, "server-t2i.png"))
 
 
-@pytest.mark.parametrize("ui_path", gs.ui_workflow_paths(), ids=os.path.basename)
+@pytest.mark.parametrize("ui_path", gs.ui_workflow_paths(this_host=True), ids=os.path.basename)
 def test_committed_api_workflow_equals_conversion_of_ui_workflow(server, ui_path):
     """workflows/api/X_api.json is what scripts/workflow_to_api.py makes of workflows/X.json with this
     server's /object_info (regenerate: python scripts/workflow_to_api.py --all)."""
@@ -145,10 +145,8 @@ def test_t2i_workflows_exist():
     assert os.path.isfile(os.path.join(gs.WORKFLOWS, "api", "glm_image_t2i_api.json"))
 
 
-@pytest.mark.parametrize("api_path", sorted(
-    os.path.join(gs.WORKFLOWS, "api", f) for f in os.listdir(os.path.join(gs.WORKFLOWS, "api"))
-    if f.endswith("_api.json")),
-    ids=os.path.basename)
+@pytest.mark.parametrize("api_path", [gs.workflow_to_api.api_path_for(p) for p in gs.ui_workflow_paths(this_host=True)],
+                         ids=os.path.basename)
 def test_api_workflow_uses_known_nodes_inputs_and_options(server, api_path):
     """Static check of an API workflow against /object_info: node types, required inputs present,
     no unknown inputs, combo values among the options, links to existing nodes and slots."""

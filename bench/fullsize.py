@@ -6,6 +6,7 @@ them, asserts their bounds and writes ``bench/results/fullsize.{md,json}``.
     python bench/fullsize.py checkpoint [--folder F]              write (or reuse) the random bf16 folder
     python bench/fullsize.py load COMPONENT DTYPE [--folder F]     stream one network in: time, peak RSS
     python bench/fullsize.py t2i DTYPE [--folder F]                the whole text-to-image through ComfyUI
+    python bench/fullsize.py train DTYPE [--folder F]              DiT LoRA training steps (stock Train LoRA), 512²
     python bench/fullsize.py ar-logits ours|official|ours-perturbed [--folder F] --out FILE
     python bench/fullsize.py dit-forward ours|official|ours-perturbed|gguf_* [--folder F] --out FILE
     python bench/fullsize.py gguf-convert gguf_q8_0|gguf_q5_k|gguf_q4_k   DiT + AR -> .cache/gguf-full/*.gguf
@@ -213,6 +214,58 @@ def t2i(folder: str, dtype: str) -> dict:
             "grid": list(tokens.grid.shape), "comfyui": ".".join(map(str, glmtest_host.comfy_version()))}
 
 
+# ---- a DiT LoRA training step (the stock Train LoRA node) ------------------------------------
+
+TRAIN_SIZE, TRAIN_STEPS = 512, 2
+
+
+def train(folder: str, dtype: str) -> dict:
+    """Stock Train LoRA on the full-size DiT's MODEL in the real ComfyUI host (in-process, COMFYUI_DIR): one
+    512² training image (its own tokens, glyph text, VAE latent, as docs/training.md's graph makes them),
+    rank 16, bf16 training, gradient checkpointing per DiT block; TRAIN_STEPS steps. Peak RSS after the
+    dataset part (vision tower, glyph encoder, VAE) and after training, and seconds per step."""
+    import tempfile
+    import glmtest_host
+    import glmtest_train as T
+    base = tempfile.mkdtemp(prefix="glm-fullsize-")
+    atexit.register(shutil.rmtree, base, True)
+    os.makedirs(os.path.join(base, "models", "diffusers"))
+    name = os.path.basename(folder)
+    os.symlink(folder, os.path.join(base, "models", "diffusers", name))
+    host = glmtest_host.Host(base)
+    T.write_dataset(host.folder_paths.get_input_directory(), [(TRAIN_SIZE, TRAIN_SIZE)], folder="full_ds")
+    import comfy.utils
+    steps = []
+
+    def hook(v, t, preview, node_id=None):
+        if t == TRAIN_STEPS:
+            steps.append(time.perf_counter())
+            print(f"[train {dtype}] step {v}/{t} at {steps[-1] - t0:.0f} s", file=sys.stderr, flush=True)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    loader = {"weight_dtype": {"bf16": "default", "fp8": "fp8_e4m3fn"}[dtype], "compute_dtype": "bf16"}
+    t0 = time.perf_counter()
+    g = T.dataset_graph(name, folder="full_ds", **loader)
+    host.run_ok(g)
+    dataset_s, dataset_rss = time.perf_counter() - t0, vm_hwm()
+    extra = {"checkpoint_depth": 2} if "checkpoint_depth" in host.node_class("TrainLoraNode").INPUT_TYPES()["required"] \
+        else {}
+    tg = T.train_graph(host, "loras/glm_full", model=name, loader=loader, steps=TRAIN_STEPS, learning_rate=1e-4,
+                       rank=16, batch_size=1, seed=0, training_dtype="bf16", lora_dtype="bf16",
+                       gradient_checkpointing=True, **extra)
+    tg["2"]["inputs"]["folder"] = "full_ds"
+    t1 = time.perf_counter()
+    host.run_ok(tg)
+    train_s = time.perf_counter() - t1
+    loss = T.raw_output(host, "6", T.output_index(host, "TrainLoraNode", "LOSS_MAP"))[0]["loss"]
+    per_step = [b - a for a, b in zip(steps, steps[1:])]
+    return {"dtype": dtype, "size": TRAIN_SIZE, "steps": TRAIN_STEPS, "rank": 16, "training_dtype": "bf16",
+            "checkpoint_depth": extra.get("checkpoint_depth", "top-level layers"),
+            "dataset_s": dataset_s, "peak_rss_after_dataset": dataset_rss, "train_s": train_s,
+            "s_per_step": per_step[-1] if per_step else None, "peak_rss": vm_hwm(), "loss": loss,
+            "loss_finite": all(x == x and abs(x) != float("inf") for x in loss),
+            "comfyui": ".".join(map(str, glmtest_host.comfy_version()))}
+
+
 # ---- full-size parity against the official classes, one network per process --------------
 
 def _perturb(model: torch.nn.Module, key: str, scale: float) -> None:
@@ -282,7 +335,7 @@ def _save(path: str, t: torch.Tensor) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("job", choices=["checkpoint", "load", "t2i", "ar-logits", "dit-forward", "gguf-convert"])
+    ap.add_argument("job", choices=["checkpoint", "load", "t2i", "train", "ar-logits", "dit-forward", "gguf-convert"])
     ap.add_argument("args", nargs="*")
     ap.add_argument("--folder", default=FOLDER)
     ap.add_argument("--out")
@@ -295,6 +348,8 @@ def main(argv=None) -> int:
         r = load(a.folder, *a.args)
     elif a.job == "t2i":
         r = t2i(a.folder, *a.args)
+    elif a.job == "train":
+        r = train(a.folder, *a.args)
     elif a.job == "gguf-convert":
         r = gguf_convert(a.folder, *a.args)
     elif a.job == "ar-logits":

@@ -56,6 +56,18 @@ def markdown(r: dict) -> str:
             out.append(f"| {x['dtype']} | {x.get('comfyui', '?')} | {x['seconds'] / 60:.1f} | {_s(x['ar_s_per_token'], '{:.2f}')} | "
                        f"{x['ar_tokens']} | {_s(x['dit_s_per_step'])} | {_g(x['peak_rss'])} | {x['image_shape']} {img} |")
         out.append("")
+    if r.get("train"):
+        out += ["## DiT LoRA training steps through ComfyUI's Train LoRA (one 512² image, rank 16, bf16, "
+                "gradient checkpointing per block)", "",
+                "The dataset part (vision tower, glyph encoder, VAE) runs first; the peak RSS after it and after "
+                "training are the process's VmHWM at those points, file pages of the mapped weights included.", "",
+                "| storage | ComfyUI | steps | s / step | peak RSS after the dataset part (GiB) | peak RSS (GiB) | "
+                "losses |", "|---|---|---|---|---|---|---|"]
+        for x in r["train"]:
+            out.append(f"| {x['dtype']} | {x.get('comfyui', '?')} | {x['steps']} | {_s(x['s_per_step'])} | "
+                       f"{_g(x['peak_rss_after_dataset'])} | {_g(x['peak_rss'])} | "
+                       f"{', '.join(f'{v:.3f}' for v in x['loss'])} |")
+        out.append("")
     gg = r.get("gguf")
     if gg and gg.get("convert"):
         c = gg["convert"]

@@ -77,9 +77,9 @@ def dataset_graph(model: str = "GLM-Image-tiny", folder: str = DATASET, fit: str
 
 
 def train_graph(host, prefix: str, model_node=("1", 3), positive=("4", 0), latents=("5", 0),
-                model: str = "GLM-Image-tiny", **train) -> dict:
-    """dataset_graph + Train LoRA + Save LoRA + Plot Loss Graph."""
-    g = dataset_graph(model)
+                model: str = "GLM-Image-tiny", loader: dict | None = None, **train) -> dict:
+    """dataset_graph + Train LoRA + Save LoRA + Plot Loss Graph (``loader``: Load GLM-Image's inputs)."""
+    g = dataset_graph(model, **(loader or {}))
     g["6"] = {"class_type": "TrainLoraNode", "inputs": dict(
         train_inputs(host, **train), model=list(model_node), latents=list(latents), positive=list(positive))}
     g["7"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["6", output_index(host, "TrainLoraNode", "LORA_MODEL")],
@@ -106,8 +106,8 @@ def saved_lora(host, prefix: str) -> str:
     return os.path.relpath(os.path.join(out, os.path.dirname(prefix), names[-1]), loras)
 
 
-def lora_model_graph(lora_name: str, strength: float, model: str = "GLM-Image-tiny") -> dict:
-    g = dataset_graph(model)
+def lora_model_graph(lora_name: str, strength: float, model: str = "GLM-Image-tiny", **loader) -> dict:
+    g = dataset_graph(model, **loader)
     g["9"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 3], "lora_name": lora_name,
                                                               "strength_model": strength}}
     g["12"] = {"class_type": "PreviewAny", "inputs": {"source": ["9", 0]}}

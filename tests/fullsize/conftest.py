@@ -24,9 +24,10 @@ def fullsize_report():
         merged["load"] = report["load"] + [r for r in old["load"] if (r["component"], r["dtype"]) not in seen]
     if "gguf" in report and "gguf" in old:       # a partial GGUF run keeps the other GGUF figures
         merged["gguf"] = {**old["gguf"], **report["gguf"]}
-    if "t2i" in report and "t2i" in old:
-        seen = {r["dtype"] for r in report["t2i"]}
-        merged["t2i"] = report["t2i"] + [r for r in old["t2i"] if r["dtype"] not in seen]
+    for kind in ("t2i", "train"):               # rows per storage dtype: keep the others' last figures
+        if kind in report and kind in old:
+            seen = {r["dtype"] for r in report[kind]}
+            merged[kind] = report[kind] + [r for r in old[kind] if r["dtype"] not in seen]
     merged["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                          "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -92,6 +92,25 @@ def test_lora_reconstructs_training_images_better_and_strength_zero_is_the_base(
         assert torch.equal(T._sample(model0, p, ng, x, s, 5), T._sample(base["model"], p, ng, x, s, 5))
 
 
+def test_training_on_fp8_stored_weights_learns(host, dataset):
+    """The DiT stored in fp8 (Load GLM-Image's weight_dtype fp8_e4m3fn: half the bf16 memory): the trainer's
+    adapters apply to the weights comfy.ops casts up per layer, and the LoRA learns as on float weights."""
+    fp8 = {"weight_dtype": "fp8_e4m3fn"}
+    host.run_ok(T.dataset_graph(**fp8))
+    model, decoder, pos, neg, lat = T.dataset_outputs(host, "1")
+    blocks = [p for n, p in model.model.named_parameters() if ".transformer_blocks." in n and n.endswith(".weight")
+              and p.dim() == 2]
+    assert blocks and all(p.dtype == torch.float8_e4m3fn for p in blocks)
+    before = T.flow_loss(model, decoder, pos, neg, lat), T.img2img_mse(model, decoder, pos, neg, lat)
+    torch.manual_seed(0)
+    host.run_ok(T.train_graph(host, "loras/glm_fp8_lora", loader=fp8, **TRAIN))
+    host.run_ok(T.lora_model_graph(T.saved_lora(host, "loras/glm_fp8_lora"), 1.0, **fp8))
+    model, decoder, pos, neg, lat = T.dataset_outputs(host, "9")
+    after = T.flow_loss(model, decoder, pos, neg, lat), T.img2img_mse(model, decoder, pos, neg, lat)
+    print(f"fp8 storage: flow loss {before[0]:.4f} -> {after[0]:.4f}, img2img {before[1]:.4f} -> {after[1]:.4f}")
+    assert after[0] <= 0.5 * before[0] and after[1] <= 0.7 * before[1]
+
+
 def test_loss_graph_is_drawn(host, trained):
     imgs = host.output_images(trained["result"], "8")
     assert len(imgs) == 1 and os.path.getsize(imgs[0]) > 0

@@ -15,7 +15,8 @@ Jobs, each in a fresh process (one after the other; the official pipeline needs 
 * the pack twice with the same seed: tokens and image must be equal;
 * the AR decode modes alone (``glm_image_core`` on the GPU, bf16, no ComfyUI): ms per token of the exact
   step, the static step and the static step replayed as a CUDA graph, at 1024² and at 768² (a size
-  not seen before), with the tokens of each mode compared to the exact one's.
+  not seen before), with the tokens of each mode compared to the exact one's;
+* a few DiT LoRA training steps at 512² with ComfyUI's own Train LoRA node (docs/training.md).
 Per job: seconds per image, AR ms per token, DiT seconds per step, and per stage (AR, glyph, DiT loop,
 VAE decode) the peak of ``torch.cuda.max_memory_allocated``, plus what ``nvidia-smi`` reports for the
 process at the end. A job that fails is reported as failed; the others still run. ``--budget-s`` stops
@@ -62,6 +63,8 @@ def plan(dry: bool) -> list:
              weight_dtype="bf16", cap_gib=24, lowvram=True),
         dict(name=f"pack fp8 {big}², 12 GiB cap, --lowvram", side="pack", res=big, steps=steps_cap,
              weight_dtype="fp8_e4m3fn", cap_gib=12, lowvram=True),
+        dict(name=f"DiT LoRA training, stock Train LoRA, bf16, {small}²", side="train", res=small,
+             steps=2 if dry else 6, weight_dtype="bf16"),
     ]
     return jobs
 
@@ -140,10 +143,52 @@ def run_ar_modes(spec: dict, folder: str, dry: bool) -> dict:
     return {"name": spec["name"], "spec": spec, "ok": True, "ar_modes_ms_per_token": out}
 
 
+def run_train(spec: dict, folder: str, dry: bool) -> dict:
+    """Stock Train LoRA on the DiT's MODEL (docs/training.md's graph, one training image of res², rank 16,
+    bf16, gradient checkpointing per block): seconds per step and the device's peak memory."""
+    import torch
+    import glmtest_host
+    import glmtest_train as T
+    import run as R
+    cuda = not dry
+    work = tempfile.mkdtemp(prefix="glm-gpu-check-")
+    atexit.register(shutil.rmtree, work, True)
+    side = R.PackSide(folder, "cpu" if dry else "cuda", spec["weight_dtype"], os.path.join(work, "comfy_base"),
+                      host_kwargs=dict(dynamic_vram=glmtest_host.has_dynamic_vram()))
+    host = side.host
+    T.write_dataset(host.folder_paths.get_input_directory(), [(spec["res"], spec["res"])], folder="check_ds")
+    loader = {"weight_dtype": "default", "compute_dtype": "fp32" if dry else "bf16"}
+    host.run_ok(T.dataset_graph(side.model_name, folder="check_ds", **loader))
+    extra = {"checkpoint_depth": 2} if "checkpoint_depth" in host.node_class("TrainLoraNode").INPUT_TYPES()["required"] \
+        else {}
+    g = T.train_graph(host, "loras/gpu_check", model=side.model_name, loader=loader, steps=spec["steps"],
+                      learning_rate=1e-4, rank=16, batch_size=1, seed=0, training_dtype="fp32" if dry else "bf16",
+                      lora_dtype="bf16", gradient_checkpointing=True, **extra)
+    g["2"]["inputs"]["folder"] = "check_ds"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    host.run_ok(g)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    loss = T.raw_output(host, "6", T.output_index(host, "TrainLoraNode", "LOSS_MAP"))[0]["loss"]
+    import _common as C
+    peak = torch.cuda.max_memory_allocated() if cuda else int(C.peak_rss_mb() * 2 ** 20)
+    return {"name": spec["name"], "spec": spec, "ok": all(x == x for x in loss), "train_s": seconds,
+            "s_per_step_with_setup": seconds / spec["steps"], "loss": loss, "stage_peak_gib": {"train": peak / GIB},
+            "memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS",
+            "nvidia_smi_used_mib": nvidia_smi_used_mib() if cuda else None,
+            "comfyui": ".".join(map(str, glmtest_host.comfy_version()))}
+
+
 def run_job(spec: dict, folder: str, dry: bool) -> dict:
     import torch
     if spec["side"] == "ar-modes":
         return run_ar_modes(spec, folder, dry)
+    if spec["side"] == "train":
+        return run_train(spec, folder, dry)
     import run as R
     cuda = not dry
     device = "cuda" if cuda else "cpu"
@@ -229,6 +274,12 @@ def markdown(res: dict) -> str:
             r = j["ar_modes_ms_per_token"]
             cells = "; ".join(f"{k}: {v:.2f} ms/token" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items())
             lines.append(f"| {j['name']} | | | | | | | | | {cells} |")
+            continue
+        if "train_s" in j:
+            cells = (f"{j['spec']['steps']} steps in {j['train_s']:.1f} s with set-up "
+                     f"({j['s_per_step_with_setup']:.2f} s/step); peak {j['stage_peak_gib']['train']:.2f} GiB; "
+                     f"losses {', '.join(f'{x:.3f}' for x in j['loss'])}")
+            lines.append(f"| {j['name']} | | | | | | | | {j['nvidia_smi_used_mib'] or '–'} | {cells} |")
             continue
         p = j["stage_peak_gib"]
         note = ""

@@ -20,7 +20,7 @@ if NEWEST:
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
         res = json.loads((tmp_path / "gpu-dry-run.json").read_text())
         names = [j["name"] for j in res["jobs"]]
-        assert len(names) == 9 and not res["not_run"], names
+        assert len(names) == 10 and not res["not_run"], names
         for j in res["jobs"]:
             assert j["ok"], j
             if j["spec"]["side"] == "ar-modes":          # the AR decode modes alone
@@ -28,10 +28,14 @@ if NEWEST:
                 assert all(r[f"{m} {s}"] > 0 for m in ("exact", "static", "graphs") for s in (256, 352)), r
                 assert r["tokens equal 256"] == r["tokens equal 352"] == {"exact": True, "static": True, "graphs": True}
                 continue
+            if j["spec"]["side"] == "train":               # stock Train LoRA on the DiT's MODEL
+                assert len(j["loss"]) == j["spec"]["steps"] and j["train_s"] > 0 and j["stage_peak_gib"]["train"] > 0, j
+                continue
             assert j["image_s"] > 0 and j["ar_tokens"] > 0 and j["dit_s_per_step"] > 0, j
             assert set(j["stage_peak_gib"]) == {"ar", "glyph", "dit", "vae"}, j
         rep = [j for j in res["jobs"] if "repeat_equal" in j]
         assert rep and rep[0]["repeat_equal"] == {"tokens": True, "image": True}
         assert any(j["spec"].get("lowvram") for j in res["jobs"])
         assert res["meta"]["dynamic_vram"] == glmtest_host.has_dynamic_vram()
-        assert "| pack fp8 256²" in (tmp_path / "gpu-dry-run.md").read_text()
+        md = (tmp_path / "gpu-dry-run.md").read_text()
+        assert "| pack fp8 256²" in md and "| DiT LoRA training, stock Train LoRA, bf16, 288²" in md

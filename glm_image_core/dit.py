@@ -399,7 +399,11 @@ class GlmImageDiT(nn.Module):
         """``prior_projector(prior_token_embedding(ids) [* 0 where dropped])`` -> [..., N, D]."""
         dtype = dtype or self.compute_dtype
         ids = prior_token_id.long()
-        emb = self.prior_token_embedding(ids).to(dtype)
+        # Looked up through the layer's class: a host that swaps the forward of every layer with a 2-D
+        # weight for a Linear adapter's (ComfyUI 0.33's Train LoRA in bypass mode calls F.linear on the
+        # ids) must not reach a lookup table. Weight patches still apply inside the class's forward.
+        table = self.prior_token_embedding
+        emb = type(table).forward(table, ids).to(dtype)
         if isinstance(prior_token_drop, torch.Tensor):
             drop = prior_token_drop.to(device=emb.device, dtype=torch.bool)
             if drop.numel() == 1 and drop.shape != ids.shape:

@@ -111,6 +111,19 @@ def test_training_on_fp8_stored_weights_learns(host, dataset):
     assert after[0] <= 0.5 * before[0] and after[1] <= 0.7 * before[1]
 
 
+def test_bypass_mode_learns(host, dataset, base):
+    """0.33's bypass mode (adapters as forward hooks, the base weights never touched: the trainer's path
+    for weights it cannot patch) learns like the default mode; the saved LoRA loads as usual."""
+    if not host_has(host, "bypass_mode"):
+        return
+    torch.manual_seed(0)
+    host.run_ok(T.train_graph(host, "loras/glm_bypass_lora", **dict(TRAIN, bypass_mode=True)))
+    model, decoder, pos, neg, lat = lora_outputs(host, T.saved_lora(host, "loras/glm_bypass_lora"), 1.0)
+    flow, i2i = T.flow_loss(model, decoder, pos, neg, lat), T.img2img_mse(model, decoder, pos, neg, lat)
+    print(f"bypass mode: flow loss {base['flow']:.4f} -> {flow:.4f}, img2img {base['i2i']:.4f} -> {i2i:.4f}")
+    assert flow <= 0.5 * base["flow"] and i2i <= 0.7 * base["i2i"]
+
+
 def test_loss_graph_is_drawn(host, trained):
     imgs = host.output_images(trained["result"], "8")
     assert len(imgs) == 1 and os.path.getsize(imgs[0]) > 0
@@ -154,9 +167,7 @@ def test_bucket_mode_with_resolution_bucket(host):
     assert len(loss) == 4 and all(torch.isfinite(torch.tensor(loss)))
 
 
-# bypass_mode is not here: 0.33's bypass hooks treat every 2-D weight as a Linear and call F.linear on the
-# DiT's prior-token embedding table (docs/training.md, "Known limits").
-@pytest.mark.parametrize("mode", ["offloading"])
+@pytest.mark.parametrize("mode", ["bypass_mode", "offloading"])
 def test_033_modes_train(host, dataset, mode):
     if not host_has(host, mode):
         return

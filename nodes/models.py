@@ -82,13 +82,26 @@ def gguf_operations(base: type) -> type:
             try:
                 w = self.dequantized(weight, x.dtype)
                 for patch in weight_patches(self, patches):
-                    w = patch(w)
+                    try:
+                        w = patch(w)
+                    except RuntimeError as e:
+                        if "shape" not in str(e):
+                            raise
+                        raise ValueError(GGUF_TRAINING_REFUSED) from None
                 return torch.nn.functional.linear(x, w.to(x.dtype), bias)
             finally:
                 comfy.ops.uncast_bias_weight(self, weight, bias, offload)
     Linear.__name__ = Linear.__qualname__ = f"GGUF{base.Linear.__name__}"
     Embedding.__name__ = Embedding.__qualname__ = f"GGUF{base.Embedding.__name__}"
     return gguf_ops.quantized_ops(base, Linear, Embedding)
+
+
+# A weight function sized for the stored blocks instead of the weight: what ComfyUI's Train LoRA makes (it
+# sizes its adapters from ``module.weight.shape``, the uint8 blocks here).
+GGUF_TRAINING_REFUSED = ("GLM-Image: training a LoRA on GGUF-quantized weights is not supported: ComfyUI's Train LoRA "
+                         "sizes its adapters from the stored blocks, not from the weights they hold. Train on the DiT "
+                         "stored in fp8 (Load GLM-Image or Load GLM-Image DiT with weight_dtype fp8_e4m3fn, half the "
+                         "bf16 memory) or bf16; the trained LoRA then loads on the GGUF DiT.")
 
 
 class GGUFPatcherMixin:

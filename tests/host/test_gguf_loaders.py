@@ -352,6 +352,31 @@ if glmtest_host.has_dynamic_vram():   # ComfyUI 0.3.75 has no dynamic VRAM
         assert rel(outputs(host)[1], dyn["gguf_lora.latent"]) > 0.01, "the LoRA changed nothing"
 
 
+def test_training_a_lora_on_gguf_weights_is_refused_clearly(host, models):
+    """The stock trainer sizes its adapters from the stored weight, which for a GGUF layer is its uint8
+    blocks: refused with what to do instead (fp8 or bf16 storage), not a deep shape error."""
+    import glmtest_train as T
+    T.write_dataset(host.folder_paths.get_input_directory(), [(64, 64)] * 2, folder="gguf_ds")
+    g = graph(name_of("dit", "gguf_q8_0"), "tg_ar.safetensors")
+    g.update({
+        "20": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "gguf_ds"}},
+        "21": {"class_type": "GLMImageImageToTokens", "inputs": {"ar": ["10", 0], "image": ["20", 0],
+                                                                  "caption": ["20", 1], "fit": "crop"}},
+        "22": {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["12", 0], "tokens": ["21", 0]}},
+        "23": {"class_type": "VAEEncode", "inputs": {"pixels": ["21", 1], "vae": ["13", 0]}},
+        "24": {"class_type": "TrainLoraNode", "inputs": dict(T.train_inputs(host, steps=2, learning_rate=0.01, rank=4),
+                                                             model=["12", 1], latents=["23", 0], positive=["22", 0])},
+        "25": {"class_type": "SaveLoRA", "inputs": {"lora": ["24", T.output_index(host, "TrainLoraNode", "LORA_MODEL")],
+                                                    "prefix": "loras/gguf_train"}},
+    })
+    for k in ("2", "3", "4", "5"):
+        g.pop(k)
+    ok, _ = host.run(g)
+    assert not ok
+    msg = host.execution_error()["exception_message"]
+    assert "GGUF" in msg and "fp8" in msg and "train" in msg.lower(), msg
+
+
 def test_a_gguf_that_is_not_glm_image_is_refused_like_safetensors(host, models):
     path = os.path.join(models["diffusion_models"], "flux_Q8_0.gguf")
     gguf_file.write_gguf(path, [gguf_file.Entry("double_blocks.0.img_attn.qkv.weight", (12, 32), gguf_file.GGML_F32,

@@ -5,7 +5,7 @@
   a symlinked folder pointing outside output/; a loader model name with `../`. Each is refused at
   validation and nothing is read or written outside;
 - no network access at import or execution: a fresh process with outbound sockets and name lookups
-  blocked imports ComfyUI and the pack and runs the committed API workflows in-process.
+  blocked imports ComfyUI and the pack and runs the committed API workflows (those for its ComfyUI) in-process.
 """
 import json
 import os
@@ -127,10 +127,11 @@ os.makedirs(os.path.join(base, "models", "diffusers"))
 os.symlink(tiny, os.path.join(base, "models", "diffusers", "GLM-Image-tiny"))
 host = glmtest_host.Host(base)            # imports ComfyUI and loads the pack
 glmtest_server.copy_example_inputs(host.folder_paths.get_input_directory())
-api_dir = os.path.join(root, "workflows", "api")
 ran = {}
-for f in sorted(os.listdir(api_dir)):
-    prompt = glmtest_server.load_workflow_for_tiny(os.path.join(api_dir, f))
+for ui in glmtest_server.ui_workflow_paths(this_host=True):      # the API copies of what runs in this ComfyUI
+    path = glmtest_server.workflow_to_api.api_path_for(ui)
+    f = os.path.basename(path)
+    prompt = glmtest_server.load_workflow_for_tiny(path)
     if any(n["class_type"] == "UpscaleModelLoader" for n in prompt.values()):
         continue                          # needs an upscale model file; not a network question
     ok, res = host.run(prompt)

@@ -377,6 +377,36 @@ def test_training_a_lora_on_gguf_weights_is_refused_clearly(host, models):
     assert "GGUF" in msg and "fp8" in msg and "train" in msg.lower(), msg
 
 
+def test_a_gguf_dit_loaded_as_fp8_trains(host, models):
+    """What the refusal above points to: the GGUF file loaded with weight_dtype fp8_e4m3fn (dequantized to
+    fp8 at load) trains with the stock Train LoRA, and the LoRA it saves loads on the GGUF DiT as stored."""
+    import glmtest_train as T
+    T.write_dataset(host.folder_paths.get_input_directory(), [(64, 64)] * 2, folder="gguf_ds")
+    dit = name_of("dit", "gguf_q8_0")
+    g = graph(dit, "tg_ar.safetensors", weight_dtype="fp8_e4m3fn")
+    g.update({
+        "20": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "gguf_ds"}},
+        "21": {"class_type": "GLMImageImageToTokens", "inputs": {"ar": ["10", 0], "image": ["20", 0],
+                                                                  "caption": ["20", 1], "fit": "crop"}},
+        "22": {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["12", 0], "tokens": ["21", 0]}},
+        "23": {"class_type": "VAEEncode", "inputs": {"pixels": ["21", 1], "vae": ["13", 0]}},
+        "24": {"class_type": "TrainLoraNode", "inputs": dict(T.train_inputs(host, steps=3, learning_rate=0.01, rank=4),
+                                                             model=["12", 1], latents=["23", 0], positive=["22", 0])},
+        "25": {"class_type": "SaveLoRA", "inputs": {"lora": ["24", T.output_index(host, "TrainLoraNode", "LORA_MODEL")],
+                                                    "prefix": "loras/gguf_fp8_train"}},
+    })
+    for k in ("2", "3", "4", "5"):
+        g.pop(k)
+    host.run_ok(g)
+    out = os.path.join(host.folder_paths.get_output_directory(), "loras")
+    saved = sorted(f for f in os.listdir(out) if f.startswith("gguf_fp8_train"))
+    assert saved
+    os.symlink(os.path.join(out, saved[-1]), os.path.join(models["loras"], "tg_trained_fp8.safetensors"))
+    getattr(host.folder_paths, "filename_list_cache", {}).clear()      # a new file in a listed folder
+    ref = image_of(host, stock_graph(dit, None))
+    assert not torch.equal(image_of(host, stock_graph(dit, "tg_trained_fp8.safetensors")), ref)
+
+
 def test_a_gguf_that_is_not_glm_image_is_refused_like_safetensors(host, models):
     path = os.path.join(models["diffusion_models"], "flux_Q8_0.gguf")
     gguf_file.write_gguf(path, [gguf_file.Entry("double_blocks.0.img_attn.qkv.weight", (12, 32), gguf_file.GGML_F32,

@@ -35,6 +35,7 @@ def start(base_dir: str, tiny_ckpt: str, name: str, device_args: tuple = ("--cpu
     server = ComfyServer(str(base_dir), diffusers={TINY_NAME: tiny_ckpt}, device_args=tuple(device_args),
                          extra_args=tuple(extra_args))
     copy_example_inputs(os.path.join(str(base_dir), "input"))
+    copy_example_loras(os.path.join(str(base_dir), "models", "loras"))   # --base-directory's loras folder
     # The chain workflow's UpscaleModelLoader needs an upscale model, as a user would have one.
     glmtest_upscale.write_tiny_upscale_model(os.path.join(str(base_dir), "models", "upscale_models"))
     server.artifact_name = name
@@ -58,6 +59,22 @@ def copy_example_inputs(input_dir: str) -> list[str]:
         if d.endswith("_dataset") and os.path.isdir(os.path.join(WORKFLOWS, d)):
             shutil.copytree(os.path.join(WORKFLOWS, d), os.path.join(input_dir, d), dirs_exist_ok=True)
             names.append(d)
+    return names
+
+
+def copy_example_loras(loras_dir: str, folder_paths=None) -> list[str]:
+    """The example LoRA the LoRA workflow loads (workflows/glm_image_lora_*.safetensors, trained on the tiny
+    checkpoint) into a loras folder, as a user puts a LoRA into models/loras; registered with an in-process
+    host's ``folder_paths`` when given."""
+    import shutil
+    os.makedirs(loras_dir, exist_ok=True)
+    names = sorted(f for f in os.listdir(WORKFLOWS) if f.startswith("glm_image_lora_") and f.endswith(".safetensors"))
+    for f in names:
+        shutil.copyfile(os.path.join(WORKFLOWS, f), os.path.join(loras_dir, f))
+    if folder_paths is not None:
+        if loras_dir not in folder_paths.get_folder_paths("loras"):
+            folder_paths.add_model_folder_path("loras", loras_dir)
+        getattr(folder_paths, "filename_list_cache", {}).clear()
     return names
 
 

@@ -127,6 +127,7 @@ os.makedirs(os.path.join(base, "models", "diffusers"))
 os.symlink(tiny, os.path.join(base, "models", "diffusers", "GLM-Image-tiny"))
 host = glmtest_host.Host(base)            # imports ComfyUI and loads the pack
 glmtest_server.copy_example_inputs(host.folder_paths.get_input_directory())
+glmtest_server.copy_example_loras(os.path.join(host.models_dir, "loras"), host.folder_paths)
 ran = {}
 for ui in glmtest_server.ui_workflow_paths(this_host=True):      # the API copies of what runs in this ComfyUI
     path = glmtest_server.workflow_to_api.api_path_for(ui)

@@ -30,6 +30,7 @@ SAVE_NODES = ("SaveImage", "PreviewImage")
 @pytest.fixture(scope="module")
 def wf_host(host):
     glmtest_server.copy_example_inputs(host.folder_paths.get_input_directory())
+    glmtest_server.copy_example_loras(os.path.join(host.models_dir, "loras"), host.folder_paths)
     glmtest_upscale.write_tiny_upscale_model(os.path.join(host.models_dir, "upscale_models"))
     return host
 
@@ -116,7 +117,7 @@ def test_every_feature_has_a_workflow():
     names = {os.path.basename(p)[:-len("_api.json")] for p in ALL_API}
     assert names >= {"glm_image_t2i", "glm_image_edit", "glm_image_multi_reference", "glm_image_text_rendering",
                      "glm_image_token_reuse", "glm_image_chain", "glm_image_t2i_official",
-                     "glm_image_stock_sampler", "glm_image_rerender", "glm_image_train_lora"}
+                     "glm_image_stock_sampler", "glm_image_rerender", "glm_image_train_lora", "glm_image_lora"}
 
 
 def test_official_weights_workflow_has_the_official_settings():

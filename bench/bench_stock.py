@@ -21,13 +21,10 @@ Writes bench/results/stock.{md,json}.
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -84,12 +81,7 @@ def main() -> None:
     import glmtest_host
     from glm_image_core.tokens import GLMTokens, save_tokens
 
-    ckpt = cached_checkpoint(a.size)
-    base = tempfile.mkdtemp(prefix="glm-bench-stock-")
-    atexit.register(shutil.rmtree, base, True)
-    os.makedirs(os.path.join(base, "models", "diffusers"))
-    os.symlink(ckpt, os.path.join(base, "models", "diffusers", "GLM-Image-bench"))
-    host = glmtest_host.Host(base)
+    host, _ = glmtest_host.host_with_checkpoint(cached_checkpoint(a.size), "GLM-Image-bench", "glm-bench-stock-")
     g = torch.Generator().manual_seed(0)
     grid = torch.randint(0, 16384, (1, a.px // 32, a.px // 32), generator=g)
     save_tokens(GLMTokens(grid=grid, width=a.px, height=a.px, prompt='a sign that says "GLM"', seed=0),

@@ -16,12 +16,10 @@ tenth of the steps; seconds per training step. Writes bench/results/train.{md,js
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -46,12 +44,7 @@ def main() -> None:
     import glmtest_host
     import glmtest_train as T
 
-    ckpt = cached_checkpoint(a.size)
-    base = tempfile.mkdtemp(prefix="glm-bench-train-")
-    atexit.register(shutil.rmtree, base, True)
-    os.makedirs(os.path.join(base, "models", "diffusers"))
-    os.symlink(ckpt, os.path.join(base, "models", "diffusers", "GLM-Image-bench"))
-    host = glmtest_host.Host(base)
+    host, _ = glmtest_host.host_with_checkpoint(cached_checkpoint(a.size), "GLM-Image-bench", "glm-bench-train-")
     T.write_dataset(host.folder_paths.get_input_directory(), [(a.px, a.px)] * a.images)
 
     host.run_ok(T.dataset_graph("GLM-Image-bench"))

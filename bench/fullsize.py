@@ -18,7 +18,6 @@ file, blocks kept quantized). Peak RSS is the process's VmHWM.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import resource
@@ -163,14 +162,8 @@ def gguf_convert(folder: str, dtype: str) -> dict:
 def t2i(folder: str, dtype: str) -> dict:
     """Load GLM-Image → Text → Semantic Tokens (256²) → Semantic Tokens → Latent (2 steps, cfg 1.5) → stock
     VAE Decode, in the real ComfyUI host in-process (COMFYUI_DIR), weights from the bf16 folder."""
-    import tempfile
     import glmtest_host
-    base = tempfile.mkdtemp(prefix="glm-fullsize-")
-    atexit.register(shutil.rmtree, base, True)
-    os.makedirs(os.path.join(base, "models", "diffusers"))
-    name = os.path.basename(folder)
-    os.symlink(folder, os.path.join(base, "models", "diffusers", name))
-    host = glmtest_host.Host(base)
+    host, name = glmtest_host.host_with_checkpoint(folder, prefix="glm-fullsize-")
     import comfy.utils
     events = []
 
@@ -224,15 +217,9 @@ def train(folder: str, dtype: str) -> dict:
     512² training image (its own tokens, glyph text, VAE latent, as docs/training.md's graph makes them),
     rank 16, bf16 training, gradient checkpointing per DiT block; TRAIN_STEPS steps. Peak RSS after the
     dataset part (vision tower, glyph encoder, VAE) and after training, and seconds per step."""
-    import tempfile
     import glmtest_host
     import glmtest_train as T
-    base = tempfile.mkdtemp(prefix="glm-fullsize-")
-    atexit.register(shutil.rmtree, base, True)
-    os.makedirs(os.path.join(base, "models", "diffusers"))
-    name = os.path.basename(folder)
-    os.symlink(folder, os.path.join(base, "models", "diffusers", name))
-    host = glmtest_host.Host(base)
+    host, name = glmtest_host.host_with_checkpoint(folder, prefix="glm-fullsize-")
     T.write_dataset(host.folder_paths.get_input_directory(), [(TRAIN_SIZE, TRAIN_SIZE)], folder="full_ds")
     import comfy.utils
     steps = []

@@ -203,6 +203,20 @@ class Host:
                 for i in imgs]
 
 
+def host_with_checkpoint(folder: str, name: str | None = None, prefix: str = "glm-host-", **host_kwargs):
+    """(Host, model name): a live host on a temporary base folder (removed at exit) in which ``folder`` is
+    the diffusers model ``name`` (default: the folder's own name), for benches and heavy jobs."""
+    import atexit
+    import shutil
+    import tempfile
+    base = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, base, True)
+    name = name or os.path.basename(os.path.normpath(folder))
+    os.makedirs(os.path.join(base, "models", "diffusers"))
+    os.symlink(os.path.abspath(folder), os.path.join(base, "models", "diffusers", name))
+    return Host(base, **host_kwargs), name
+
+
 def node_output(host: "Host", node_id: str, index: int = 0):
     """The value a node produced in the last run (read from the executor's output cache)."""
     entry = host.cached_output(node_id)

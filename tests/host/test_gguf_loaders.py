@@ -352,25 +352,30 @@ if glmtest_host.has_dynamic_vram():   # ComfyUI 0.3.75 has no dynamic VRAM
         assert rel(outputs(host)[1], dyn["gguf_lora.latent"]) > 0.01, "the LoRA changed nothing"
 
 
-def test_training_a_lora_on_gguf_weights_is_refused_clearly(host, models):
-    """The stock trainer sizes its adapters from the stored weight, which for a GGUF layer is its uint8
-    blocks: refused with what to do instead (fp8 or bf16 storage), not a deep shape error."""
+def train_graph(host, dit: str, weight_dtype: str, steps: int, prefix: str) -> dict:
+    """The single-file loaders (the DiT as ``weight_dtype``) -> a two-image dataset -> Image → Semantic Tokens
+    -> Conditioning + VAE Encode -> stock Train LoRA -> Save LoRA (glmtest_train's graph on single files)."""
     import glmtest_train as T
     T.write_dataset(host.folder_paths.get_input_directory(), [(64, 64)] * 2, folder="gguf_ds")
-    g = graph(name_of("dit", "gguf_q8_0"), "tg_ar.safetensors")
+    g = {k: v for k, v in graph(dit, "tg_ar.safetensors", weight_dtype=weight_dtype).items() if k not in ("2", "3", "4", "5")}
     g.update({
         "20": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "gguf_ds"}},
         "21": {"class_type": "GLMImageImageToTokens", "inputs": {"ar": ["10", 0], "image": ["20", 0],
                                                                   "caption": ["20", 1], "fit": "crop"}},
         "22": {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["12", 0], "tokens": ["21", 0]}},
         "23": {"class_type": "VAEEncode", "inputs": {"pixels": ["21", 1], "vae": ["13", 0]}},
-        "24": {"class_type": "TrainLoraNode", "inputs": dict(T.train_inputs(host, steps=2, learning_rate=0.01, rank=4),
+        "24": {"class_type": "TrainLoraNode", "inputs": dict(T.train_inputs(host, steps=steps, learning_rate=0.01, rank=4),
                                                              model=["12", 1], latents=["23", 0], positive=["22", 0])},
         "25": {"class_type": "SaveLoRA", "inputs": {"lora": ["24", T.output_index(host, "TrainLoraNode", "LORA_MODEL")],
-                                                    "prefix": "loras/gguf_train"}},
+                                                    "prefix": prefix}},
     })
-    for k in ("2", "3", "4", "5"):
-        g.pop(k)
+    return g
+
+
+def test_training_a_lora_on_gguf_weights_is_refused_clearly(host, models):
+    """The stock trainer sizes its adapters from the stored weight, which for a GGUF layer is its uint8
+    blocks: refused with what to do instead (fp8 or bf16 storage), not a deep shape error."""
+    g = train_graph(host, name_of("dit", "gguf_q8_0"), "default", steps=2, prefix="loras/gguf_train")
     ok, _ = host.run(g)
     assert not ok
     msg = host.execution_error()["exception_message"]
@@ -380,23 +385,8 @@ def test_training_a_lora_on_gguf_weights_is_refused_clearly(host, models):
 def test_a_gguf_dit_loaded_as_fp8_trains(host, models):
     """What the refusal above points to: the GGUF file loaded with weight_dtype fp8_e4m3fn (dequantized to
     fp8 at load) trains with the stock Train LoRA, and the LoRA it saves loads on the GGUF DiT as stored."""
-    import glmtest_train as T
-    T.write_dataset(host.folder_paths.get_input_directory(), [(64, 64)] * 2, folder="gguf_ds")
     dit = name_of("dit", "gguf_q8_0")
-    g = graph(dit, "tg_ar.safetensors", weight_dtype="fp8_e4m3fn")
-    g.update({
-        "20": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "gguf_ds"}},
-        "21": {"class_type": "GLMImageImageToTokens", "inputs": {"ar": ["10", 0], "image": ["20", 0],
-                                                                  "caption": ["20", 1], "fit": "crop"}},
-        "22": {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["12", 0], "tokens": ["21", 0]}},
-        "23": {"class_type": "VAEEncode", "inputs": {"pixels": ["21", 1], "vae": ["13", 0]}},
-        "24": {"class_type": "TrainLoraNode", "inputs": dict(T.train_inputs(host, steps=3, learning_rate=0.01, rank=4),
-                                                             model=["12", 1], latents=["23", 0], positive=["22", 0])},
-        "25": {"class_type": "SaveLoRA", "inputs": {"lora": ["24", T.output_index(host, "TrainLoraNode", "LORA_MODEL")],
-                                                    "prefix": "loras/gguf_fp8_train"}},
-    })
-    for k in ("2", "3", "4", "5"):
-        g.pop(k)
+    g = train_graph(host, dit, "fp8_e4m3fn", steps=3, prefix="loras/gguf_fp8_train")
     host.run_ok(g)
     out = os.path.join(host.folder_paths.get_output_directory(), "loras")
     saved = sorted(f for f in os.listdir(out) if f.startswith("gguf_fp8_train"))

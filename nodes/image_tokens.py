@@ -20,9 +20,9 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..glm_image_core import ar_generate, ar_prompt, image_proc, memory_plan
+from ..glm_image_core import image_proc
 from ..glm_image_core.tokens import GLMTokens
-from .reference import to_rgb
+from .reference import to_rgb, tokenize_image
 from .types import CATEGORY, GlmAR, GlmTokens
 
 log = logging.getLogger("GLM-Image")
@@ -110,11 +110,7 @@ class GLMImageImageToTokens(io.ComfyNode):
                 log.info("GLM-Image Image → Semantic Tokens, image %d: %s", i + 1, note)
             pic = image_proc.fit_image(pic, crop, size)
             th, tw = size
-            patches = (th // ar_prompt.GRID_FACTOR) * (tw // ar_prompt.GRID_FACTOR)
-            model = ar.vision.load(memory_required=memory_plan.vision_activation_bytes(
-                ar.config, patches, ar.vision.compute_dtype.itemsize))
-            ids = ar_generate.tokenize_reference(model, pic, ar.processor_config,
-                                                 device=ar.vision.load_device, dtype=ar.vision.compute_dtype)
+            ids = tokenize_image(ar, pic)
             tokens_out.append(GLMTokens(grid=ids.cpu()[None], width=tw, height=th, prompt=text, seed=0,
                                         sampling={"from_image": True}, codebook_size=ar.codebook_size,
                                         source=ar.name).validate())

@@ -85,6 +85,17 @@ def to_rgb(image: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"image must have 1, 3 or 4 channels, got {c}")
 
 
+def tokenize_image(ar, image: torch.Tensor) -> torch.Tensor:
+    """VQ ids [H/32, W/32] of one image already fitted to the grid: the AR's vision tower, loaded by
+    ComfyUI with room for its activations, + the VQ codebook."""
+    h, w = int(image.shape[1]), int(image.shape[2])
+    patches = (h // ar_prompt.GRID_FACTOR) * (w // ar_prompt.GRID_FACTOR)
+    model = ar.vision.load(memory_required=memory_plan.vision_activation_bytes(
+        ar.config, patches, ar.vision.compute_dtype.itemsize))
+    return ar_generate.tokenize_reference(model, image, ar.processor_config, device=ar.vision.load_device,
+                                          dtype=ar.vision.compute_dtype)
+
+
 class GLMImageReferenceEdit(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -130,10 +141,6 @@ class GLMImageReferenceEdit(io.ComfyNode):
             raw = vae.encode(img)
             latent = decoder.normalize(raw.float().cpu())
             # Every time: the VAE encode above may have made ComfyUI unload the AR on a small card.
-            patches = (th // ar_prompt.GRID_FACTOR) * (tw // ar_prompt.GRID_FACTOR)
-            model = ar.vision.load(memory_required=memory_plan.vision_activation_bytes(
-                ar.config, patches, ar.vision.compute_dtype.itemsize))
-            ids = ar_generate.tokenize_reference(model, img, ar.processor_config,
-                                                 device=ar.vision.load_device, dtype=ar.vision.compute_dtype)
+            ids = tokenize_image(ar, img)
             items.append(ReferenceImage(image=img.cpu(), ar_ids=ids.cpu(), latent=latent, note=note))
         return io.NodeOutput(References(items=items, ar_name=ar.name, decoder_name=decoder.name))

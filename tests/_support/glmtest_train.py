@@ -90,19 +90,27 @@ def train_graph(host, prefix: str, model_node=("1", 3), positive=("4", 0), laten
     return g
 
 
+def loras_folder(host) -> str:
+    """output/loras (where SaveLoRA writes), registered as a 'loras' folder as users do with
+    extra_model_paths; the folder list cache is cleared so new files show."""
+    loras = os.path.join(host.folder_paths.get_output_directory(), "loras")
+    os.makedirs(loras, exist_ok=True)
+    if loras not in host.folder_paths.get_folder_paths("loras"):
+        host.folder_paths.add_model_folder_path("loras", loras)
+    getattr(host.folder_paths, "filename_list_cache", {}).clear()
+    return loras
+
+
 def saved_lora(host, prefix: str) -> str:
     """The newest file SaveLoRA wrote under output/<prefix>*, as a name in the 'loras' folder list
     (output/loras is registered as a loras folder, as users do with extra_model_paths)."""
     out = host.folder_paths.get_output_directory()
-    loras = os.path.join(out, "loras")
-    if loras not in host.folder_paths.get_folder_paths("loras"):
-        host.folder_paths.add_model_folder_path("loras", loras)
+    loras = loras_folder(host)
     stem = os.path.basename(prefix)
     names = sorted((f for f in os.listdir(os.path.dirname(os.path.join(out, prefix)))
                     if f.startswith(stem) and f.endswith(".safetensors")),
                    key=lambda f: os.path.getmtime(os.path.join(out, os.path.dirname(prefix), f)))
     assert names, f"SaveLoRA wrote no file for {prefix}"
-    getattr(host.folder_paths, "filename_list_cache", {}).clear()
     return os.path.relpath(os.path.join(out, os.path.dirname(prefix), names[-1]), loras)
 
 

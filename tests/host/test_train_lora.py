@@ -241,14 +241,13 @@ def test_interrupt_during_training_leaves_the_server_serving_and_the_next_run_no
 def test_a_lora_for_another_model_or_the_ar_is_refused_clearly_on_the_dit(host, dataset, keys, what):
     from safetensors.torch import save_file
     name, (out_f, in_f) = keys
-    loras = os.path.join(host.folder_paths.get_output_directory(), "loras")
-    os.makedirs(loras, exist_ok=True)
+    loras = T.loras_folder(host)
     fname = f"glm_foreign_{abs(hash(name)) % 10000}.safetensors"
     sep = "." if "." in name else "_"
     save_file({f"{name}{sep}lora_A.weight" if sep == "." else f"{name}.lora_down.weight": torch.zeros(4, in_f),
                f"{name}{sep}lora_B.weight" if sep == "." else f"{name}.lora_up.weight": torch.zeros(out_f, 4)},
               os.path.join(loras, fname))
-    T.saved_lora(host, "loras/glm_foreign")      # registers output/loras as a loras folder
+    T.loras_folder(host)                         # the new file in the folder list
     msg = failure(host, T.lora_model_graph(fname, 1.0))
     assert "fits none of the GLM-Image DiT's layers" in msg and what in msg, msg
     host.run_ok(T.lora_model_graph(fname, 0.0))  # strength 0: the stock loader does not read it at all

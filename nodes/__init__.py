@@ -3,7 +3,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import attention, stock_model
+from . import attention, models, stock_model
 from .ar import GLMImageTextToTokens
 from .decoder import GLMImageTokensToLatent
 from .glyph import GLMImageGlyphText
@@ -21,6 +21,7 @@ NODES = [GLMImageLoader, GLMImageTextToTokens, GLMImageImageToTokens, GLMImageGl
 
 attention.install()   # the user's attention flag applies to GLM's networks too
 stock_model.install_lora_keys()   # diffusers/PEFT LoRA names for the DiT's MODEL
+models.install_gguf_training()   # ComfyUI's Train LoRA on GGUF weights (QLoRA)
 
 
 class GLMImageExtension(ComfyExtension):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -96,12 +97,44 @@ def gguf_operations(base: type) -> type:
     return gguf_ops.quantized_ops(base, Linear, Embedding)
 
 
-# A weight function sized for the stored blocks instead of the weight: what ComfyUI's Train LoRA makes (it
-# sizes its adapters from ``module.weight.shape``, the uint8 blocks here).
-GGUF_TRAINING_REFUSED = ("GLM-Image: training a LoRA on GGUF-quantized weights is not supported: ComfyUI's Train LoRA "
-                         "sizes its adapters from the stored blocks, not from the weights they hold. Train on the DiT "
-                         "stored in fp8 (Load GLM-Image or Load GLM-Image DiT with weight_dtype fp8_e4m3fn, half the "
-                         "bf16 memory) or bf16; the trained LoRA then loads on the GGUF DiT.")
+# A weight function sized for the stored blocks instead of the weight: what ComfyUI 0.3.75's Train LoRA makes
+# (it sizes its adapters from ``module.weight.shape``, the uint8 blocks here, inline where nothing can help it).
+GGUF_TRAINING_REFUSED = ("GLM-Image: this ComfyUI's Train LoRA cannot train on GGUF-quantized weights: it sizes its "
+                         "adapters from the stored blocks, not from the weights they hold. Train on ComfyUI 0.33 or "
+                         "newer (GGUF trains there, bypass_mode on or off), or on the DiT stored in fp8 (Load GLM-Image "
+                         "or Load GLM-Image DiT with weight_dtype fp8_e4m3fn, half the bf16 memory) or bf16; the "
+                         "trained LoRA then loads on the GGUF DiT.")
+
+
+class _LogicalWeight:
+    """What ComfyUI's Train LoRA is shown of a GGUF layer when it makes the layer's adapter: a weight of the
+    logical (float) shape on the blocks' device, which is all the trainer reads (shape and device). An
+    expanded scalar: no memory. The blocks themselves keep their own shape, which ComfyUI's memory
+    accounting (dynamic VRAM's allocations included) must see."""
+
+    def __init__(self, layer):
+        self.weight = torch.empty((), device=layer.weight.device).expand(layer.ggml[1])
+        self.bias = layer.bias
+
+
+def install_gguf_training() -> None:
+    """Make ComfyUI's Train LoRA size a GGUF layer's adapter from the weight the blocks hold (once, GGUF
+    layers only). The adapter is then ComfyUI's own: a weight wrapper applied to the dequantized weight
+    (``gguf_operations``' Linear), or in bypass_mode a forward hook around the layer — QLoRA, frozen blocks
+    and a float LoRA, with ComfyUI's trainer and adapters. The trainer module is found by its file, as
+    ComfyUI loads comfy_extras under their paths; a trainer that makes adapters inline (0.3.75) is left
+    as it is, and its shape error becomes GGUF_TRAINING_REFUSED."""
+    for module in list(sys.modules.values()):
+        path = (getattr(module, "__file__", None) or "").replace(os.sep, "/")
+        create = getattr(module, "_create_weight_adapter", None) if path.endswith("comfy_extras/nodes_train.py") else None
+        if create is None or getattr(create, "glm_image", False):
+            continue
+
+        def create_weight_adapter(layer, *args, _create=create, **kwargs):
+            return _create(_LogicalWeight(layer) if getattr(layer, "ggml", None) is not None else layer, *args, **kwargs)
+        create_weight_adapter.glm_image = True
+        create_weight_adapter.__wrapped__ = create
+        module._create_weight_adapter = create_weight_adapter
 
 
 class GGUFPatcherMixin:

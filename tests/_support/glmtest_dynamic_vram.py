@@ -1,8 +1,8 @@
 """Child process of tests/host/test_dynamic_vram.py: a fresh ComfyUI 0.33 host in-process with
 dynamic VRAM switched on by ComfyUI's own switches (see glmtest_host.enable_dynamic_vram), the pack
 loaded, and the API prompts of a JSON file run one after the other. Writes, per prompt, the tokens'
-grid, the latent and the image of nodes "2", "3", "4" to OUT.safetensors and what it saw of
-ComfyUI's state to OUT.json. Usage: glmtest_dynamic_vram.py BASE_DIR PROMPTS.json OUT"""
+grid, the latent and the image of nodes "2", "3", "4" (when the prompt has them: a training prompt only
+saves its LoRA) to OUT.safetensors and what it saw of ComfyUI's state to OUT.json. Usage: glmtest_dynamic_vram.py BASE_DIR PROMPTS.json OUT"""
 import json
 import os
 import sys
@@ -20,6 +20,7 @@ def main(base: str, prompts_file: str, out: str) -> None:
     import comfy.ops
     for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
         host.folder_paths.add_model_folder_path(sub, os.path.join(base, "models", sub), is_default=True)
+    host.folder_paths.add_model_folder_path("diffusion_models", os.path.join(base, "models", "unet"))
     probe = comfy.ops.disable_weight_init.Linear(4, 4)       # how this host now builds a Linear
     report = {"aimdo_enabled": bool(comfy.memory_management.aimdo_enabled),
               "core_model_patcher": comfy.model_patcher.CoreModelPatcher.__name__,
@@ -29,9 +30,10 @@ def main(base: str, prompts_file: str, out: str) -> None:
         prompts = json.load(f)
     for name, prompt in prompts.items():
         host.run_ok(prompt)
-        tensors[f"{name}.tokens"] = glmtest_host.node_output(host, "2").grid.contiguous()
-        tensors[f"{name}.latent"] = glmtest_host.node_output(host, "3")["samples"].contiguous()
-        tensors[f"{name}.image"] = glmtest_host.node_output(host, "4").contiguous()
+        if "2" in prompt:
+            tensors[f"{name}.tokens"] = glmtest_host.node_output(host, "2").grid.contiguous()
+            tensors[f"{name}.latent"] = glmtest_host.node_output(host, "3")["samples"].contiguous()
+            tensors[f"{name}.image"] = glmtest_host.node_output(host, "4").contiguous()
         report["runs"][name] = sorted({type(lm.model).__name__ for lm in mm.current_loaded_models})
         # every loaded GLM network holds real weights of its declared dtype record
         for lm in mm.current_loaded_models:

@@ -173,9 +173,10 @@ class Host:
 
     def run(self, prompt: dict):
         """Validate and execute an API-format prompt. Returns (success, result) where result is the
-        executor's history_result ({"outputs": ...}) or, on validation failure, the errors."""
+        executor's history_result ({"outputs": ...}) or, on validation failure, the errors. An output
+        that fails validation fails the run (ComfyUI itself runs the other outputs and drops it)."""
         (ok, err, outs, node_errors), pid = self.validate(prompt)
-        if not ok:
+        if not ok or node_errors:
             return False, {"error": err, "node_errors": node_errors}
         self.server.events.clear()
         extra = {"client_id": "pytest"}

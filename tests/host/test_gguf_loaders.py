@@ -352,9 +352,9 @@ if glmtest_host.has_dynamic_vram():   # ComfyUI 0.3.75 has no dynamic VRAM
         assert rel(outputs(host)[1], dyn["gguf_lora.latent"]) > 0.01, "the LoRA changed nothing"
 
 
-def train_graph(host, dit: str, weight_dtype: str, steps: int, prefix: str) -> dict:
+def dataset_graph(host, dit: str, weight_dtype: str, lora: str | None = None, strength: float = 1.0) -> dict:
     """The single-file loaders (the DiT as ``weight_dtype``) -> a two-image dataset -> Image → Semantic Tokens
-    -> Conditioning + VAE Encode -> stock Train LoRA -> Save LoRA (glmtest_train's graph on single files)."""
+    -> Conditioning + VAE Encode (glmtest_train's dataset graph on single files), + LoraLoaderModelOnly."""
     import glmtest_train as T
     T.write_dataset(host.folder_paths.get_input_directory(), [(64, 64)] * 2, folder="gguf_ds")
     g = {k: v for k, v in graph(dit, "tg_ar.safetensors", weight_dtype=weight_dtype).items() if k not in ("2", "3", "4", "5")}
@@ -364,27 +364,147 @@ def train_graph(host, dit: str, weight_dtype: str, steps: int, prefix: str) -> d
                                                                   "caption": ["20", 1], "fit": "crop"}},
         "22": {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["12", 0], "tokens": ["21", 0]}},
         "23": {"class_type": "VAEEncode", "inputs": {"pixels": ["21", 1], "vae": ["13", 0]}},
-        "24": {"class_type": "TrainLoraNode", "inputs": dict(T.train_inputs(host, steps=steps, learning_rate=0.01, rank=4),
-                                                             model=["12", 1], latents=["23", 0], positive=["22", 0])},
+        "26": {"class_type": "PreviewAny", "inputs": {"source": ["23", 0]}},
+        "27": {"class_type": "PreviewAny", "inputs": {"source": ["22", 1]}},
+    })
+    if lora is not None:
+        g["16"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["12", 1], "lora_name": lora,
+                                                                  "strength_model": strength}}
+        g["28"] = {"class_type": "PreviewAny", "inputs": {"source": ["16", 0]}}
+    return g
+
+
+def train_graph(host, dit: str, weight_dtype: str, steps: int, prefix: str, **train) -> dict:
+    """dataset_graph -> stock Train LoRA (``train``: its widgets) -> Save LoRA."""
+    import glmtest_train as T
+    g = dataset_graph(host, dit, weight_dtype)
+    g.update({
+        "24": {"class_type": "TrainLoraNode", "inputs": dict(
+            T.train_inputs(host, **dict(dict(steps=steps, learning_rate=0.01, rank=4), **train)),
+            model=["12", 1], latents=["23", 0], positive=["22", 0])},
         "25": {"class_type": "SaveLoRA", "inputs": {"lora": ["24", T.output_index(host, "TrainLoraNode", "LORA_MODEL")],
                                                     "prefix": prefix}},
     })
     return g
 
 
-def test_training_a_lora_on_gguf_weights_is_refused_clearly(host, models):
-    """The stock trainer sizes its adapters from the stored weight, which for a GGUF layer is its uint8
-    blocks: refused with what to do instead (fp8 or bf16 storage), not a deep shape error."""
-    g = train_graph(host, name_of("dit", "gguf_q8_0"), "default", steps=2, prefix="loras/gguf_train")
-    ok, _ = host.run(g)
-    assert not ok
-    msg = host.execution_error()["exception_message"]
-    assert "GGUF" in msg and "fp8" in msg and "train" in msg.lower(), msg
+def measured(host, dit: str, lora: str | None = None, strength: float = 1.0) -> dict:
+    """glmtest_train's evidence on the dataset graph: the flow-matching loss at fixed (noise, sigma) pairs,
+    the img2img latent MSE, and one img2img latent per image (for bit-for-bit comparisons)."""
+    import glmtest_train as T
+    host.run_ok(dataset_graph(host, dit, "default", lora, strength))
+    model = T.raw_output(host, "16", 0)[0] if lora is not None else T.raw_output(host, "12", 1)[0]
+    decoder = T.raw_output(host, "12", 0)[0]
+    pos, neg = T.raw_output(host, "22", 0), T.raw_output(host, "22", 1)
+    lat = [x["samples"] for x in T.raw_output(host, "23", 0)]
+    return dict(flow=T.flow_loss(model, decoder, pos, neg, lat), i2i=T.img2img_mse(model, decoder, pos, neg, lat),
+                latents=[T._sample(model, p, n, x, list(T.IMG2IMG_SIGMAS), 5) for p, n, x in zip(pos, neg, lat)])
+
+
+def trainer_has_bypass(host) -> bool:
+    """0.33's Train LoRA (bypass mode, adapters made by ``_create_weight_adapter``) trains on GGUF weights;
+    0.3.75's makes its adapters inline from the stored blocks and cannot."""
+    spec = host.node_class("TrainLoraNode").INPUT_TYPES()
+    return "bypass_mode" in {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+@pytest.fixture(scope="module")
+def gguf_trained(host, models):
+    """QLoRA on ComfyUI 0.33: the Q4_K DiT (frozen blocks) trained in bypass mode with a float LoRA, then
+    measured through the stock LoRA loader on the same GGUF DiT; None on 0.3.75."""
+    import glmtest_train as T
+    if not trainer_has_bypass(host):
+        return None
+    dit = name_of("dit", "gguf_q4_k")
+    base = measured(host, dit)
+    torch.manual_seed(0)
+    host.run_ok(train_graph(host, dit, "default", steps=150, prefix="loras/gguf_q4k_bypass", rank=8,
+                            bypass_mode=True))
+    name = T.saved_lora(host, "loras/gguf_q4k_bypass")
+    return dict(dit=dit, name=name, base=base, after=measured(host, dit, name, 1.0), zero=measured(host, dit, name, 0.0))
+
+
+def test_a_lora_trained_on_gguf_weights_in_bypass_mode_learns(host, models, gguf_trained):
+    """Item 3's evidence on the Q4_K DiT (0.33): the flow loss at fixed (noise, sigma) halves, img2img
+    reconstructs 30% better, strength 0 is the GGUF base bit for bit. On 0.3.75: refused clearly."""
+    if gguf_trained is None:
+        g = train_graph(host, name_of("dit", "gguf_q8_0"), "default", steps=2, prefix="loras/gguf_train")
+        ok, _ = host.run(g)
+        assert not ok
+        msg = host.execution_error()["exception_message"]
+        assert "GGUF" in msg and "0.33" in msg and "fp8" in msg and "train" in msg.lower(), msg
+        return
+    base, after = gguf_trained["base"], gguf_trained["after"]
+    print(f"Q4_K, bypass mode: flow loss {base['flow']:.4f} -> {after['flow']:.4f} ({after['flow'] / base['flow']:.3f}x), "
+          f"img2img {base['i2i']:.4f} -> {after['i2i']:.4f} ({after['i2i'] / base['i2i']:.3f}x)")
+    assert after["flow"] <= 0.5 * base["flow"] and after["i2i"] <= 0.7 * base["i2i"]
+    for got, want in zip(gguf_trained["zero"]["latents"], base["latents"]):
+        assert torch.equal(got, want)
+
+
+def test_a_lora_trained_on_gguf_weights_covers_every_block_linear(host, models, gguf_trained):
+    """The adapters are sized from the weights the blocks hold (not the uint8 blocks), one per Linear of
+    the DiT's blocks, in the DiT's own names; the quantized layers stayed blocks while training."""
+    if gguf_trained is None:
+        return
+    import glmtest_train as T
+    from safetensors.torch import load_file
+    sd = load_file(os.path.join(T.loras_folder(host), gguf_trained["name"]))
+    ups = {k[:-len(".lora_up.weight")]: v for k, v in sd.items() if k.endswith(".lora_up.weight")}
+    downs = {k[:-len(".lora_down.weight")]: v for k, v in sd.items() if k.endswith(".lora_down.weight")}
+    assert ups and ups.keys() == downs.keys()
+    host.run_ok(dataset_graph(host, gguf_trained["dit"], "default"))
+    layers = dict(gguf_ops.quantized_layers(T.raw_output(host, "12", 1)[0].model.diffusion_model))
+    assert layers, "the Q4_K DiT holds no blocks"
+    for name, layer in layers.items():
+        key = f"diffusion_model.{name}"
+        assert key in ups, f"no adapter for {name}"
+        out_f, in_f = layer.ggml[1]
+        assert (ups[key].shape[0], downs[key].shape[1]) == (out_f, in_f)
+        assert layer.weight.dtype == torch.uint8
+        assert float(ups[key].abs().max()) > 0, f"{name}'s adapter never moved"
+
+
+@pytest.mark.parametrize("bypass", [False, True])
+def test_training_on_gguf_weights_in_either_mode_changes_the_image(host, models, bypass):
+    """Both of 0.33's modes train on Q8_0 blocks: the default mode as a weight wrapper on the dequantized
+    weight, bypass mode as a hook around the layer; the saved LoRA changes the GGUF DiT's image."""
+    if not trainer_has_bypass(host):
+        return
+    import glmtest_train as T
+    dit = name_of("dit", "gguf_q8_0")
+    prefix = f"loras/gguf_q8_{'bypass' if bypass else 'default'}"
+    host.run_ok(train_graph(host, dit, "default", steps=3, prefix=prefix, bypass_mode=bypass))
+    name = T.saved_lora(host, prefix)
+    ref = image_of(host, stock_graph(dit, None))
+    assert not torch.equal(image_of(host, stock_graph(dit, name)), ref)
+
+
+if glmtest_host.has_dynamic_vram():   # ComfyUI 0.3.75 has no dynamic VRAM
+    def test_a_lora_trained_on_gguf_weights_under_dynamic_vram_learns(host, models, gguf_trained, tmp_path):
+        """QLoRA in a fresh host process with dynamic VRAM on (glmtest_dynamic_vram): the Q4_K DiT trains in
+        bypass mode there, and its LoRA, loaded here, meets item 3's figures like the one trained here."""
+        import json
+        import glmtest_train as T
+        dit = name_of("dit", "gguf_q4_k")
+        prompts = {"train": train_graph(host, dit, "default", steps=150, prefix="loras/gguf_q4k_dynamic", rank=8,
+                                        bypass_mode=True)}
+        (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+        child = os.path.join(ROOT, "tests", "_support", "glmtest_dynamic_vram.py")
+        r = subprocess.run([sys.executable, child, host.base_dir, str(tmp_path / "prompts.json"), str(tmp_path / "dyn")],
+                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+        assert json.loads((tmp_path / "dyn.json").read_text())["aimdo_enabled"]
+        base, after = gguf_trained["base"], measured(host, dit, T.saved_lora(host, "loras/gguf_q4k_dynamic"))
+        print(f"Q4_K, bypass mode, dynamic VRAM: flow loss {base['flow']:.4f} -> {after['flow']:.4f}, "
+              f"img2img {base['i2i']:.4f} -> {after['i2i']:.4f}")
+        assert after["flow"] <= 0.5 * base["flow"] and after["i2i"] <= 0.7 * base["i2i"]
 
 
 def test_a_gguf_dit_loaded_as_fp8_trains(host, models):
-    """What the refusal above points to: the GGUF file loaded with weight_dtype fp8_e4m3fn (dequantized to
-    fp8 at load) trains with the stock Train LoRA, and the LoRA it saves loads on the GGUF DiT as stored."""
+    """fp8 storage, what 0.3.75's refusal points to: the GGUF file loaded with weight_dtype fp8_e4m3fn
+    (dequantized to fp8 at load) trains with the stock Train LoRA, and the LoRA it saves loads on the GGUF
+    DiT as stored."""
     dit = name_of("dit", "gguf_q8_0")
     g = train_graph(host, dit, "fp8_e4m3fn", steps=3, prefix="loras/gguf_fp8_train")
     host.run_ok(g)

@@ -216,7 +216,9 @@ def train(folder: str, dtype: str) -> dict:
     """Stock Train LoRA on the full-size DiT's MODEL in the real ComfyUI host (in-process, COMFYUI_DIR): one
     512² training image (its own tokens, glyph text, VAE latent, as docs/training.md's graph makes them),
     rank 16, bf16 training, gradient checkpointing per DiT block; TRAIN_STEPS steps. Peak RSS after the
-    dataset part (vision tower, glyph encoder, VAE) and after training, and seconds per step."""
+    dataset part (vision tower, glyph encoder, VAE) and after training, and seconds per step.
+    ``dtype`` gguf_*: QLoRA, the DiT from its converted GGUF file (``gguf_convert``) through Load GLM-Image
+    DiT with the glyph encoder as a single file, trained in bypass mode (ComfyUI >= 0.33)."""
     import glmtest_host
     import glmtest_train as T
     host, name = glmtest_host.host_with_checkpoint(folder, prefix="glm-fullsize-")
@@ -229,17 +231,23 @@ def train(folder: str, dtype: str) -> dict:
             steps.append(time.perf_counter())
             print(f"[train {dtype}] step {v}/{t} at {steps[-1] - t0:.0f} s", file=sys.stderr, flush=True)
     comfy.utils.set_progress_bar_global_hook(hook)
-    loader = {"weight_dtype": {"bf16": "default", "fp8": "fp8_e4m3fn"}[dtype], "compute_dtype": "bf16"}
-    t0 = time.perf_counter()
-    g = T.dataset_graph(name, folder="full_ds", **loader)
-    host.run_ok(g)
-    dataset_s, dataset_rss = time.perf_counter() - t0, vm_hwm()
+    gguf = dtype.startswith("gguf_")
+    loader = {"weight_dtype": "default" if gguf else {"bf16": "default", "fp8": "fp8_e4m3fn"}[dtype],
+              "compute_dtype": "bf16"}
     extra = {"checkpoint_depth": 2} if "checkpoint_depth" in host.node_class("TrainLoraNode").INPUT_TYPES()["required"] \
         else {}
+    if gguf:
+        extra["bypass_mode"] = True
     tg = T.train_graph(host, "loras/glm_full", model=name, loader=loader, steps=TRAIN_STEPS, learning_rate=1e-4,
                        rank=16, batch_size=1, seed=0, training_dtype="bf16", lora_dtype="bf16",
                        gradient_checkpointing=True, **extra)
     tg["2"]["inputs"]["folder"] = "full_ds"
+    if gguf:
+        tg.update(_gguf_dit_nodes(host, folder, dtype))
+        tg["4"]["inputs"]["decoder"], tg["6"]["inputs"]["model"] = ["32", 0], ["32", 1]
+    t0 = time.perf_counter()
+    host.run_ok({k: v for k, v in tg.items() if k not in ("6", "7", "8")})
+    dataset_s, dataset_rss = time.perf_counter() - t0, vm_hwm()
     t1 = time.perf_counter()
     host.run_ok(tg)
     train_s = time.perf_counter() - t1
@@ -251,6 +259,26 @@ def train(folder: str, dtype: str) -> dict:
             "s_per_step": per_step[-1] if per_step else None, "peak_rss": vm_hwm(), "loss": loss,
             "loss_finite": all(x == x and abs(x) != float("inf") for x in loss),
             "comfyui": ".".join(map(str, glmtest_host.comfy_version()))}
+
+
+def _gguf_dit_nodes(host, folder: str, dtype: str) -> dict:
+    """Load GLM-Image Glyph Encoder + Load GLM-Image DiT (node "32") on the converted GGUF DiT, the glyph
+    encoder written beside it as a single file; both linked into the host's model folders."""
+    from glm_image_core import single_file as sf
+    glyph = os.path.join(GGUF_DIR, "GLM-Image-full_glyph_encoder.safetensors")
+    if not os.path.isfile(glyph):
+        sf.convert_component(folder, "glyph_encoder", glyph)
+    for sub, path in (("diffusion_models", gguf_path("dit", dtype)), ("text_encoders", glyph)):
+        d = os.path.join(host.models_dir, sub)
+        os.makedirs(d, exist_ok=True)
+        host.folder_paths.add_model_folder_path(sub, d, is_default=True)
+        if not os.path.exists(os.path.join(d, os.path.basename(path))):
+            os.symlink(path, os.path.join(d, os.path.basename(path)))
+    return {"31": {"class_type": "GLMImageGlyphEncoderLoader",
+                   "inputs": {"glyph_encoder_name": os.path.basename(glyph), "weight_dtype": "default"}},
+            "32": {"class_type": "GLMImageDiTLoader",
+                   "inputs": {"dit_name": os.path.basename(gguf_path("dit", dtype)), "glyph_encoder": ["31", 0],
+                              "weight_dtype": "default", "compute_dtype": "bf16"}}}
 
 
 # ---- full-size parity against the official classes, one network per process --------------

@@ -50,7 +50,7 @@ def graph(token_file: str, seed: int, steps: int, cfg: float, px: int, side: str
             model = ["9", 0]
         g.update({
             "4": {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["1", 1], "tokens": ["2", 0]}},
-            "5": {"class_type": "GLMImageScheduler", "inputs": {"tokens": ["2", 0], "steps": steps}},
+            "5": {"class_type": "GLMImageScheduler", "inputs": {"model": ["1", 3], "tokens": ["2", 0], "steps": steps}},
             "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
             "7": {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["4", 0], "negative": ["4", 1],
                   "cfg": cfg}},

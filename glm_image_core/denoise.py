@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 
 from .dit import GlmImageDiT, ReferenceKVCache
-from .schedule import calculate_mu, glm_sigmas, glm_timesteps, image_seq_len
+from .schedule import glm_sigmas, glm_timesteps, mu_for_latent
 
 Reference = Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]
 
@@ -149,7 +149,7 @@ def denoise(dit: GlmImageDiT, latents: torch.Tensor, prior_token_ids: torch.Tens
     if timesteps is None:
         timesteps = glm_timesteps(steps, sched)
     if sigmas is None:
-        sigmas = glm_sigmas(steps, sched, mu=calculate_mu(image_seq_len(h, w, p), sched))
+        sigmas = glm_sigmas(steps, sched, mu=mu_for_latent(h, w, p, sched))
     timesteps = timesteps.to(device=device, dtype=torch.float32)
     sigmas = sigmas.to(device=device, dtype=torch.float32)
     n_steps = len(timesteps)

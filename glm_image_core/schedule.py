@@ -121,11 +121,16 @@ def glm_sigmas(steps: int, scheduler_cfg: Optional[dict] = None, image_seq_len: 
     return torch.cat([sig, torch.zeros(1)])
 
 
+def mu_for_latent(latent_h: int, latent_w: int, patch_size: int, scheduler_cfg: Optional[dict]) -> float:
+    """The time shift for a latent of ``latent_h x latent_w`` cells, with the checkpoint's DiT patch size and
+    scheduler config (the one place the sampler, the stock MODEL and GLM-Image Scheduler take it from)."""
+    return calculate_mu(image_seq_len(latent_h, latent_w, patch_size), scheduler_cfg)
+
+
 def glm_schedule(steps: int, scheduler_cfg: Optional[dict], latent_h: int, latent_w: int,
-                 patch_size: int = 2) -> Tuple[torch.Tensor, torch.Tensor, float]:
+                 patch_size: int) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """(timesteps [N], sigmas [N+1], mu) for a latent of ``latent_h x latent_w``."""
-    seq = image_seq_len(latent_h, latent_w, patch_size)
-    mu = calculate_mu(seq, scheduler_cfg)
+    mu = mu_for_latent(latent_h, latent_w, patch_size, scheduler_cfg)
     return glm_timesteps(steps, scheduler_cfg), glm_sigmas(steps, scheduler_cfg, mu=mu), mu
 
 

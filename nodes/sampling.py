@@ -10,13 +10,10 @@ import comfy.model_management as mm
 
 from ..glm_image_core import denoise as dn
 from ..glm_image_core import memory_plan as mp
-from ..glm_image_core import schedule as sch
 from ..glm_image_core.tokens import upsample_grid
 from .decoder import check_inputs, glyphs_for
-from .stock_model import DECODER_NAME, PRIOR_DROP, PRIOR_IDS, REFERENCE
+from .stock_model import DECODER_NAME, PRIOR_DROP, PRIOR_IDS, REFERENCE, GLMImageModel
 from .types import CATEGORY, GlmDecoder, GlmGlyph, GlmReference, GlmTokens
-
-PATCH = 2     # the DiT's patch size (every GLM-Image checkpoint): 2×2 latent cells per image token
 
 
 class GLMImageConditioning(io.ComfyNode):
@@ -77,10 +74,13 @@ class GLMImageScheduler(io.ComfyNode):
             node_id="GLMImageScheduler",
             display_name="GLM-Image Scheduler",
             category=CATEGORY,
-            description="GLM-Image's official sigmas for the tokens' image size (the resolution-shifted flow "
-                        "schedule). With SamplerCustomAdvanced, CFGGuider, KSamplerSelect 'euler' and "
-                        "RandomNoise it reproduces Semantic Tokens → Latent for the same seed, steps and cfg.",
+            description="GLM-Image's sigmas for the tokens' image size: the resolution-shifted flow schedule of the "
+                        "MODEL's checkpoint (its scheduler config and patch size). With SamplerCustomAdvanced, "
+                        "CFGGuider, KSamplerSelect 'euler' and RandomNoise it reproduces Semantic Tokens → Latent for "
+                        "the same seed, steps and cfg.",
             inputs=[
+                io.Model.Input("model", tooltip="The GLM-Image MODEL (Load GLM-Image or Load GLM-Image DiT): the "
+                                                "schedule is its checkpoint's."),
                 GlmTokens.Input("tokens", tooltip="Sets the image size the schedule is shifted for."),
                 io.Int.Input("steps", default=30, min=1, max=200, tooltip="Denoising steps (official default 50)."),
             ],
@@ -88,12 +88,10 @@ class GLMImageScheduler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, tokens, steps) -> io.NodeOutput:
+    def execute(cls, model, tokens, steps) -> io.NodeOutput:
         tokens.validate()
-        return io.NodeOutput(glm_sigmas_for(tokens.width, tokens.height, steps))
-
-
-def glm_sigmas_for(width: int, height: int, steps: int, scheduler_config: dict = sch.GLM_IMAGE_SCHEDULER_CONFIG):
-    """The official sigmas (steps + 1, terminal 0) for an image of width × height pixels."""
-    mu = sch.calculate_mu(sch.image_seq_len(height // 8, width // 8, PATCH), scheduler_config)
-    return sch.glm_sigmas(steps, scheduler_config, mu=mu)
+        glm = getattr(model, "model", None)
+        if not isinstance(glm, GLMImageModel):
+            raise ValueError(f"GLM-Image Scheduler needs the GLM-Image MODEL (from Load GLM-Image or Load GLM-Image "
+                             f"DiT), got a MODEL of {type(glm).__name__}: its schedule is that checkpoint's")
+        return io.NodeOutput(glm.sigmas(tokens.width, tokens.height, steps))

@@ -140,9 +140,9 @@ class GLMImageModel(comfy.model_base.BaseModel):
 
     def __init__(self, dit: GlmImageDiT, storage: torch.dtype, compute: torch.dtype, scheduler_config: dict,
                  latent_format: GLMImageLatentFormat, device=None):
-        # KSampler's schedulers read model_sampling's shift: the official one at 1024² (GLMImageScheduler
+        # KSampler's schedulers read model_sampling's shift: this checkpoint's at 1024² (GLMImageScheduler
         # computes it for any size).
-        shift = sch.calculate_mu(sch.image_seq_len(128, 128, dit.patch_size), scheduler_config)
+        shift = sch.mu_for_latent(128, 128, dit.patch_size, scheduler_config)
         config = GLMImageModelConfig(latent_format, shift, storage, compute)
         super().__init__(config, comfy.model_base.ModelType.FLOW, device=device)
         self.diffusion_model = GLMImageDiffusionModel(dit, storage)
@@ -154,9 +154,18 @@ class GLMImageModel(comfy.model_base.BaseModel):
     def process_timestep(self, timestep, x=None, **kwargs):
         # timestep = model_sampling.timestep(sigma) = sigma * multiplier (1, or 1000 after ModelSamplingSD3)
         sigma = timestep / float(self.model_sampling.multiplier)
-        p = self.diffusion_model.network.patch_size
-        mu = sch.calculate_mu(sch.image_seq_len(x.shape[-2], x.shape[-1], p), self.scheduler_config)
+        mu = self.mu_for_latent(x.shape[-2], x.shape[-1])
         return dn.dit_timestep(sch.unshifted_timestep(sigma, self.scheduler_config, mu)).to(timestep.device)
+
+    def mu_for_latent(self, latent_h: int, latent_w: int) -> float:
+        """The time shift of this checkpoint (its scheduler config and DiT patch size) for a latent size."""
+        return sch.mu_for_latent(latent_h, latent_w, self.diffusion_model.network.patch_size, self.scheduler_config)
+
+    def sigmas(self, width: int, height: int, steps: int) -> torch.Tensor:
+        """This checkpoint's sigmas (steps + 1, terminal 0) for an image of width × height pixels: what
+        Semantic Tokens → Latent samples with (GLM-Image Scheduler)."""
+        r = self.latent_format.spacial_downscale_ratio
+        return sch.glm_sigmas(steps, self.scheduler_config, mu=self.mu_for_latent(height // r, width // r))
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)

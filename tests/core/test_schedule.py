@@ -92,7 +92,7 @@ def test_schedule_helper_and_official_defaults():
 def test_unshifted_timestep_inverts_the_official_sigmas_exactly(steps, hw):
     """The stock sampler path only knows sigmas: from them it gets back exactly the integer timesteps
     the pipeline feeds the DiT (float32 sigmas, snapped to the integer they round to)."""
-    ts, sig, mu = glm_schedule(steps, GLM_IMAGE_SCHEDULER_CONFIG, *hw)
+    ts, sig, mu = glm_schedule(steps, GLM_IMAGE_SCHEDULER_CONFIG, *hw, 2)
     assert torch.equal(unshifted_timestep(sig[:-1], GLM_IMAGE_SCHEDULER_CONFIG, mu), ts)
 
 

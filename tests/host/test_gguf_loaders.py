@@ -249,7 +249,7 @@ def stock_graph(dit: str, lora: str | None) -> dict:
               "7": {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["15", 0],
                     "negative": ["15", 1], "cfg": 1.5}},
               "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-              "9": {"class_type": "GLMImageScheduler", "inputs": {"tokens": ["2", 0], "steps": 2}},
+              "9": {"class_type": "GLMImageScheduler", "inputs": {"model": model, "tokens": ["2", 0], "steps": 2}},
               "14": {"class_type": "EmptySD3LatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}},
               "15": {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["12", 0], "tokens": ["2", 0]}}})
     return g

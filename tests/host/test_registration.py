@@ -37,7 +37,7 @@ def test_contract_inputs_and_types(host):
         "glyph": "GLM_GLYPH", "negative_glyph": "GLM_GLYPH", "reference": "GLM_REFERENCE"}
     assert list(cls("GLMImageConditioning").RETURN_TYPES) == ["CONDITIONING", "CONDITIONING"]
     assert list(cls("GLMImageConditioning").RETURN_NAMES) == ["positive", "negative"]
-    assert set(req("GLMImageScheduler")) == {"tokens", "steps"}
+    assert set(req("GLMImageScheduler")) == {"model", "tokens", "steps"}
     assert list(cls("GLMImageScheduler").RETURN_TYPES) == ["SIGMAS"]
     assert list(cls("GLMImageTextToTokens").RETURN_TYPES) == ["GLM_TOKENS"]
     assert list(cls("GLMImageTokensToLatent").RETURN_TYPES) == ["LATENT"]

@@ -75,7 +75,7 @@ def stock_sampler_graph(weight_dtype="default", seed=3) -> dict:
         "7": {"class_type": "CFGGuider", "inputs": {"model": ["1", 3], "positive": ["15", 0], "negative": ["15", 1],
               "cfg": 1.5}},
         "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "9": {"class_type": "GLMImageScheduler", "inputs": {"tokens": ["2", 0], "steps": STEPS}},
+        "9": {"class_type": "GLMImageScheduler", "inputs": {"model": ["1", 3], "tokens": ["2", 0], "steps": STEPS}},
         "14": {"class_type": "EmptySD3LatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}},
         "15": {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["1", 1], "tokens": ["2", 0]}},
     })

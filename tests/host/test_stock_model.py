@@ -32,7 +32,7 @@ def custom_advanced(g, model, seed, steps, cfg, positive=("10", 0), negative=("1
         f"{p}g": {"class_type": "CFGGuider", "inputs": {"model": list(model), "positive": list(positive),
                   "negative": list(negative), "cfg": cfg}},
         f"{p}s": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        f"{p}k": {"class_type": "GLMImageScheduler", "inputs": {"tokens": ["2", 0], "steps": steps}},
+        f"{p}k": {"class_type": "GLMImageScheduler", "inputs": {"model": list(model), "tokens": ["2", 0], "steps": steps}},
         p: {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": [f"{p}n", 0], "guider": [f"{p}g", 0],
             "sampler": [f"{p}s", 0], "sigmas": [f"{p}k", 0], "latent_image": ["15", 0]}},
         f"{p}p": {"class_type": "PreviewAny", "inputs": {"source": [p, 0]}},
@@ -197,7 +197,7 @@ def test_ksampler_simple_schedule_follows_the_official_one(host, px, shift):
     model = ["1", 3]
     g = {"1": {"class_type": "GLMImageLoader", "inputs": {"model": "GLM-Image-tiny", "weight_dtype": "default"}},
          "2": {"class_type": "GLMImageLoadTokens", "inputs": {"token_file": token_file(host, px)}},
-         "3": {"class_type": "GLMImageScheduler", "inputs": {"tokens": ["2", 0], "steps": steps}},
+         "3": {"class_type": "GLMImageScheduler", "inputs": {"model": model, "tokens": ["2", 0], "steps": steps}},
          "3p": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}}}
     if shift is not None:
         assert shift == 0.75 * px / 256 + 0.25

@@ -24,7 +24,7 @@ def stock_graph(seed, steps, cfg, tokens_node, batch=1):
         "3": {"class_type": "GLMImageTokensToLatent", "inputs": {"decoder": ["1", 1], "tokens": tokens_node,
               "seed": seed, "steps": steps, "cfg": cfg}},
         "10": {"class_type": "GLMImageConditioning", "inputs": {"decoder": ["1", 1], "tokens": tokens_node}},
-        "11": {"class_type": "GLMImageScheduler", "inputs": {"tokens": tokens_node, "steps": steps}},
+        "11": {"class_type": "GLMImageScheduler", "inputs": {"model": ["1", 3], "tokens": tokens_node, "steps": steps}},
         "12": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
         "13": {"class_type": "CFGGuider", "inputs": {"model": ["1", 3], "positive": ["10", 0],
                "negative": ["10", 1], "cfg": cfg}},
@@ -71,3 +71,42 @@ def test_sampler_custom_advanced_reproduces_tokens_to_latent_and_the_official_im
     img = glmtest_host.node_output(host, "17")
     idiff = (img.float() - ref.float()).abs().max().item()
     assert idiff <= glmtest_oracle.IMAGE_TOL, f"stock path image differs from the official pipeline by {idiff}"
+
+
+# A fine-tune may ship its own schedule (issue 26, item 1): every constant of the schedule is read from the
+# checkpoint's scheduler/scheduler_config.json, by Semantic Tokens → Latent, the MODEL and GLM-Image Scheduler.
+SHIFTED = {"base_image_seq_len": 1024, "base_shift": 0.5, "max_shift": 1.2}
+
+
+@pytest.fixture(scope="module")
+def shifted_checkpoint(host, tiny_ckpt):
+    """The tiny checkpoint with a scheduler config that differs from the official one (every other part linked)."""
+    import json
+    folder = os.path.join(host.models_dir, "diffusers", "GLM-Image-tiny-shifted")
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    for entry in os.listdir(tiny_ckpt):
+        if entry != "scheduler" and not os.path.exists(os.path.join(folder, entry)):
+            os.symlink(os.path.join(tiny_ckpt, entry), os.path.join(folder, entry))
+    with open(os.path.join(tiny_ckpt, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    assert any(cfg.get(k) != v for k, v in SHIFTED.items()), "the official config already has these values"
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(cfg, **SHIFTED), f)
+    return "GLM-Image-tiny-shifted"
+
+
+def test_the_stock_path_follows_the_checkpoints_own_schedule(host, shifted_checkpoint):
+    tokens = {"class_type": "GLMImageTextToTokens", "inputs": {"ar": ["1", 0], "prompt": PROMPT, "width": W,
+              "height": H, "seed": 5, "temperature": 0.9, "top_p": 0.75, "top_k": 0, "batch_size": 1}}
+    sigmas = {}
+    for model in ("GLM-Image-tiny", shifted_checkpoint):
+        g = stock_graph(5, 3, 1.5, ["2", 0])
+        g["1"]["inputs"]["model"], g["2"] = model, tokens
+        host.run_ok(g)
+        sigmas[model] = glmtest_host.node_output(host, "11").clone()
+    ours = glmtest_host.node_output(host, "3")["samples"]
+    stock = glmtest_host.node_output(host, "16")["samples"]
+    diff = (stock.float() - ours.float()).abs().max().item()
+    assert diff <= glmtest_oracle.LATENT_TOL, f"stock path differs from Semantic Tokens → Latent by {diff}"
+    moved = (sigmas[shifted_checkpoint] - sigmas["GLM-Image-tiny"]).abs().max().item()
+    assert moved > 0.01, f"the checkpoint's schedule did not change the sigmas ({moved})"

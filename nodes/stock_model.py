@@ -51,6 +51,7 @@ class GLMImageLatentFormat(comfy.latent_formats.LatentFormat):
     """Raw 16-channel VAE latents <-> the DiT's space, (z - mean) / std per channel (the official
     pipeline's latents_mean / latents_std). Preview factors are fitted from the VAE on first use."""
     latent_channels = 16
+    spacial_downscale_ratio = 8     # pixels per latent cell (ComfyUI's name; 0.3.75's LatentFormat lacks it)
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, preview: Optional[Callable[[], Optional[tuple]]] = None):
         self.latents_mean = mean.reshape(1, -1, 1, 1).float()

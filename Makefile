@@ -26,7 +26,7 @@ endif
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: help host host33 tiny browser-deps test test-core test-fast test-host test-server test-browser \
-        workflows-check demo bench bench-ar-deep bench-stock bench-train bench-gguf memory fullsize fullsize-gguf gpu-check clean distclean
+        workflows-check demo bench bench-ar-deep bench-stock bench-train bench-gguf memory fullsize fullsize-gguf gpu-bundle gpu-check gpu-rehearsal gpu-rehearsal-env clean distclean
 
 help:
 	@echo "make host          install the ComfyUI 0.3.75 test host + venv (scripts/install_host.sh; idempotent)"
@@ -47,7 +47,9 @@ help:
 	@echo "make memory        GPU memory plan of a 1024² t2i (bench/memory.py \$$MEMORY_ARGS, e.g. --cpu-check; measured when CUDA is there)"
 	@echo "make fullsize      the official-size random checkpoint on this machine: loading RSS, parity, whole t2i (~20 min + ~2.3 h for fp8; not in make test)"
 	@echo "make fullsize-gguf the full-size DiT and AR converted to GGUF Q4_K, loaded quantized, vs bf16 (~30 min; not in make test)"
-	@echo "make gpu-check     on a CUDA machine: pack vs official at full size, memory caps, determinism (bench/gpu_check.py)"
+	@echo "make gpu-bundle    (here, with network) the wheels + ComfyUI source a GPU day needs, in .gpu-bundle/ (<= 64 MiB)"
+	@echo "make gpu-check     on the lent GPU machine, offline, its own python3 + torch: pack vs official at full size, ..."
+	@echo "make gpu-rehearsal the GPU day rehearsed here: a twin of the device image, offline, gpu_check --dry-run"
 	@echo "make clean         remove caches, artifacts, demo output, node_modules (keeps .venv/.host)"
 	@echo "make distclean     clean + remove .venv, .host, .venv33 and .host33"
 
@@ -71,7 +73,7 @@ browser-deps:
 
 # The whole suite on both hosts (scripts/run_tests.sh); pytest's exit code (0 only when both runs
 # passed) is kept in $(ART)/pytest-exit-code and one line per host in $(ART)/hosts.txt for .ci/run.
-test: host host33 browser-deps
+test: host host33 browser-deps gpu-rehearsal-env
 	TIMEOUT=$(TIMEOUT) bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 test-core: host
@@ -133,8 +135,21 @@ fullsize-gguf:
 
 # The one prepared script for a lent GPU (bench/gpu_check.py; --dry-run runs in make test). Runs the
 # pack on the 0.33 host (dynamic VRAM on, as ComfyUI's default on NVIDIA) when it is installed.
-gpu-check: host host33
-	$(FULLSIZE_HOST) bench/gpu_check.py $(GPU_CHECK_ARGS)
+# The GPU day (docs/testing.md, "A GPU day"). gpu-bundle runs here, with network; gpu-check runs on the lent
+# machine with its image's own python3 and torch and nothing from the network (scripts/gpu_check_device.sh);
+# gpu-rehearsal runs that same script here in a twin of the device image, offline (scripts/gpu_rehearsal.py).
+GPU_PYTHON ?= 3.12
+gpu-bundle:
+	python3 scripts/gpu_bundle.py --python-version $(GPU_PYTHON)
+
+gpu-check:
+	bash scripts/gpu_check_device.sh $(GPU_CHECK_ARGS)
+
+gpu-rehearsal-env: host host33
+	python3 scripts/gpu_rehearsal.py prepare
+
+gpu-rehearsal: gpu-rehearsal-env
+	python3 scripts/gpu_rehearsal.py run $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .cache $(ART) demo-output tests/browser/node_modules

@@ -5,11 +5,23 @@ pipeline in the same run, on random full-size weights, and writes ``bench/result
     python bench/gpu_check.py             # CUDA: full-size random bf16 weights written on the GPU (~35 GB)
     python bench/gpu_check.py --dry-run   # every code path on the CPU with the medium checkpoint (make test)
 
+On the lent GPU machine (offline, its image's own python3 and torch; docs/gpu-check.md): first
+`make gpu-bundle` here, then one call of the device tool's ``run`` with
+
+    command:   bash scripts/gpu_check_device.sh --out $OUT 2>&1 | tee $OUT/gpu-check.log
+    carry:     [".gpu-bundle"]
+    timeout_s: 540
+
+scripts/gpu_check_device.sh (what `make gpu-check` runs) installs the bundle with --no-index and runs this
+script; `make gpu-rehearsal` runs the same on this CPU machine in a twin of the device image.
+
 Jobs, each in a fresh process (one after the other; the official pipeline needs ~38 GB):
 * official pipeline (diffusers + transformers), bf16, at 1024² and 512²;
 * the pack through the real ComfyUI host in-process, **with dynamic VRAM on** as ComfyUI >= 0.16 does
   on NVIDIA (comfy-aimdo started as its main.py starts it; the 0.33 host when installed), bf16 and
   fp8_e4m3fn storage at 1024² and 512²;
+* the pack on GGUF Q4_K single files (AR and DiT converted on the device from the random bf16 folder by
+  the pack's own converter) under an 8 GiB cap: the 8 GB card plan;
 * the pack under a 24 GiB and a 12 GiB cap (``torch.cuda.set_per_process_memory_fraction``) with
   ``--lowvram``;
 * the pack twice with the same seed: tokens and image must be equal;
@@ -20,7 +32,8 @@ Jobs, each in a fresh process (one after the other; the official pipeline needs 
 Per job: seconds per image, AR ms per token, DiT seconds per step, and per stage (AR, glyph, DiT loop,
 VAE decode) the peak of ``torch.cuda.max_memory_allocated``, plus what ``nvidia-smi`` reports for the
 process at the end. A job that fails is reported as failed; the others still run. ``--budget-s`` stops
-starting new jobs when the time is used up (default 520 s: the device's 9-minute limit).
+starting new jobs when the time is used up (default 360 s) and ``--deadline-s`` stops a running one
+(default budget + 90 s), so that a call ends inside 8 minutes; the report is written after every job.
 On ``--dry-run`` memory figures are the process's peak RSS and the images are 256²/288² with 2 steps.
 """
 from __future__ import annotations
@@ -55,6 +68,8 @@ def plan(dry: bool) -> list:
         dict(name=f"pack fp8 {big}²", side="pack", res=big, steps=steps_big, weight_dtype="fp8_e4m3fn"),
         dict(name=f"AR decode modes {'fp32' if dry else 'bf16'} {big}² / {small + (64 if dry else 256)}²", side="ar-modes",
              res=big, res2=small + (64 if dry else 256)),
+        dict(name=f"pack gguf_q4_k {big}², 8 GiB cap", side="pack", res=big, steps=steps_cap,
+             weight_dtype="gguf_q4_k", cap_gib=8),
         dict(name=f"pack bf16 {small}², twice (determinism)", side="pack", res=small, steps=steps_small,
              weight_dtype="bf16", repeat=True),
         dict(name=f"official bf16 {small}²", side="official", res=small, steps=steps_small),
@@ -203,9 +218,11 @@ def run_job(spec: dict, folder: str, dry: bool) -> dict:
             peaks.wrap(owner, attr, st)
     else:
         import glmtest_host
+        t_setup = time.perf_counter()       # the host's start, and for gguf_* the conversion of the folder
         side = R.PackSide(folder, device, spec["weight_dtype"], os.path.join(work, "comfy_base"),
                           host_kwargs=dict(dynamic_vram=glmtest_host.has_dynamic_vram(),
                                            lowvram=bool(spec.get("lowvram"))))
+        setup_s = time.perf_counter() - t_setup
         m = side.mod
         for owner, attr, st in ((m["glm_image_core.ar_generate"], "generate_tokens", "ar"),
                                 (m["glm_image_core.glyph"], "encode_glyph_texts", "glyph"),
@@ -237,6 +254,7 @@ def run_job(spec: dict, folder: str, dry: bool) -> dict:
         import glmtest_host
         out["comfyui"] = ".".join(map(str, glmtest_host.comfy_version()))
         out["dynamic_vram"] = glmtest_host.has_dynamic_vram()
+        out["setup_s"] = setup_s
     return out
 
 
@@ -282,7 +300,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {j['name']} | | | | | | | | {j['nvidia_smi_used_mib'] or '–'} | {cells} |")
             continue
         p = j["stage_peak_gib"]
-        note = ""
+        note = f"set-up {j['setup_s']:.0f} s (GGUF conversion included)" if j["spec"].get("weight_dtype", "").startswith("gguf_") \
+            else ""
         if "repeat_equal" in j:
             note = "run-to-run: tokens " + ("equal" if j["repeat_equal"]["tokens"] else "DIFFER") + \
                    ", image " + ("equal" if j["repeat_equal"]["image"] else "DIFFERS")
@@ -300,7 +319,12 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, medium checkpoint, small images: every code path")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="folder of gpu-<device>.{md,json}")
-    ap.add_argument("--budget-s", type=float, default=520.0, help="start no job after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=360.0, help="start no job after this many seconds")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="stop a running job at this many seconds (default: budget + 90), so that the call ends with "
+                         "its report inside the device's 8 minutes")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="run only the jobs whose name contains TEXT (repeatable), e.g. to rerun what failed")
     ap.add_argument("--_job", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     import torch
@@ -325,34 +349,45 @@ def main(argv=None) -> int:
             "checkpoint": "medium (random)" if a.dry_run else "full size (random bf16)",
             "memory_kind": "process peak RSS" if a.dry_run else "torch.cuda.max_memory_allocated",
             **({"write_s": written["write_s"]} if written else {})}
+    deadline = a.deadline_s if a.deadline_s is not None else a.budget_s + 90
+    tag = "dry-run" if a.dry_run else "".join(c if c.isalnum() else "-" for c in device).strip("-").lower()
     jobs, not_run = [], []
+
+    def report() -> str:       # after every job: a call stopped at its limit still brings back what ran
+        res = {"meta": meta, "jobs": jobs, "not_run": not_run, "seconds": time.perf_counter() - t0}
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, f"gpu-{tag}.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        md = markdown(res)
+        with open(os.path.join(a.out, f"gpu-{tag}.md"), "w") as f:
+            f.write(md)
+        return md
     try:
         for spec in plan(a.dry_run):
+            if a.only and not any(t in spec["name"] for t in a.only):
+                continue
             if time.perf_counter() - t0 > a.budget_s:
                 not_run.append(spec["name"])
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--_job", json.dumps([spec, folder])]
             if a.dry_run:
                 cmd.append("--dry-run")
-            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-            r = json.loads(lines[-1][7:]) if lines else {"name": spec["name"], "spec": spec, "ok": False,
-                                                         "error": f"exit {p.returncode}: {p.stderr[-600:]}"}
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                   timeout=max(30.0, deadline - (time.perf_counter() - t0)))
+                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+                r = json.loads(lines[-1][7:]) if lines else {"name": spec["name"], "spec": spec, "ok": False,
+                                                             "error": f"exit {p.returncode}: {p.stderr[-600:]}"}
+            except subprocess.TimeoutExpired:
+                r = {"name": spec["name"], "spec": spec, "ok": False, "error": f"stopped at the {deadline:.0f} s deadline"}
             print(f"[gpu-check] {r['name']}: " + ("ok" if r.get("ok") else f"FAILED {r.get('error', '')[:300]}"),
                   file=sys.stderr, flush=True)
             jobs.append(r)
+            report()
     finally:
         if written:
             shutil.rmtree(written["tmp"], ignore_errors=True)
-    res = {"meta": meta, "jobs": jobs, "not_run": not_run, "seconds": time.perf_counter() - t0}
-    os.makedirs(a.out, exist_ok=True)
-    tag = "dry-run" if a.dry_run else "".join(c if c.isalnum() else "-" for c in device).strip("-").lower()
-    with open(os.path.join(a.out, f"gpu-{tag}.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    md = markdown(res)
-    with open(os.path.join(a.out, f"gpu-{tag}.md"), "w") as f:
-        f.write(md)
-    print(md)
+    print(report())
     return 0 if jobs and all(j.get("ok") for j in jobs) and \
         all(all(j.get("repeat_equal", {}).values()) for j in jobs) else 1
 

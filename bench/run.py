@@ -174,10 +174,57 @@ def pack_graph(model_name: str, res: int, steps: int, seed: int, weight_dtype: s
     return g
 
 
+# The single-file loaders' graph (what a GGUF user builds): AR, glyph encoder, DiT and VAE files.
+SINGLE_FILE_LOADERS = {"ar": ("GLMImageARLoader", "ar_name", "text_encoders"),
+                       "glyph_encoder": ("GLMImageGlyphEncoderLoader", "glyph_encoder_name", "text_encoders"),
+                       "dit": ("GLMImageDiTLoader", "dit_name", "diffusion_models"),
+                       "vae": ("GLMImageVAELoader", "vae_name", "vae")}
+
+
+def single_file_graph(files: dict, res: int, steps: int, seed: int) -> dict:
+    """pack_graph's text-to-image with the single-file loaders on ``files`` (component -> file name)."""
+    g = pack_graph("unused", res, steps, seed, "default")
+    loader = next(k for k, n in g.items() if n["class_type"] == "GLMImageLoader")
+    del g[loader]
+    for comp, (cls, key, _) in SINGLE_FILE_LOADERS.items():
+        g[f"sf_{comp}"] = {"class_type": cls, "inputs": {key: files[comp], "weight_dtype": "default"}}
+    g["sf_dit"]["inputs"]["glyph_encoder"] = ["sf_glyph_encoder", 0]
+    outputs = {0: ["sf_ar", 0], 1: ["sf_dit", 0], 2: ["sf_vae", 0], 3: ["sf_dit", 1]}   # Load GLM-Image's slots
+    for node in g.values():
+        for k, v in node["inputs"].items():
+            if isinstance(v, list) and v[0] == loader:
+                node["inputs"][k] = outputs[v[1]]
+    return g
+
+
+def gguf_files(folder: str, dtype: str, base_dir: str) -> dict:
+    """The folder's AR and DiT as ``dtype`` GGUF files, the glyph encoder and VAE as stored
+    (scripts/convert_to_single_file.py's code), beside the folder (written once, reused by later jobs)
+    and linked into the host's model folders. Returns component -> file name."""
+    from glm_image_core import single_file as sf
+    out = os.path.normpath(folder) + f"-{dtype}"
+    os.makedirs(out, exist_ok=True)
+    files = {}
+    for comp, (_, _, sub) in SINGLE_FILE_LOADERS.items():
+        name = f"{os.path.basename(os.path.normpath(folder))}_{comp}" + (
+            f"_{dtype}.gguf" if comp in ("ar", "dit") else ".safetensors")
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            sf.convert_component(folder, comp, path + ".tmp", None, dtype if comp in ("ar", "dit") else "as_stored")
+            os.replace(path + ".tmp", path)
+        d = os.path.join(base_dir, "models", sub)
+        os.makedirs(d, exist_ok=True)
+        if not os.path.exists(os.path.join(d, name)):
+            os.symlink(path, os.path.join(d, name))
+        files[comp] = name
+    return files
+
+
 class PackSide:
     name = "pack"
 
     def __init__(self, folder: str, device: str, weight_dtype: str, base_dir: str, host_kwargs: dict | None = None):
+        """``weight_dtype`` gguf_*: the single-file loaders on GGUF files converted from the folder."""
         import glmtest_host
         name = os.path.basename(os.path.normpath(folder))
         link = os.path.join(base_dir, "models", "diffusers", name)
@@ -187,7 +234,11 @@ class PackSide:
                 os.remove(link)
         if not os.path.exists(link):
             os.symlink(os.path.abspath(folder), link)
+        self.files = gguf_files(folder, weight_dtype, base_dir) if weight_dtype.startswith("gguf_") else None
         self.host = glmtest_host.Host(base_dir, cpu=(device == "cpu"), **(host_kwargs or {}))
+        if self.files:
+            for _, _, sub in SINGLE_FILE_LOADERS.values():
+                self.host.folder_paths.add_model_folder_path(sub, os.path.join(base_dir, "models", sub), is_default=True)
         self.model_name, self.device, self.weight_dtype = name, device, weight_dtype
         self.sync = _sync_fn(device)
         pack = glmtest_host.PACK_DIR.replace(".", "_x_")     # ComfyUI's module name for a custom-node folder
@@ -209,7 +260,8 @@ class PackSide:
         patches.wrap(self.mod["nodes.vae_adapter"].GlmImageComfyVAE, "decode", clock, "vae", sync=sync)
         if profile is not None:
             profile.attach(patches, ar, dn)
-        g = pack_graph(self.model_name, res, steps, seed, self.weight_dtype)
+        g = single_file_graph(self.files, res, steps, seed) if self.files else \
+            pack_graph(self.model_name, res, steps, seed, self.weight_dtype)
         try:
             sync()
             t0 = clock.stamp()

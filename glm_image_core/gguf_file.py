@@ -149,6 +149,8 @@ class GGUFFile:
             dims = [c.scalar("<Q") for _ in range(n_dims)]
             ggml_type, offset = c.scalar("<I"), c.scalar("<Q")
             shape = tuple(int(d) for d in reversed(dims))
+            if not shape or 0 in shape:     # no network holds an empty tensor: a damaged header
+                raise GGUFError(f"tensor {name} has the empty shape {shape}")
             infos.append(TensorInfo(name, shape, ggml_type, offset, tensor_nbytes(shape, ggml_type)))
         self.data_start = (c.pos + align - 1) // align * align
         self.tensors: Dict[str, TensorInfo] = {}

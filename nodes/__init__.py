@@ -1,7 +1,7 @@
 """The pack's V3 extension: one ComfyExtension listing every GLM-Image node."""
 from typing_extensions import override
 
-from comfy_api.latest import ComfyExtension, io
+from .api import ComfyExtension, io
 
 from . import attention, models, stock_model
 from .ar import GLMImageTextToTokens

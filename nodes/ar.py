@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io, ui
+from .api import io, ui
 
 import comfy.model_management as mm
 import comfy.utils

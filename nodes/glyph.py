@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from comfy_api.latest import io, ui
+from .api import io, ui
 
 from ..glm_image_core import glyph as core_glyph
 from .types import CATEGORY, GlmDecoder, GlmGlyph

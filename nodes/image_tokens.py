@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from comfy_api.latest import io
+from .api import io
 
 import comfy.model_management as mm
 import comfy.utils

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from comfy_api.latest import io
+from .api import io
 
 import folder_paths
 

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from comfy_api.latest import io
+from .api import io
 
 import comfy.model_management as mm
 

@@ -4,7 +4,7 @@ path reproduces it with SamplerCustomAdvanced + CFGGuider + euler + GLMImageSche
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from .api import io
 
 import comfy.model_management as mm
 

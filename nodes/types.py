@@ -1,6 +1,6 @@
 """Socket types. Standard ComfyUI types (LATENT, VAE, IMAGE) are used wherever they exist;
 custom types carry only what is GLM-only."""
-from comfy_api.latest import io
+from .api import io
 
 GlmAR = io.Custom("GLM_AR")                # the AR model (GLM-4 decoder + ViT + VQ) and its tokenizer
 GlmDecoder = io.Custom("GLM_DECODER")      # DiT + glyph encoder + latent statistics + schedule settings

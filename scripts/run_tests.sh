@@ -4,7 +4,8 @@
 #   ComfyUI 0.33.0 (.venv33 + .host33): the tiers that depend on the host (host, server, browser);
 #                                       core and parity do not import ComfyUI and run once
 # When the 0.33 host could not be installed (.host33/UNAVAILABLE, see scripts/install_host33.sh) its
-# tiers are skipped and the reason is printed. Writes test-artifacts/hosts.txt (one line per host)
+# tiers are skipped and the reason is printed; under CI=true that fails the run (a host that CI cannot
+# install must not pass unseen). Writes test-artifacts/hosts.txt (one line per host)
 # and test-artifacts/pytest-exit-code (0 only when every run passed) for .ci/run.
 # Usage: scripts/run_tests.sh [PYTEST ARGS...]
 set -uo pipefail
@@ -34,6 +35,10 @@ rc=0
 run 0.3.75 "$ROOT/.venv" "$ROOT/.host/ComfyUI" "$ROOT/$ART" tests "$@" || rc=$?
 if [ -f .host33/UNAVAILABLE ]; then
   echo "ComfyUI 0.33.0: SKIPPED (host, server, browser tiers): $(cat .host33/UNAVAILABLE)" >> "$ART/hosts.txt"
+  if [ "${CI:-}" = "true" ]; then
+    echo "ComfyUI 0.33.0: FAILED under CI=true: the host could not be installed" >> "$ART/hosts.txt"
+    [ "$rc" -ne 0 ] || rc=1
+  fi
 else
   run 0.33.0 "$ROOT/.venv33" "$ROOT/.host33/ComfyUI" "$ROOT/$ART/comfyui-0.33.0" \
     tests/host tests/server tests/browser "$@" || { r=$?; [ "$rc" -ne 0 ] || rc=$r; }

@@ -14,7 +14,7 @@ BUNDLE=${GPU_BUNDLE:-.gpu-bundle}
 WORK=${GPU_WORK:-/tmp/glm-gpu-check}
 if [ ! -d "$BUNDLE/wheels" ]; then
     echo "gpu-check: no bundle at $BUNDLE. Run 'make gpu-bundle' on a machine with network first, and carry" \
-         "$BUNDLE with the call (README, GPU check)." >&2
+         "$BUNDLE with the call (docs/gpu-check.md)." >&2
     exit 2
 fi
 want=$(cat "$BUNDLE/PYTHON_VERSION")

@@ -1,4 +1,4 @@
-"""The README's Determinism claims that the in-process host can check (across process restarts:
+"""docs/testing.md's Determinism claims that the in-process host can check (across process restarts:
 tests/server/test_reliability.py):
 
 - latent previews (ComfyUI's --preview-method) do not change the result;
@@ -51,4 +51,4 @@ def test_batch_grids_come_from_one_generator(host):
     host.run_ok(graph(21, batch_size=2))
     batch = glmtest_host.node_output(host, "2").grid
     assert batch.shape[0] == 2 and not torch.equal(batch[0], single[0]), \
-        "the first grid of a batch equals the single grid: the README's batch note is wrong"
+        "the first grid of a batch equals the single grid: docs/testing.md's batch note is wrong"

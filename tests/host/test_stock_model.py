@@ -190,7 +190,7 @@ def token_file(host, px: int) -> str:
 
 @pytest.mark.parametrize("px,shift", [(1024, None), (512, 1.75), (2048, 6.25)])
 def test_ksampler_simple_schedule_follows_the_official_one(host, px, shift):
-    """What the README promises KSampler users: BasicScheduler 'simple' on the MODEL (its built-in shift,
+    """What docs/architecture.md promises KSampler users: BasicScheduler 'simple' on the MODEL (its built-in shift,
     the official one at 1024²; ModelSamplingAuraFlow with 0.75·√(W·H)/256 + 0.25 at other sizes) gives
     GLM-Image Scheduler's sigmas within 1e-3."""
     steps = 50

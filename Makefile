@@ -26,7 +26,7 @@ endif
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: help host host33 tiny browser-deps test test-core test-fast test-host test-server test-browser \
-        workflows-check demo bench bench-ar-deep bench-stock bench-train bench-gguf memory fullsize fullsize-gguf gpu-bundle gpu-check gpu-rehearsal gpu-rehearsal-env clean distclean
+        workflows-check demo bench bench-ar-deep bench-stock bench-train bench-gguf memory fullsize fullsize-gguf gpu-bundle gpu-check gpu-rehearsal gpu-rehearsal-env registry-check clean distclean
 
 help:
 	@echo "make host          install the ComfyUI 0.3.75 test host + venv (scripts/install_host.sh; idempotent)"
@@ -73,7 +73,7 @@ browser-deps:
 
 # The whole suite on both hosts (scripts/run_tests.sh); pytest's exit code (0 only when both runs
 # passed) is kept in $(ART)/pytest-exit-code and one line per host in $(ART)/hosts.txt for .ci/run.
-test: host host33 browser-deps gpu-rehearsal-env
+test: host host33 browser-deps gpu-rehearsal-env registry-check
 	TIMEOUT=$(TIMEOUT) bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 test-core: host
@@ -144,6 +144,15 @@ gpu-bundle:
 
 gpu-check:
 	bash scripts/gpu_check_device.sh $(GPU_CHECK_ARGS)
+
+# The Comfy Registry's own check of pyproject.toml's [tool.comfy] table and the package (comfy-cli, in its
+# own venv: its dependencies are not ComfyUI's). Part of make test.
+COMFY_CLI = .cache/comfy-cli/bin/comfy
+$(COMFY_CLI):
+	python3 -m venv .cache/comfy-cli && .cache/comfy-cli/bin/pip install -q --disable-pip-version-check comfy-cli==1.23.0
+
+registry-check: $(COMFY_CLI)
+	$(COMFY_CLI) --skip-prompt --no-enable-telemetry node validate
 
 gpu-rehearsal-env: host host33
 	python3 scripts/gpu_rehearsal.py prepare

@@ -47,7 +47,7 @@ CUDA_CONTEXT = 512 * MIB
 
 
 # --------------------------------------------------------------------------------------
-# The full-size configurations (zai-org/GLM-Image; shared/spec/glm-image-architecture.md §2)
+# The full-size configurations (zai-org/GLM-Image; docs/architecture.md, "Design notes")
 # --------------------------------------------------------------------------------------
 
 def full_size_configs() -> Dict[str, dict]:

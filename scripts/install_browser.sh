@@ -3,6 +3,9 @@
 #   /usr/bin/chromium                 Debian's chromium package (apt-get), when missing
 #   tests/browser/node_modules/       playwright-core from the committed package-lock.json (npm ci);
 #                                     it drives the system Chromium, no browser is downloaded
+#   .cache/frontend-<version>/        the newest ComfyUI frontend on the package index
+#                                     (tests/browser/NEWEST_FRONTEND), served by the 0.33 host with
+#                                     --front-end-root in a second browser pass
 # Exits non-zero when a piece cannot be installed, unless GLM_ALLOW_NO_BROWSER=1 (then the browser
 # tests skip with the reason; under CI=true they fail instead).
 set -euo pipefail
@@ -45,3 +48,22 @@ if [ ! -f node_modules/playwright-core/package.json ] || [ ! -f "$lock" ] || [ p
   npm ci --no-audit --no-fund --loglevel=error || fail "npm ci failed in tests/browser"
 fi
 echo "[browser] playwright-core $(node -p 'require("./node_modules/playwright-core/package.json").version'); ready in $(( $(date +%s) - t0 ))s"
+
+FRONTEND=$(cat "$ROOT/tests/browser/NEWEST_FRONTEND")
+dest="$ROOT/.cache/frontend-$FRONTEND"
+if [ ! -f "$dest/static/index.html" ]; then
+  echo "[browser] comfyui-frontend-package $FRONTEND (the newest frontend, for the 0.33 host's second pass)"
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "comfyui-frontend-package==$FRONTEND" \
+    || { rm -rf "$tmp"; fail "could not download comfyui-frontend-package $FRONTEND"; }
+  python3 - "$tmp" "$dest" <<'PY' || { rm -rf "$tmp"; fail "could not unpack comfyui-frontend-package $FRONTEND"; }
+import glob, os, shutil, sys, zipfile
+tmp, dest = sys.argv[1:3]
+with zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0]) as z:
+    z.extractall(os.path.join(tmp, "x"), [n for n in z.namelist() if n.startswith("comfyui_frontend_package/static/")])
+shutil.rmtree(dest, ignore_errors=True)
+shutil.move(os.path.join(tmp, "x", "comfyui_frontend_package"), dest)
+PY
+  rm -rf "$tmp"
+fi
+echo "[browser] frontend $FRONTEND in $dest"

@@ -2,7 +2,7 @@
 load this pack through ComfyUI's own custom-node loader, and run API-format prompts through
 `execution.validate_prompt` + `execution.PromptExecutor`. Nothing of ComfyUI is faked; only the
 object the executor reports progress to (normally the aiohttp PromptServer) is a small recorder.
-See shared/spec/comfyui-host.md §4.
+See docs/architecture.md, "Design notes".
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Helpers to build the reference (oracle) pipeline: diffusers 0.42.1 + transformers 5.17.0.
 
-Only tests and benchmarks import this module. See shared/spec/reference-oracle.md.
+Only tests and benchmarks import this module. See docs/architecture.md, "Design notes".
 """
 import torch
 

@@ -1,4 +1,5 @@
-"""The real ComfyUI frontend (1.32.9) in headless Chromium (Debian /usr/bin/chromium, driven by
+"""The real ComfyUI frontend (the host's own: 1.32.9 on 0.3.75, 1.49.6 on 0.33; and on 0.33 also the newest
+on the package index, tests/browser/NEWEST_FRONTEND, 1.58.1) in headless Chromium (Debian /usr/bin/chromium, driven by
 playwright-core from tests/browser/node_modules): the pack's nodes are registered in LiteGraph;
 every UI-format workflow in workflows/ loads the way drag & drop loads it, with no missing node types
 and no broken links, and the frontend's own graphToPrompt() gives the committed API copy; the size
@@ -55,23 +56,25 @@ def frontend(server):
         status, body = server.post_json(f"/api/settings/{key}", value)
         assert status == 200, (key, status, body)
     workflows = gs.ui_workflow_paths(this_host=True)
+    out = gs.ARTIFACTS if server.hosts_own else os.path.join(gs.ARTIFACTS, f"frontend-{server.frontend}")
+    os.makedirs(out, exist_ok=True)
     cmd = [NODE, os.path.join(HERE, "check_frontend.mjs"), "--url", server.url, "--chromium", CHROMIUM,
-           "--out", gs.ARTIFACTS, "--pack", gs.PACK_NAME, "--nodes", ",".join(gs.PACK_NODE_IDS),
+           "--out", out, "--pack", gs.PACK_NAME, "--nodes", ",".join(gs.PACK_NODE_IDS),
            "--run", T2I, "--run-glyph", GLYPH, "--run-stock", STOCK, "--run-timeout", "400000", *workflows]
     proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=720)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, f"check_frontend.mjs printed no result (rc {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     res = json.loads(lines[-1][len("RESULT "):])
-    os.makedirs(gs.ARTIFACTS, exist_ok=True)
-    with open(os.path.join(gs.ARTIFACTS, "frontend-result.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out, "frontend-result.json"), "w", encoding="utf-8") as f:
         json.dump(res, f, indent=2)
     assert res.get("ok"), f"frontend check crashed: {res.get('error')}\nstderr: {proc.stderr[-2000:]}"
+    res.update(out=out, hosts_own=server.hosts_own, expected_frontend=server.frontend)
     return res
 
 
 @pytest.mark.timeout(900)
 def test_frontend_registers_every_pack_node(frontend):
-    assert frontend["frontendVersion"] == glmtest_host.frontend_version(), frontend["frontendVersion"]
+    assert frontend["frontendVersion"] == frontend["expected_frontend"], frontend["frontendVersion"]
     assert sorted(frontend["registered"]) == sorted(gs.PACK_NODE_IDS)
 
 
@@ -223,10 +226,10 @@ def _docs_copy(src: str, dst: str, width: int = 1000) -> None:
 
 def test_canvas_screenshots_are_saved(frontend):
     shots = [w["screenshot"] for w in frontend["workflows"]] + [_run(frontend)["screenshot"],
-                                                              os.path.join(gs.ARTIFACTS, "frontend-templates.png")]
+                                                              os.path.join(frontend["out"], "frontend-templates.png")]
     for p in shots:
         assert os.path.isfile(p) and os.path.getsize(p) > 10_000, p
-    if os.environ.get("GLM_UPDATE_SCREENSHOTS") == "1":
+    if os.environ.get("GLM_UPDATE_SCREENSHOTS") == "1" and frontend["hosts_own"]:
         os.makedirs(DOCS_SCREENSHOTS, exist_ok=True)
         for p in shots:
             _docs_copy(p, os.path.join(DOCS_SCREENSHOTS, os.path.basename(p)[len("frontend-"):]))

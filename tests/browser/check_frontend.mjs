@@ -145,7 +145,9 @@ async function checkTemplateBrowser(page, pack, outDir) {
   try {
     await page.getByText("Templates", { exact: true }).first().click();
     await page.getByText(pack, { exact: true }).first().click();
-    await page.getByText(pack, { exact: true }).nth(1).waitFor();       // the heading of its cards
+    // its cards, titled by workflow name (frontends differ in the heading above them: 1.58 adds a hidden
+    // "Back to <pack>" button that a heading locator would match)
+    await page.getByText("glm_image_t2i", { exact: true }).first().waitFor();
     await page.waitForTimeout(1500);
     const titles = await page.evaluate(() => [...document.querySelectorAll('[role="dialog"] h3, [role="dialog"] [class*="title"]')]
       .map((e) => e.textContent.trim()).filter(Boolean));

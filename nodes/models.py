@@ -114,7 +114,6 @@ class _LogicalWeight:
 
     def __init__(self, layer):
         self.weight = torch.empty((), device=layer.weight.device).expand(layer.ggml[1])
-        self.bias = layer.bias
 
 
 def install_gguf_training() -> None:

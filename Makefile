@@ -63,9 +63,9 @@ tiny: host $(TINY)/model_index.json
 
 # Rewritten when the writer changes; written to a temporary folder first so a half-written
 # checkpoint is never picked up.
-$(TINY)/model_index.json: glm_image_core/tiny_checkpoint.py glm_image_core/configs.py
+$(TINY)/model_index.json: glm_image_core/testing/tiny_checkpoint.py glm_image_core/loading/configs.py
 	rm -rf $(TINY).tmp
-	OMP_NUM_THREADS=1 $(PY) -m glm_image_core.tiny_checkpoint $(TINY).tmp --size tiny
+	OMP_NUM_THREADS=1 $(PY) -m glm_image_core.testing.tiny_checkpoint $(TINY).tmp --size tiny
 	rm -rf $(TINY) && mv $(TINY).tmp $(TINY) && touch $@
 
 browser-deps:

@@ -209,13 +209,14 @@ class NodeTimer:
 
 def cached_checkpoint(size: str, seed: int = 0, bf16: bool = False) -> str:
     """``.cache/models/diffusers/GLM-Image-<size>`` (``-bf16``: weights in bf16, like the official
-    files) written by ``glm_image_core.tiny_checkpoint``, rewritten when the writer (or the configs it
+    files) written by ``glm_image_core.testing.tiny_checkpoint``, rewritten when the writer (or the configs it
     writes) is newer than the folder (the rule ``make tiny`` uses); written to a temporary folder first so
     a half-written checkpoint is never picked up."""
     import shutil
 
     import torch
-    from glm_image_core import configs, tiny_checkpoint
+    from glm_image_core.loading import configs
+    from glm_image_core.testing import tiny_checkpoint
     folder = os.path.join(CACHE_MODELS, f"GLM-Image-{size}{'-bf16' if bf16 else ''}")
     stamp = os.path.join(folder, "model_index.json")
     writer = max(os.path.getmtime(m.__file__) for m in (tiny_checkpoint, configs))

@@ -42,7 +42,8 @@ from _common import PROMPT, machine_bandwidth_gbs, peak_rss_mb  # noqa: E402  (a
 
 def _load(folder: str, which: str):
     import torch
-    from glm_image_core import ar_model, ar_prompt
+    from glm_image_core.networks import ar_model
+    from glm_image_core.generation import ar_prompt
     vle = os.path.join(folder, "vision_language_encoder")
     if which == "hf":
         import glmtest_oracle
@@ -61,7 +62,7 @@ DECODE = {"ours": {}, "ours+cpu-layout": {}, "ours-static-compiled": dict(decode
 def _run(which: str, obj, size: int, seed: int):
     """(seconds, tokens sampled, grid tokens)"""
     import torch
-    from glm_image_core import ar_generate, ar_prompt
+    from glm_image_core.generation import ar_generate, ar_prompt
     if which == "hf":
         m, proc = obj
         inputs = proc.apply_chat_template([[{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]],
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     tmp = None
     folder = a.folder
     if folder is None:
-        from glm_image_core.tiny_checkpoint import write_checkpoint
+        from glm_image_core.testing.tiny_checkpoint import write_checkpoint
         tmp = tempfile.TemporaryDirectory(prefix="glm-bench-ar-")
         folder = write_checkpoint(os.path.join(tmp.name, f"GLM-Image-{a.checkpoint}"), a.checkpoint, seed=0)
     if a.checkpoint == "deep":
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
             if rep == 0:
                 toks[s] = gen
     # sanity: same seed, same tokens (ours stops before the end marker; unrestricted = the pipeline's choice)
-    from glm_image_core import ar_generate
+    from glm_image_core.generation import ar_generate
     m, tok = objs["ours"]
     ru = ar_generate.generate_tokens(m, tok, PROMPT, a.size, a.size, 0, restrict_to_codebook=False)
     unres = torch.cat([ru.preview.reshape(-1), ru.grid.reshape(-1)])
@@ -212,7 +213,7 @@ def _deep(a, folder: str, tmp) -> int:
         rows[size] = {s: statistics.median(v) * 1e3 for s, v in times.items()}
     same = {size: bool(torch.equal(toks[("ours", size)], toks[("ours-static-compiled", size)]))
             for size in rows}
-    from glm_image_core import ar_generate
+    from glm_image_core.generation import ar_generate
     m, tok = objs["ours"]
     same_hf = {}
     for size in rows:

@@ -55,8 +55,8 @@ def load_diffusers(folder: str):
 
 
 def load_ours(folder: str):
-    from glm_image_core.dit import load_dit
-    from glm_image_core.glyph import load_glyph_encoder, load_glyph_tokenizer
+    from glm_image_core.networks.dit import load_dit
+    from glm_image_core.networks.glyph import load_glyph_encoder, load_glyph_tokenizer
     with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
         sched = json.load(f)
     return dict(dit=load_dit(os.path.join(folder, "transformer")),
@@ -71,8 +71,8 @@ def decode_diffusers(pipe, latents, ids, size, steps):
 
 def decode_ours(o, latents, ids, size, steps, packed=True):
     import torch
-    from glm_image_core.denoise import denoise
-    from glm_image_core.glyph import glyph_for_prompt, uncond_glyph
+    from glm_image_core.generation.denoise import denoise
+    from glm_image_core.networks.glyph import glyph_for_prompt, uncond_glyph
     c = glyph_for_prompt(o["enc"], o["tok"], PROMPT, "cpu", torch.float32)
     u = uncond_glyph(o["enc"], o["tok"], "cpu", torch.float32)
     return denoise(o["dit"], latents.clone(), ids, c, u, (size, size), steps, GUIDANCE, o["sched"], packed_cfg=packed)
@@ -81,7 +81,7 @@ def decode_ours(o, latents, ids, size, steps, packed=True):
 def step_fns(pipe, o, latents, ids, size):
     """Closures running one CFG step for each implementation (inputs prepared as each sampler does)."""
     import torch
-    from glm_image_core.glyph import glyph_for_prompt, uncond_glyph
+    from glm_image_core.networks.glyph import glyph_for_prompt, uncond_glyph
     dev = torch.device("cpu")
     pe, ne = pipe.encode_prompt(PROMPT, True, device=dev, dtype=torch.float32)
     tr = pipe.transformer
@@ -131,7 +131,7 @@ def rss_child(impl: str, folder: str, size: int, steps: int) -> None:
         import diffusers  # noqa: F401
         import transformers  # noqa: F401
     else:
-        import glm_image_core.denoise  # noqa: F401
+        import glm_image_core.generation.denoise  # noqa: F401
     base = current_rss_mb()
     latents, ids = _inputs(size)
     with torch.inference_mode():
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     tmp = None
     folder = a.folder
     if folder is None:
-        from glm_image_core.tiny_checkpoint import write_checkpoint
+        from glm_image_core.testing.tiny_checkpoint import write_checkpoint
         tmp = tempfile.TemporaryDirectory(prefix="glm_bench_")
         folder = write_checkpoint(os.path.join(tmp.name, f"GLM-Image-{a.config}"), a.config, seed=0)
 
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
             res["ref_decode"].append(timed(lambda: decode_diffusers(pipe, latents, ids, a.size, a.steps))[0])
             res["our_decode"].append(timed(lambda: decode_ours(ours, latents, ids, a.size, a.steps))[0])
     shared_peak = peak_rss_mb()
-    from glm_image_core.glyph import glyph_for_prompt
+    from glm_image_core.networks.glyph import glyph_for_prompt
     glyph_len = glyph_for_prompt(ours["enc"], ours["tok"], PROMPT).shape[1]
 
     rss = {}

@@ -78,8 +78,8 @@ def convert_all(folder: str, models: str, variants) -> dict:
 def worker(variant: str, base: str, px: int, steps: int, ref_tokens: str | None) -> dict:
     import torch
     import glmtest_host
-    from glm_image_core import gguf_ops
-    from glm_image_core.tokens import save_tokens
+    from glm_image_core.quantization import gguf_ops
+    from glm_image_core.generation.tokens import save_tokens
     import_rss = current_rss_mb()
     host = glmtest_host.Host(base)
     for sub in ("diffusion_models", "text_encoders", "vae"):
@@ -159,9 +159,10 @@ def full_size_bytes() -> dict:
     """{variant: {"dit", "ar_text", "ar_vision"}: bytes} at the official size, each tensor stored as
     the converter stores it (bf16 / fp8 for the fp8-eligible matrices / ggml blocks where the row
     holds whole blocks, ``gguf_quant.block_type_for``), from the shapes alone."""
-    from glm_image_core import gguf_quant, tiny_checkpoint
-    from glm_image_core import single_file as sf
-    from glm_image_core.components import NETWORKS
+    from glm_image_core.quantization import gguf_quant
+    from glm_image_core.testing import tiny_checkpoint
+    from glm_image_core.loading import single_file as sf
+    from glm_image_core.loading.registry import NETWORKS
     cfgs = tiny_checkpoint.configs_for("full")
     shapes = {"dit": list(tiny_checkpoint.dit_shapes(cfgs["transformer/config.json"])),
               "ar": list(tiny_checkpoint.ar_shapes(cfgs["vision_language_encoder/config.json"]))}

@@ -79,7 +79,7 @@ def main() -> None:
 
     import torch
     import glmtest_host
-    from glm_image_core.tokens import GLMTokens, save_tokens
+    from glm_image_core.generation.tokens import GLMTokens, save_tokens
 
     host, _ = glmtest_host.host_with_checkpoint(cached_checkpoint(a.size), "GLM-Image-bench", "glm-bench-stock-")
     g = torch.Generator().manual_seed(0)

@@ -19,9 +19,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "_support")]
 
-from glm_image_core.configs import GLM_LATENTS_MEAN, GLM_LATENTS_STD  # noqa: E402
-from glm_image_core.tiny_checkpoint import configs_for, write_checkpoint  # noqa: E402
-from glm_image_core.vae import GlmImageVAE, fit_latent_to_rgb, load_vae  # noqa: E402
+from glm_image_core.loading.configs import GLM_LATENTS_MEAN, GLM_LATENTS_STD  # noqa: E402
+from glm_image_core.testing.tiny_checkpoint import configs_for, write_checkpoint  # noqa: E402
+from glm_image_core.networks.vae import GlmImageVAE, fit_latent_to_rgb, load_vae  # noqa: E402
 
 
 def best_of(fn, n=3):

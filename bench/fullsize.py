@@ -57,7 +57,8 @@ def checkpoint(folder: str) -> dict:
     """Write the full-size random folder in bf16 (or reuse it: a stamp names the writer's version)."""
     import hashlib
 
-    from glm_image_core import configs, tiny_checkpoint
+    from glm_image_core.loading import configs
+    from glm_image_core.testing import tiny_checkpoint
     stamp = os.path.join(folder, ".written-by")
     digest = hashlib.sha256()
     for module in (tiny_checkpoint, configs):          # the writer and the official configs it writes
@@ -77,7 +78,7 @@ def checkpoint(folder: str) -> dict:
 
 
 def checkpoint_facts(folder: str) -> dict:
-    from glm_image_core import checkpoint as ckpt
+    from glm_image_core.loading import checkpoint as ckpt
     out = {}
     for comp in ("vision_language_encoder", "transformer", "text_encoder", "vae"):
         files = ckpt.weight_files(os.path.join(folder, comp))
@@ -105,10 +106,12 @@ def gguf_path(component: str, dtype: str) -> str:
 def build(folder: str, component: str, dtype: str):
     """The network as the pack builds it (plain torch layers, compute bf16), weights streamed in.
     ``dtype`` gguf_*: from the GGUF single file (``gguf_convert``), blocks kept quantized."""
-    from glm_image_core import ar_model, checkpoint as ckpt, dit, glyph, vae
+    from glm_image_core.networks import ar_model, dit, glyph, vae
+    from glm_image_core.loading import checkpoint as ckpt
     if dtype.startswith("gguf_"):
-        from glm_image_core import gguf_ops, sources
-        from glm_image_core import single_file as sf
+        from glm_image_core.quantization import gguf_ops
+        from glm_image_core.loading import sources
+        from glm_image_core.loading import single_file as sf
         comp = "ar" if component.startswith("ar_") else component
         src = sf.open_single_file(gguf_path(comp, dtype), comp)
         parts = (component[3:],) if comp == "ar" else None
@@ -145,7 +148,7 @@ def load(folder: str, component: str, dtype: str) -> dict:
 def gguf_convert(folder: str, dtype: str) -> dict:
     """The DiT and the AR of the full-size folder as GGUF files (scripts/convert_to_single_file.py's
     code), one process: seconds, bytes, tensor types and the peak RSS of the streamed conversion."""
-    from glm_image_core import single_file as sf
+    from glm_image_core.loading import single_file as sf
     os.makedirs(GGUF_DIR, exist_ok=True)
     out = {"dtype": dtype, "components": {}}
     for comp in ("dit", "ar"):
@@ -264,7 +267,7 @@ def train(folder: str, dtype: str) -> dict:
 def _gguf_dit_nodes(host, folder: str, dtype: str) -> dict:
     """Load GLM-Image Glyph Encoder + Load GLM-Image DiT (node "32") on the converted GGUF DiT, the glyph
     encoder written beside it as a single file; both linked into the host's model folders."""
-    from glm_image_core import single_file as sf
+    from glm_image_core.loading import single_file as sf
     glyph = os.path.join(GGUF_DIR, "GLM-Image-full_glyph_encoder.safetensors")
     if not os.path.isfile(glyph):
         sf.convert_component(folder, "glyph_encoder", glyph)
@@ -290,7 +293,7 @@ def _perturb(model: torch.nn.Module, key: str, scale: float) -> None:
 
 def ar_logits(folder: str, who: str, out: str) -> dict:
     """Logits of the first sampled token (the last prefill position) of a 256² text-to-image prompt, bf16."""
-    from glm_image_core import ar_prompt
+    from glm_image_core.generation import ar_prompt
     d = os.path.join(folder, "vision_language_encoder")
     tok = ar_prompt.GlmTokenizer.from_folder(os.path.join(folder, "processor"))
     lay = ar_prompt.build_prompt(tok, PROMPT, SIZE, SIZE)

@@ -139,7 +139,8 @@ def nvidia_smi_used_mib() -> int | None:
 def run_ar_modes(spec: dict, folder: str, dry: bool) -> dict:
     """ms/token of each ``generate_tokens(decode=...)`` mode on the plain-PyTorch AR (weights resident)."""
     import torch
-    from glm_image_core import ar_generate, ar_model, ar_prompt
+    from glm_image_core.generation import ar_generate, ar_prompt
+    from glm_image_core.networks import ar_model
     device, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
     m = ar_model.load_ar(os.path.join(folder, "vision_language_encoder"), dtype=dtype, device=device,
                          parts=("text",))
@@ -224,9 +225,9 @@ def run_job(spec: dict, folder: str, dry: bool) -> dict:
                                            lowvram=bool(spec.get("lowvram"))))
         setup_s = time.perf_counter() - t_setup
         m = side.mod
-        for owner, attr, st in ((m["glm_image_core.ar_generate"], "generate_tokens", "ar"),
-                                (m["glm_image_core.glyph"], "encode_glyph_texts", "glyph"),
-                                (m["glm_image_core.denoise"], "denoise", "dit"),
+        for owner, attr, st in ((m["glm_image_core.generation.ar_generate"], "generate_tokens", "ar"),
+                                (m["glm_image_core.networks.glyph"], "encode_glyph_texts", "glyph"),
+                                (m["glm_image_core.generation.denoise"], "denoise", "dit"),
                                 (m["nodes.vae_adapter"].GlmImageComfyVAE, "decode", "vae")):
             peaks.wrap(owner, attr, st)
     if cuda and spec.get("cap_gib"):           # after the host started (comfy-aimdo hooks CUDA first)
@@ -265,7 +266,7 @@ def checkpoint(dry: bool) -> tuple:
     if dry:
         import _common as C
         return C.cached_checkpoint("medium"), None
-    from glm_image_core.tiny_checkpoint import write_checkpoint
+    from glm_image_core.testing.tiny_checkpoint import write_checkpoint
     os.makedirs(os.path.join(ROOT, ".cache"), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="glm-gpu-check-full-", dir=os.path.join(ROOT, ".cache"))
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ ComfyUI's model management.
     .venv/bin/python bench/memory.py --execute            # + run the stages with random full-size weights
     .venv/bin/python bench/memory.py --size tiny --execute --device cpu   # the execute path, tiny, on CPU
 
-The plan builds the full-size networks (real GLM-Image configs, glm_image_core.memory_plan) on the
+The plan builds the full-size networks (real GLM-Image configs, glm_image_core.loading.memory_plan) on the
 meta device, counts their parameters, and adds the activation estimates of each stage: the AR's
 text part with its KV cache (an edit first loads the AR's vision part alone to tokenise a
 reference), the glyph encoder, one DiT step with CFG (cond + uncond in one sweep) and the VAE decode, for AR/DiT weights in bf16 and in fp8 (the loader's fp8 rule), loaded whole or
@@ -36,8 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from glm_image_core import memory_plan as mp  # noqa: E402
-from glm_image_core.components import network  # noqa: E402
+from glm_image_core.loading import memory_plan as mp  # noqa: E402
+from glm_image_core.loading.registry import network  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results")
 TINY = os.path.join(ROOT, ".cache", "models", "diffusers", "GLM-Image-tiny")
@@ -48,7 +48,7 @@ CARDS_GIB = (8, 10, 12, 16, 24, 32, 48, 80)
 def configs_of(size: str) -> dict:
     if size == "full":
         return mp.full_size_configs()
-    from glm_image_core.tiny_checkpoint import configs_for
+    from glm_image_core.testing.tiny_checkpoint import configs_for
     files = configs_for(size)
     return {c: files[f"{c}/config.json"] for c in mp.NETWORK_FOLDERS}
 
@@ -125,7 +125,7 @@ def build_random(component: str, config: dict, weight_dtype: str, compute: torch
     loader's rule for ``weight_dtype`` (fp8: FP8_WEIGHT_KEYS in float8_e4m3fn, the rest in compute).
     The AR is its text part, the network the nodes load for text → tokens."""
     import comfy.ops
-    from glm_image_core import checkpoint as ckpt
+    from glm_image_core.loading import checkpoint as ckpt
     fp8 = weight_dtype == "fp8" and network(component).fp8_keys is not None
     storage = torch.float8_e4m3fn if fp8 else compute
     ops = comfy.ops.pick_operations(storage, compute, load_device=torch.device(device))
@@ -156,8 +156,8 @@ class Runner:
     def __init__(self, mm, configs, weight_dtype: str, device: str, width: int, height: int, steps: int,
                  ar_steps: int, glyph_text: str):
         import comfy.model_patcher
-        from glm_image_core.ar_prompt import GlmTokenizer
-        from glm_image_core.glyph import load_glyph_tokenizer
+        from glm_image_core.generation.ar_prompt import GlmTokenizer
+        from glm_image_core.networks.glyph import load_glyph_tokenizer
         self.mm, self.configs, self.wd = mm, configs, weight_dtype
         self.load_device = mm.get_torch_device()
         self.offload = mm.unet_offload_device() if device != "cpu" else torch.device("cpu")
@@ -192,9 +192,9 @@ class Runner:
         return p.model, {"loaded": p.loaded_size(), "size": p.model_size()}
 
     def run(self, evict_each: bool) -> dict:
-        from glm_image_core import ar_generate, denoise
-        from glm_image_core.glyph import encode_glyph_texts
-        from glm_image_core.tokens import upsample_grid
+        from glm_image_core.generation import ar_generate, denoise
+        from glm_image_core.networks.glyph import encode_glyph_texts
+        from glm_image_core.generation.tokens import upsample_grid
         mm, W, H, cb = self.mm, self.width, self.height, self.compute.itemsize
         dev = self.load_device
         out = {}
@@ -379,8 +379,8 @@ def cpu_check_one(stage: str) -> dict:
         return m
 
     if stage == "ar":
-        from glm_image_core import ar_generate
-        from glm_image_core.ar_prompt import GlmTokenizer
+        from glm_image_core.generation import ar_generate
+        from glm_image_core.generation.ar_prompt import GlmTokenizer
         cfg = cf["vision_language_encoder"]
         cfg["text_config"]["num_hidden_layers"], cfg["vision_config"]["depth"] = 2, 1
         model = random_model("vision_language_encoder", cfg)
@@ -401,8 +401,8 @@ def cpu_check_one(stage: str) -> dict:
         estimate = mp.ar_activation_bytes(cfg["text_config"], len(tok.encode(PROMPT)), px, px, 1, 4)
         call = lambda: run(PROMPT, px)                                          # noqa: E731
     elif stage == "dit":
-        from glm_image_core import denoise
-        from glm_image_core.tokens import upsample_grid
+        from glm_image_core.generation import denoise
+        from glm_image_core.generation.tokens import upsample_grid
         cfg = dict(cf["transformer"], num_layers=1)
         model = random_model("transformer", cfg)
         L = 129
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
     edit_plans = {wd: mp.plan_run(configs, stats, wd, args.width, args.height, args.prompt_tokens, args.glyph_tokens,
                                   reference=(args.width, args.height)) for wd in ("bf16", "fp8")}
     md = [f"# GLM-Image device memory plan ({args.size} size, {args.width}×{args.height} text-to-image)", "",
-          "Planned figures (glm_image_core/memory_plan.py), not measurements. GiB = 2^30 bytes. "
+          "Planned figures (glm_image_core/loading/memory_plan.py), not measurements. GiB = 2^30 bytes. "
           "'card for whole load' adds ComfyUI's free-memory reserve and ~0.5 GiB CUDA context.", "",
           "## Parameters per component", "", sizes_table(stats), "",
           "## Stages (ComfyUI evicts each stage before the next; lowvram = only layers in flight on the device)", "",

@@ -15,7 +15,7 @@ Sides:
   settings and a PreviewImage output (a PNG at compress level 1, like the official side's).
 
 Both read the same checkpoint folder (``.cache/models/diffusers/GLM-Image-<size>``, written by
-``glm_image_core.tiny_checkpoint``; linked into the host's ``models/diffusers``). Repetition i of
+``glm_image_core.testing.tiny_checkpoint``; linked into the host's ``models/diffusers``). Repetition i of
 each side uses seed ``--seed + i`` (the executor would otherwise answer a repeated prompt from its
 cache); the two sides sample the same AR tokens for the same seed, which the report checks.
 
@@ -201,7 +201,7 @@ def gguf_files(folder: str, dtype: str, base_dir: str) -> dict:
     """The folder's AR and DiT as ``dtype`` GGUF files, the glyph encoder and VAE as stored
     (scripts/convert_to_single_file.py's code), beside the folder (written once, reused by later jobs)
     and linked into the host's model folders. Returns component -> file name."""
-    from glm_image_core import single_file as sf
+    from glm_image_core.loading import single_file as sf
     out = os.path.normpath(folder) + f"-{dtype}"
     os.makedirs(out, exist_ok=True)
     files = {}
@@ -243,16 +243,16 @@ class PackSide:
         self.sync = _sync_fn(device)
         pack = glmtest_host.PACK_DIR.replace(".", "_x_")     # ComfyUI's module name for a custom-node folder
         self.mod = {m: importlib.import_module(f"{pack}.{m}") for m in (
-            "glm_image_core.ar_generate", "glm_image_core.ar_model", "glm_image_core.glyph", "glm_image_core.dit",
-            "glm_image_core.denoise", "nodes.vae_adapter")}
+            "glm_image_core.generation.ar_generate", "glm_image_core.networks.ar_model", "glm_image_core.networks.glyph", "glm_image_core.networks.dit",
+            "glm_image_core.generation.denoise", "nodes.vae_adapter")}
 
     def run(self, seed: int, res: int, steps: int, profile=None) -> dict:
         clock, patches, sync = C.CallClock(), C.Patches(), self.sync
-        ar, gl, dit, dn = (self.mod[f"glm_image_core.{m}"] for m in ("ar_generate", "glyph", "dit", "denoise"))
+        ar, gl, dit, dn = (self.mod[f"glm_image_core.{m}"] for m in ("generation.ar_generate", "networks.glyph", "networks.dit", "generation.denoise"))
         patches.wrap(ar, "generate_tokens", clock, "ar", sync=sync, keep_result=True)
         # the AR model's own forward runs once per generation, for the prefill (decode steps call its
         # text model and lm_head directly); timed with syncs, so also right on a GPU
-        patches.wrap(self.mod["glm_image_core.ar_model"].GlmImageAR, "forward", clock, "ar_forward", sync=sync)
+        patches.wrap(self.mod["glm_image_core.networks.ar_model"].GlmImageAR, "forward", clock, "ar_forward", sync=sync)
         patches.wrap(gl, "encode_glyph_texts", clock, "glyph", sync=sync)
         for meth in ("forward_multi", "time_embed", "project_glyph", "project_prior"):
             patches.wrap(dit.GlmImageDiT, meth, clock, "dit", sync=sync)
@@ -550,7 +550,7 @@ def main(argv=None) -> int:
         if not os.path.isfile(os.path.join(folder, "model_index.json")):
             ap.error(f"--folder {a.folder}: no model_index.json there (not a GLM-Image checkpoint folder)")
     elif a.size == "full":
-        from glm_image_core.tiny_checkpoint import write_checkpoint
+        from glm_image_core.testing.tiny_checkpoint import write_checkpoint
         # on the checkout's disk (/tmp may be a RAM disk): ~35 GB, removed at the end
         os.makedirs(os.path.join(C.ROOT, ".cache"), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix="glm-bench-full-", dir=os.path.join(C.ROOT, ".cache"))

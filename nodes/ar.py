@@ -8,8 +8,9 @@ from .api import io, ui
 import comfy.model_management as mm
 import comfy.utils
 
-from ..glm_image_core import ar_generate, memory_plan
-from ..glm_image_core.tokens import GLMTokens
+from ..glm_image_core.generation import ar_generate
+from ..glm_image_core.loading import memory_plan
+from ..glm_image_core.generation.tokens import GLMTokens
 from .types import CATEGORY, GlmAR, GlmReference, GlmTokens
 
 MIN_SIZE, MAX_SIZE, SIZE_STEP = 256, 2048, 32
@@ -23,7 +24,7 @@ def size_error(name: str, value: int) -> str | None:
 
 
 def decode_mode(component) -> str:
-    """How the AR decodes (``glm_image_core.ar_generate.StaticDecode``): on the CPU the exact step (bit
+    """How the AR decodes (``glm_image_core.generation.ar_generate.StaticDecode``): on the CPU the exact step (bit
     parity with the official pipeline); on a GPU the static, sync-free step, replayed as a CUDA graph
     when every weight stays resident (not under ``--lowvram`` streaming or dynamic VRAM)."""
     if component.load_device.type == "cpu":

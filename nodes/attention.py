@@ -1,6 +1,6 @@
 """ComfyUI's attention selection for the GLM networks.
 
-The networks call ``glm_image_core.attention.attention`` (torch SDPA by default, the parity reference).
+The networks call ``glm_image_core.networks.attention.attention`` (torch SDPA by default, the parity reference).
 When the user picked an attention by flag, ComfyUI's choice (``comfy.ldm.modules.attention.
 optimized_attention``: sage, flash, split, sub-quadratic, ...) is installed there instead, adapted to
 what those functions take on every ComfyUI we support: equal query and key/value heads (0.3.75 has no
@@ -18,7 +18,7 @@ import torch
 import comfy.ldm.modules.attention as attention_module
 from comfy.cli_args import args
 
-from ..glm_image_core import attention as core_attention
+from ..glm_image_core.networks import attention as core_attention
 
 log = logging.getLogger("GLM-Image")
 
@@ -34,7 +34,7 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def adapt(fn: Callable) -> Callable:
-    """``fn`` (one of ComfyUI's attention functions) with :func:`glm_image_core.attention.sdpa`'s
+    """``fn`` (one of ComfyUI's attention functions) with :func:`glm_image_core.networks.attention.sdpa`'s
     signature: q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> [B, H, Lq, D]."""
 
     def run(q, k, v, mask: Optional[torch.Tensor] = None, scale: Optional[float] = None, causal: bool = False):

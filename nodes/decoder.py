@@ -9,9 +9,9 @@ import comfy.model_management as mm
 import comfy.sample
 import comfy.utils
 
-from ..glm_image_core import denoise as dn
-from ..glm_image_core import memory_plan as mp
-from ..glm_image_core.tokens import upsample_grid
+from ..glm_image_core.generation import denoise as dn
+from ..glm_image_core.loading import memory_plan as mp
+from ..glm_image_core.generation.tokens import upsample_grid
 from .glyph import encode_glyph
 from .types import CATEGORY, GlmDecoder, GlmGlyph, GlmReference, GlmTokens
 

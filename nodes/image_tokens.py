@@ -20,8 +20,8 @@ from .api import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..glm_image_core import image_proc
-from ..glm_image_core.tokens import GLMTokens
+from ..glm_image_core.generation import image_proc
+from ..glm_image_core.generation.tokens import GLMTokens
 from .reference import to_rgb, tokenize_image
 from .types import CATEGORY, GlmAR, GlmTokens
 

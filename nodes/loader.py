@@ -8,8 +8,8 @@ from .api import io
 
 import folder_paths
 
-from ..glm_image_core import checkpoint as ckpt
-from ..glm_image_core import sources
+from ..glm_image_core.loading import checkpoint as ckpt
+from ..glm_image_core.loading import sources
 from .models import (COMPUTE_DTYPES, WEIGHT_DTYPES, ComponentSpec, GLMARModel, GLMDecoderModel, GLMGlyphEncoder,
                      LazyComponent)
 from .stock_model import GLMImageLatentFormat, wrap_dit

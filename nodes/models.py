@@ -25,9 +25,9 @@ import comfy.ops
 import latent_preview
 from comfy.cli_args import LatentPreviewMethod, args
 
-from ..glm_image_core import checkpoint as ckpt
-from ..glm_image_core import gguf_ops
-from ..glm_image_core.components import STORAGE_DTYPES
+from ..glm_image_core.loading import checkpoint as ckpt
+from ..glm_image_core.quantization import gguf_ops
+from ..glm_image_core.loading.registry import STORAGE_DTYPES
 from . import host
 
 log = logging.getLogger("GLM-Image")
@@ -58,7 +58,7 @@ def stored_dtype(weight_files: Sequence[str]) -> torch.dtype:
 
 def gguf_operations(base: type) -> type:
     """``base`` (the comfy.ops namespace picked for the float weights) whose Linear and Embedding keep
-    GGUF blocks (glm_image_core.gguf_ops): ComfyUI's own cast path moves a Linear's uint8 blocks to the
+    GGUF blocks (glm_image_core.quantization.gguf_ops): ComfyUI's own cast path moves a Linear's uint8 blocks to the
     compute device — whole under a full load, layer by layer under --lowvram / dynamic VRAM — and the
     layer dequantizes them there, in the input's dtype, for its one product. The AR looks its embedding
     rows up where the table lives (``gguf_ops.embedding_rows``)."""
@@ -311,7 +311,7 @@ class GLMARModel:
     folder: str
     model: LazyComponent               # ar_model.GlmImageAR(parts=("text",))
     vision: LazyComponent              # ar_model.GlmImageAR(parts=("vision",))
-    tokenizer: object                  # glm_image_core.ar_prompt.GlmTokenizer
+    tokenizer: object                  # glm_image_core.generation.ar_prompt.GlmTokenizer
     processor_config: dict             # image processor settings (patch size, pixel range, mean/std)
     generation_config: dict
     config: dict                       # vision_language_encoder/config.json
@@ -330,7 +330,7 @@ class GLMGlyphEncoder:
     """Payload of the GLM_GLYPH_ENCODER socket (single-file glyph encoder loader -> DiT loader)."""
     source: str
     encoder: LazyComponent
-    tokenizer: object                  # glm_image_core.glyph.ByT5Tokenizer
+    tokenizer: object                  # glm_image_core.networks.glyph.ByT5Tokenizer
 
 
 @dataclass
@@ -339,7 +339,7 @@ class GLMDecoderModel:
     folder: str
     dit: LazyComponent
     glyph_encoder: LazyComponent
-    glyph_tokenizer: object            # glm_image_core.glyph.ByT5Tokenizer
+    glyph_tokenizer: object            # glm_image_core.networks.glyph.ByT5Tokenizer
     dit_config: dict
     scheduler_config: dict
     latents_mean: torch.Tensor         # [C]

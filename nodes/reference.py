@@ -15,8 +15,9 @@ from .api import io
 
 import comfy.model_management as mm
 
-from ..glm_image_core import ar_generate, ar_prompt, image_proc, memory_plan
-from ..glm_image_core.tokens import upsample_grid
+from ..glm_image_core.generation import ar_generate, ar_prompt, image_proc
+from ..glm_image_core.loading import memory_plan
+from ..glm_image_core.generation.tokens import upsample_grid
 from .types import CATEGORY, GlmAR, GlmDecoder, GlmReference
 
 log = logging.getLogger("GLM-Image")

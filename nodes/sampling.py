@@ -8,9 +8,9 @@ from .api import io
 
 import comfy.model_management as mm
 
-from ..glm_image_core import denoise as dn
-from ..glm_image_core import memory_plan as mp
-from ..glm_image_core.tokens import upsample_grid
+from ..glm_image_core.generation import denoise as dn
+from ..glm_image_core.loading import memory_plan as mp
+from ..glm_image_core.generation.tokens import upsample_grid
 from .decoder import check_inputs, glyphs_for
 from .stock_model import DECODER_NAME, PRIOR_DROP, PRIOR_IDS, REFERENCE, GLMImageModel
 from .types import CATEGORY, GlmDecoder, GlmGlyph, GlmReference, GlmTokens

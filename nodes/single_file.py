@@ -7,7 +7,7 @@
 
 The outputs are the folder loader's socket types, so every other node works unchanged. The files
 are written by ``scripts/convert_to_single_file.py`` (configs and tokenizers in the safetensors
-metadata); detection, metadata and error messages live in ``glm_image_core.single_file``.
+metadata); detection, metadata and error messages live in ``glm_image_core.loading.single_file``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from .api import io
 
 import folder_paths
 
-from ..glm_image_core import checkpoint as ckpt
-from ..glm_image_core import single_file as sf
-from ..glm_image_core import sources
-from ..glm_image_core.components import NETWORKS
+from ..glm_image_core.loading import checkpoint as ckpt
+from ..glm_image_core.loading import single_file as sf
+from ..glm_image_core.loading import sources
+from ..glm_image_core.loading.registry import NETWORKS
 from .loader import ar_handle, decoder_handle, glyph_encoder_handle
 from .models import COMPUTE_DTYPES, WEIGHT_DTYPES
 from .types import CATEGORY, GlmAR, GlmDecoder, GlmGlyphEncoder

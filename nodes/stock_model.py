@@ -32,11 +32,11 @@ import comfy.model_base
 import comfy.patcher_extension
 import comfy.supported_models_base
 
-from ..glm_image_core import denoise as dn
-from ..glm_image_core import gguf_ops
-from ..glm_image_core import memory_plan as mp
-from ..glm_image_core import schedule as sch
-from ..glm_image_core.dit import GlmImageDiT
+from ..glm_image_core.generation import denoise as dn
+from ..glm_image_core.quantization import gguf_ops
+from ..glm_image_core.loading import memory_plan as mp
+from ..glm_image_core.generation import schedule as sch
+from ..glm_image_core.networks.dit import GlmImageDiT
 
 log = logging.getLogger("GLM-Image")
 

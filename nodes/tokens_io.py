@@ -8,7 +8,7 @@ from .api import io
 
 import folder_paths
 
-from ..glm_image_core.tokens import TOKEN_FILE_SUFFIX, GLMTokens, TokenFileError, load_tokens, save_tokens
+from ..glm_image_core.generation.tokens import TOKEN_FILE_SUFFIX, GLMTokens, TokenFileError, load_tokens, save_tokens
 from .types import CATEGORY, GlmTokens
 
 

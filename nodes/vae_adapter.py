@@ -1,7 +1,7 @@
 """GLM-Image's VAE as a stock ComfyUI ``VAE``.
 
 ``load_glm_vae`` returns a real ``comfy.sd.VAE`` (a small subclass that only replaces the
-constructor): its ``first_stage_model`` is ``glm_image_core.vae.GlmImageVAE`` built with
+constructor): its ``first_stage_model`` is ``glm_image_core.networks.vae.GlmImageVAE`` built with
 ``comfy.ops`` layers and wrapped in a ``ModelPatcher``. Everything else, ``decode``,
 ``decode_tiled``, ``encode``, ``encode_tiled``, batching, OOM fallback to tiling and loading /
 offloading through ``comfy.model_management``, is ComfyUI's own code, so the stock ``VAEDecode``,
@@ -28,8 +28,8 @@ import comfy.ops
 import comfy.sd
 
 from . import host
-from ..glm_image_core.components import NETWORKS
-from ..glm_image_core.vae import GlmImageVAE, VaeConfig, fit_latent_to_rgb, load_vae
+from ..glm_image_core.loading.registry import NETWORKS
+from ..glm_image_core.networks.vae import GlmImageVAE, VaeConfig, fit_latent_to_rgb, load_vae
 
 log = logging.getLogger("GLM-Image")
 
@@ -175,7 +175,7 @@ def fit_preview_factors(vae_model, latents_mean, latents_std, size: int = 12, ba
 
     Returns ``(factors [C][3], bias [3])`` for ``latent_preview.Latent2RGBPreviewer``, which computes
     ``rgb = x0 @ factors + bias`` per latent cell and shows it as ``(rgb + 1) / 2``, i.e. RGB in the
-    [-1, 1] convention. See ``glm_image_core.vae.fit_latent_to_rgb`` for the fit itself.
+    [-1, 1] convention. See ``glm_image_core.networks.vae.fit_latent_to_rgb`` for the fit itself.
 
     ``vae_model``: a ``comfy.sd.VAE`` (the decode then goes through ComfyUI's model management:
     the VAE is loaded on its load device like for VAEDecode) or a ``GlmImageVAE`` (run where its

@@ -8,7 +8,7 @@ component, for ComfyUI's usual model folders and the pack's single-file loader n
     <prefix>_vae.safetensors            -> ComfyUI/models/vae/                (Load GLM-Image VAE)
 
 Each file carries the configs and tokenizer/processor files its component needs in the
-safetensors metadata (see glm_image_core/single_file.py). ``--dtype`` converts the weights:
+safetensors metadata (see glm_image_core/loading/single_file.py). ``--dtype`` converts the weights:
 ``fp8_e4m3fn``/``fp8_e5m2`` only the Linear weights of the DiT's and AR's repeated blocks (the rest
 stays as stored); the glyph encoder and the VAE take only bf16/fp32 and otherwise stay as stored.
 Tensors are streamed one at a time from the shards, so converting the 10B AR model needs about
@@ -28,9 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from glm_image_core import single_file as sf  # noqa: E402
-from glm_image_core.components import NETWORKS  # noqa: E402
-from glm_image_core.checkpoint import CheckpointError  # noqa: E402
+from glm_image_core.loading import single_file as sf# noqa: E402
+from glm_image_core.loading.registry import NETWORKS  # noqa: E402
+from glm_image_core.loading.checkpoint import CheckpointError  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -42,27 +42,27 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> str:
     """A complete random-weight GLM-Image folder in the official layout (tiny size)."""
-    from glm_image_core.tiny_checkpoint import write_checkpoint
+    from glm_image_core.testing.tiny_checkpoint import write_checkpoint
     return write_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "GLM-Image-tiny"), "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tok(tiny_ckpt):
     """The tiny checkpoint's AR tokenizer (processor/ files; read-only)."""
-    from glm_image_core import ar_prompt
+    from glm_image_core.generation import ar_prompt
     return ar_prompt.GlmTokenizer.from_folder(os.path.join(tiny_ckpt, "processor"))
 
 
 @pytest.fixture(scope="session")
 def proc_cfg(tiny_ckpt):
     """The tiny checkpoint's image-processor settings (processor/processor_config.json)."""
-    from glm_image_core import ar_prompt
+    from glm_image_core.generation import ar_prompt
     return ar_prompt.read_processor_config(os.path.join(tiny_ckpt, "processor"))
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt_sharded(tmp_path_factory) -> str:
     """Same weights as tiny_ckpt, with AR and DiT split into shards + index json (official layout)."""
-    from glm_image_core.tiny_checkpoint import write_checkpoint
+    from glm_image_core.testing.tiny_checkpoint import write_checkpoint
     return write_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "GLM-Image-tiny-sharded"), "tiny", seed=0,
                             max_shard_bytes=4 * 1024 * 1024)

@@ -137,8 +137,8 @@ def test_workflow_survives_save_and_reload(frontend, ui_path):
 def test_size_preset_snaps_to_the_token_grid_and_shows_token_counts(frontend):
     """On the AR node: picking a preset sets width × height; an off-grid custom value snaps to the
     nearest multiple of 32 (clamped to 256..2048); the token-count text follows, with the same
-    preview/full grid sizes and token total as the AR itself (glm_image_core.ar_prompt)."""
-    from glm_image_core.ar_prompt import max_new_tokens, preview_grid
+    preview/full grid sizes and token total as the AR itself (glm_image_core.generation.ar_prompt)."""
+    from glm_image_core.generation.ar_prompt import max_new_tokens, preview_grid
     sp = frontend["sizePreset"]
     assert len(sp["presets"]) > 3 and "custom" in sp["presets"]
 
@@ -254,7 +254,7 @@ def test_progress_and_latent_previews_reach_the_frontend(frontend):
     """While the queued workflow runs, the frontend receives progress for the AR node (per token,
     up to the preview + full grid) and for the decoder (per step, up to `steps`), and latent preview
     images of the decoder (the server runs with --preview-method auto)."""
-    from glm_image_core.ar_prompt import preview_grid
+    from glm_image_core.generation.ar_prompt import preview_grid
     run = _run(frontend)
     ui = gs.load_json(T2I)
     by_type = {n["type"]: n for n in ui["nodes"]}

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glm_image_core import ar_generate, ar_model
-from glm_image_core.checkpoint import CheckpointError
+from glm_image_core.generation import ar_generate
+from glm_image_core.networks import ar_model
+from glm_image_core.loading.checkpoint import CheckpointError
 
 PROMPT = "A photo of a cat"
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from glm_image_core import ar_generate, ar_model, ar_prompt
-from glm_image_core.checkpoint import CheckpointError, read_json
+from glm_image_core.generation import ar_generate, ar_prompt
+from glm_image_core.networks import ar_model
+from glm_image_core.loading.checkpoint import CheckpointError, read_json
 
 
 @pytest.fixture(scope="module")

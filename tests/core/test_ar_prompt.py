@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from glm_image_core import ar_prompt, image_proc
+from glm_image_core.generation import ar_prompt, image_proc
 
 # (height, width) -> (AR grid, preview grid, max_new_tokens): architecture doc §4.9 (+ 768x1344)
 TABLE = {
@@ -168,7 +168,7 @@ def _processor_copy(tiny_ckpt, tmp_path):
 
 
 def test_chat_template_of_the_checkpoint_matches_the_layout(tiny_ckpt):
-    from glm_image_core.ar_prompt import GlmTokenizer, find_chat_template
+    from glm_image_core.generation.ar_prompt import GlmTokenizer, find_chat_template
     text, where = find_chat_template(os.path.join(tiny_ckpt, "processor"))
     assert where.endswith("chat_template.jinja") and "dit_token_16384" in text
     GlmTokenizer.from_folder(os.path.join(tiny_ckpt, "processor"))          # checked on load: no error
@@ -177,8 +177,8 @@ def test_chat_template_of_the_checkpoint_matches_the_layout(tiny_ckpt):
 @pytest.mark.parametrize("place", ["chat_template.jinja", "tokenizer_config.json", "chat_template.json"])
 def test_chat_template_that_renders_otherwise_is_refused(tiny_ckpt, tmp_path, place):
     import json
-    from glm_image_core.ar_prompt import GlmTokenizer
-    from glm_image_core.checkpoint import CheckpointError
+    from glm_image_core.generation.ar_prompt import GlmTokenizer
+    from glm_image_core.loading.checkpoint import CheckpointError
     d = _processor_copy(tiny_ckpt, tmp_path)
     if place != "chat_template.jinja":
         os.remove(d / "chat_template.jinja")
@@ -194,8 +194,8 @@ def test_chat_template_that_renders_otherwise_is_refused(tiny_ckpt, tmp_path, pl
 
 
 def test_chat_template_missing_or_unrenderable(tiny_ckpt, tmp_path):
-    from glm_image_core.ar_prompt import GlmTokenizer
-    from glm_image_core.checkpoint import CheckpointError
+    from glm_image_core.generation.ar_prompt import GlmTokenizer
+    from glm_image_core.loading.checkpoint import CheckpointError
     d = _processor_copy(tiny_ckpt, tmp_path)
     os.remove(d / "chat_template.jinja")
     GlmTokenizer.from_folder(str(d))                                   # no template: nothing to check

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from glm_image_core import ar_generate, ar_model
+from glm_image_core.generation import ar_generate
+from glm_image_core.networks import ar_model
 
 PROMPT = "A photo of a cat"
 # Host reads: each is a device → host sync on a GPU.
@@ -117,7 +118,7 @@ def test_static_decode_compiles_to_one_graph_without_recompiles(model, tok):
 
 def test_one_row_attention_equals_sdpa():
     """The compiler-fusable form of the cache attention (GQA, additive mask, batch 2) against SDPA."""
-    from glm_image_core import attention
+    from glm_image_core.networks import attention
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 1, 16, generator=g)
     k, v = torch.randn(2, 2, 64, 16, generator=g), torch.randn(2, 2, 64, 16, generator=g)

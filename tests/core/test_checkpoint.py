@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from glm_image_core import checkpoint as ckpt
-from glm_image_core.tiny_checkpoint import ar_shapes, configs_for
+from glm_image_core.loading import checkpoint as ckpt
+from glm_image_core.testing.tiny_checkpoint import ar_shapes, configs_for
 
 
 def test_tiny_folder_is_recognised(tiny_ckpt):

@@ -14,9 +14,9 @@ COMFY_MODULES = ("comfy", "comfy_api", "comfy_extras", "comfy_execution", "folde
 CHILD = """
 import importlib, json, pkgutil, sys
 import glm_image_core
-mods = sorted(m.name for m in pkgutil.iter_modules(glm_image_core.__path__))
+mods = sorted(m.name for m in pkgutil.walk_packages(glm_image_core.__path__, "glm_image_core."))
 for m in mods:
-    importlib.import_module("glm_image_core." + m)
+    importlib.import_module(m)
 print(json.dumps({"imported": mods, "modules": sorted(sys.modules)}))
 """
 
@@ -27,7 +27,10 @@ def test_glm_image_core_imports_no_comfyui_module():
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    expected = sorted(m.name for m in pkgutil.iter_modules([os.path.join(ROOT, "glm_image_core")]))
-    assert out["imported"] == expected and len(expected) >= 15, out["imported"]
+    expected = sorted("glm_image_core." + os.path.relpath(os.path.join(d, f), os.path.join(ROOT, "glm_image_core"))[:-3]
+                      .replace(os.sep, ".").removesuffix(".__init__")
+                      for d, _, fs in os.walk(os.path.join(ROOT, "glm_image_core")) for f in fs
+                      if f.endswith(".py") and d != os.path.join(ROOT, "glm_image_core"))
+    assert out["imported"] == expected and len(expected) >= 25, out["imported"]
     leaked = [m for m in out["modules"] if m.split(".")[0] in COMFY_MODULES]
     assert leaked == [], leaked

@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from glm_image_core import gguf_file, gguf_quant
-from glm_image_core.single_file import write_streamed_safetensors
+from glm_image_core.quantization import gguf_file, gguf_quant
+from glm_image_core.loading.single_file import write_streamed_safetensors
 
 pytestmark = pytest.mark.core
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,7 +26,8 @@ CHILD = r"""
 import json, resource, signal, sys
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 sys.path.insert(0, {root!r})
-from glm_image_core import checkpoint as ckpt, gguf_file
+from glm_image_core.loading import checkpoint as ckpt
+from glm_image_core.quantization import gguf_file
 ALLOWED = (ckpt.CheckpointError, gguf_file.GGUFError)
 def alarm(*_):
     raise TimeoutError("hang")

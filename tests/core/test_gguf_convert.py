@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from glm_image_core import dit as dit_mod
-from glm_image_core import gguf_file, gguf_quant
-from glm_image_core import single_file as sf
-from glm_image_core import tiny_checkpoint
+from glm_image_core.networks import dit as dit_mod
+from glm_image_core.quantization import gguf_file, gguf_quant
+from glm_image_core.loading import single_file as sf
+from glm_image_core.testing import tiny_checkpoint
 
 # A DiT 256 wide (4 heads × 64), so its block matrices hold whole 256-weight K-quant blocks; the rest tiny.
 SIZE = "tiny-dit256"
@@ -83,7 +83,7 @@ def dit_inputs(net) -> tuple:
 
 @pytest.mark.parametrize("dtype_name", list(sf.GGUF_TYPES))
 def test_a_gguf_dit_loads_and_runs_close_to_the_original(folder, tmp_path, dtype_name):
-    from glm_image_core import sources
+    from glm_image_core.loading import sources
     path = str(tmp_path / "dit.gguf")
     sf.convert_component(folder, "dit", path, None, dtype_name)
     src = sf.open_single_file(path, "dit")
@@ -105,7 +105,8 @@ def test_a_gguf_dit_loads_and_runs_close_to_the_original(folder, tmp_path, dtype
 def test_a_gguf_dit_stays_quantized_in_memory_and_equals_the_dequantized_load(folder, tmp_path, dtype_name):
     """gguf_ops.quantized_ops: the blocks stay uint8 in their layers (the file's bytes, fewer bytes than
     floats) and each forward dequantizes them: the output equals the load that dequantized everything."""
-    from glm_image_core import gguf_ops, sources
+    from glm_image_core.quantization import gguf_ops
+    from glm_image_core.loading import sources
     path = str(tmp_path / "dit.gguf")
     sf.convert_component(folder, "dit", path, None, dtype_name)
     build = sources.builder(sf.open_single_file(path, "dit"), "dit")
@@ -125,7 +126,8 @@ def test_a_gguf_dit_stays_quantized_in_memory_and_equals_the_dequantized_load(fo
 
 
 def test_a_gguf_ar_stays_quantized_in_memory_and_equals_the_dequantized_load(folder, tmp_path):
-    from glm_image_core import gguf_ops, sources
+    from glm_image_core.quantization import gguf_ops
+    from glm_image_core.loading import sources
     path = str(tmp_path / "ar.gguf")
     sf.convert_component(folder, "ar", path, None, "gguf_q8_0")
     build = sources.builder(sf.open_single_file(path, "ar"), "ar", ("text",))
@@ -145,7 +147,7 @@ def test_a_gguf_ar_stays_quantized_in_memory_and_equals_the_dequantized_load(fol
 
 
 def test_the_ar_converts_to_q8_0_and_loads(folder, tmp_path):
-    from glm_image_core import sources
+    from glm_image_core.loading import sources
     path = str(tmp_path / "ar.gguf")
     info = sf.convert_component(folder, "ar", path, None, "gguf_q8_0")
     assert info["dtypes"].get("Q8_0", 0) > 0           # the 64-wide tiny AR's block matrices hold Q8_0 blocks
@@ -167,7 +169,9 @@ def test_a_gguf_ar_decodes_statically_and_compiles_to_one_graph(folder, tmp_path
     row lookup of the token table without a graph break."""
     from torch._dynamo.utils import counters
 
-    from glm_image_core import ar_generate, gguf_ops, sources
+    from glm_image_core.generation import ar_generate
+    from glm_image_core.quantization import gguf_ops
+    from glm_image_core.loading import sources
     path = str(tmp_path / "ar.gguf")
     sf.convert_component(folder, "ar", path, None, "gguf_q8_0")
     kept = sources.builder(sf.open_single_file(path, "ar"), "ar", ("text",))(None, "cpu", gguf_ops.quantized_ops(torch.nn),

@@ -1,4 +1,4 @@
-"""glm_image_core.gguf_file: GGUF v3 written and read in plain Python + PyTorch, checked against the
+"""glm_image_core.quantization.gguf_file: GGUF v3 written and read in plain Python + PyTorch, checked against the
 `gguf` package's own reader and writer (the reference llama.cpp's and ComfyUI-GGUF's files come from)."""
 import json
 import os
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 
-from glm_image_core import gguf_file as G
-from glm_image_core import gguf_quant as Q
+from glm_image_core.quantization import gguf_file as G
+from glm_image_core.quantization import gguf_quant as Q
 
 META = {"glm_image.format": "glm-image-single-file", "glm_image.component": "dit",
         "glm_image.files": json.dumps({"transformer/config.json": {"num_layers": 2}}), "note": "ünïcode ✓"}

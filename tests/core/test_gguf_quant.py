@@ -1,4 +1,4 @@
-"""glm_image_core.gguf_quant: ggml's Q8_0 / Q5_K / Q4_K (and Q5_0 / Q5_1) block formats in plain PyTorch, checked bit for
+"""glm_image_core.quantization.gguf_quant: ggml's Q8_0 / Q5_K / Q4_K (and Q5_0 / Q5_1) block formats in plain PyTorch, checked bit for
 bit against the `gguf` package (the reference llama.cpp's and ComfyUI-GGUF's files are made with)."""
 import gguf  # the reference (requirements-dev.txt; make host installs it)
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 from gguf import quants as gq
 
-from glm_image_core import gguf_quant as Q
+from glm_image_core.quantization import gguf_quant as Q
 
 TYPES = [(Q.Q8_0, gguf.GGMLQuantizationType.Q8_0), (Q.Q5_K, gguf.GGMLQuantizationType.Q5_K),
          (Q.Q4_K, gguf.GGMLQuantizationType.Q4_K), (Q.Q5_0, gguf.GGMLQuantizationType.Q5_0),

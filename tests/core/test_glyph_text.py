@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from glm_image_core.glyph import (ByT5Tokenizer, GlyphT5Encoder, encode_glyph_texts, extract_glyph_texts,
+from glm_image_core.networks.glyph import (ByT5Tokenizer, GlyphT5Encoder, encode_glyph_texts, extract_glyph_texts,
                                   load_glyph_tokenizer, pad_glyph_batch)
 
 

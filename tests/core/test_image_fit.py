@@ -3,7 +3,7 @@ others are cropped or resized, and which are refused, for the official processor
 import pytest
 import torch
 
-from glm_image_core import image_proc
+from glm_image_core.generation import image_proc
 
 CFG = {"min_pixels": 32 * 32, "max_pixels": 2048 * 2048}
 

@@ -1,12 +1,12 @@
-"""glm_image_core.loading: one build-and-load routine for every network, independent of how the
+"""glm_image_core.loading.build: one build-and-load routine for every network, independent of how the
 ``operations`` namespace allocates layers (ComfyUI's dynamic-VRAM layers are built without weights)."""
 import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from glm_image_core import checkpoint as ckpt
-from glm_image_core.loading import build_loaded, declared_shapes
+from glm_image_core.loading import checkpoint as ckpt
+from glm_image_core.loading.build import build_loaded, declared_shapes
 
 
 class LazyLinear(nn.Linear):

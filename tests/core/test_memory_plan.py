@@ -1,4 +1,4 @@
-"""glm_image_core.memory_plan: the parameter counts equal the real networks', the fp8 bytes follow
+"""glm_image_core.loading.memory_plan: the parameter counts equal the real networks', the fp8 bytes follow
 the loaders' fp8 rule, the activation estimates grow with what they model, and a run's peak is
 the largest stage. bench/memory.py's plan runs end to end on a small config."""
 import json
@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from glm_image_core import memory_plan as mp
-from glm_image_core.components import network
-from glm_image_core.tiny_checkpoint import configs_for
+from glm_image_core.loading import memory_plan as mp
+from glm_image_core.loading.registry import network
+from glm_image_core.testing.tiny_checkpoint import configs_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,7 +44,7 @@ def test_parameter_counts_equal_the_real_networks(stats, real_models):
 def test_fp8_bytes_follow_the_loader_rule(stats, real_models):
     """fp8: one byte per weight matched by the loader's FP8_WEIGHT_KEYS (2-D Linear weights of the
     repeated blocks), the compute dtype for everything else; glyph encoder and VAE have none."""
-    from glm_image_core import checkpoint as ckpt
+    from glm_image_core.loading import checkpoint as ckpt
     for c, m in real_models.items():
         keys = network(c).fp8_keys
         rule = ckpt.storage_dtypes(torch.float8_e4m3fn, keys, torch.bfloat16) if keys is not None else None
@@ -95,8 +95,8 @@ def test_activation_estimates_grow_with_what_they_model(configs):
 def test_ar_kv_cache_term_is_exact():
     """The KV-cache part of the AR estimate is the cache generate_tokens allocates (the static
     decode's bucketed capacity, the larger of its two modes)."""
-    from glm_image_core.ar_generate import cache_capacity
-    from glm_image_core.ar_model import KVCache, TextConfig
+    from glm_image_core.generation.ar_generate import cache_capacity
+    from glm_image_core.networks.ar_model import KVCache, TextConfig
     t = mp.full_size_configs()["vision_language_encoder"]["text_config"]
     c = TextConfig.from_dict(t)
     L, n_gen = mp.ar_sequence(100, 1024, 1024)

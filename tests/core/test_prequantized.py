@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from glm_image_core import checkpoint as ckpt
-from glm_image_core import single_file as sf
-from glm_image_core import sources
+from glm_image_core.loading import checkpoint as ckpt
+from glm_image_core.loading import single_file as sf
+from glm_image_core.loading import sources
 
 
 @pytest.fixture(scope="module")

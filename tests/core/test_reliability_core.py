@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from glm_image_core import ar_generate, ar_model, ar_prompt, denoise, dit
+from glm_image_core.generation import ar_generate, ar_prompt, denoise
+from glm_image_core.networks import ar_model, dit
 
 
 @pytest.fixture(scope="module")

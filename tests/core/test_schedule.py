@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from glm_image_core.schedule import (GLM_IMAGE_SCHEDULER_CONFIG, calculate_mu, glm_schedule, glm_sigmas,
+from glm_image_core.generation.schedule import (GLM_IMAGE_SCHEDULER_CONFIG, calculate_mu, glm_schedule, glm_sigmas,
                                      glm_timesteps, image_seq_len, unshifted_timestep)
 
 CFG = {"num_train_timesteps": 1000, "use_dynamic_shifting": True, "time_shift_type": "linear",

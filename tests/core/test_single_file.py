@@ -1,4 +1,4 @@
-"""Single-file checkpoints (glm_image_core.single_file) and the conversion script, in plain PyTorch:
+"""Single-file checkpoints (glm_image_core.loading.single_file) and the conversion script, in plain PyTorch:
 detection from tensors, metadata, streamed conversion (as stored and fp8), round trip to the same
 networks as the official folder, and the refusals (foreign models, wrong component, pickle
 formats, truncated files, files without metadata)."""
@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from glm_image_core import checkpoint as ckpt
-from glm_image_core import single_file as sf
-from glm_image_core import sources
-from glm_image_core.components import NETWORKS
+from glm_image_core.loading import checkpoint as ckpt
+from glm_image_core.loading import single_file as sf
+from glm_image_core.loading import sources
+from glm_image_core.loading.registry import NETWORKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FOLDERS = {"dit": "transformer", "ar": "vision_language_encoder", "glyph_encoder": "text_encoder", "vae": "vae"}

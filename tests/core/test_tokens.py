@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from glm_image_core.tokens import (FORMAT_VERSION, METADATA_KEY, GLMTokens, TokenFileError, load_tokens,
+from glm_image_core.generation.tokens import (FORMAT_VERSION, METADATA_KEY, GLMTokens, TokenFileError, load_tokens,
                                    save_tokens, upsample_grid)
 
 

@@ -35,7 +35,7 @@ def cases():
 def test_each_comfy_attention_adapted_matches_sdpa(host, name):
     import comfy.ldm.modules.attention as ca
     run = pack_module("nodes.attention").adapt(getattr(ca, name))
-    sdpa = pack_module("glm_image_core.attention").sdpa
+    sdpa = pack_module("glm_image_core.networks.attention").sdpa
     for case, args, kw in cases():
         want = sdpa(*args, **kw)
         got = run(*args, **kw)
@@ -47,7 +47,7 @@ def test_no_flag_keeps_sdpa_and_a_flag_picks_comfy(host):
     import comfy.ldm.modules.attention as ca
     from comfy.cli_args import args
     att = pack_module("nodes.attention")
-    core = pack_module("glm_image_core.attention")
+    core = pack_module("glm_image_core.networks.attention")
     assert att.selected(args, ca) is None                      # this host runs without an attention flag
     assert core.current() is core.sdpa
     flagged = types.SimpleNamespace(**vars(args))
@@ -60,10 +60,10 @@ def test_no_flag_keeps_sdpa_and_a_flag_picks_comfy(host):
 
 def test_installed_attention_runs_in_the_networks(host, tiny_ckpt):
     import comfy.ldm.modules.attention as ca
-    core = pack_module("glm_image_core.attention")
-    ar_model = pack_module("glm_image_core.ar_model")
-    ar_generate = pack_module("glm_image_core.ar_generate")
-    ar_prompt = pack_module("glm_image_core.ar_prompt")
+    core = pack_module("glm_image_core.networks.attention")
+    ar_model = pack_module("glm_image_core.networks.ar_model")
+    ar_generate = pack_module("glm_image_core.generation.ar_generate")
+    ar_prompt = pack_module("glm_image_core.generation.ar_prompt")
     adapted = pack_module("nodes.attention").adapt(ca.attention_split)
     calls = []
 
@@ -88,8 +88,8 @@ def test_installed_attention_runs_in_the_dit_and_glyph_encoder(host, tiny_ckpt):
     import json
 
     import comfy.ldm.modules.attention as ca
-    core = pack_module("glm_image_core.attention")
-    dit_mod, glyph, denoise = (pack_module(f"glm_image_core.{n}") for n in ("dit", "glyph", "denoise"))
+    core = pack_module("glm_image_core.networks.attention")
+    dit_mod, glyph, denoise = (pack_module(f"glm_image_core.{n}") for n in ("networks.dit", "networks.glyph", "generation.denoise"))
     dit = dit_mod.load_dit(f"{tiny_ckpt}/transformer")
     enc = glyph.load_glyph_encoder(f"{tiny_ckpt}/text_encoder")
     tok = glyph.load_glyph_tokenizer(f"{tiny_ckpt}/tokenizer")

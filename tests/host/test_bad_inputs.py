@@ -198,7 +198,7 @@ GLYPHISH = st.text(alphabet=st.sampled_from(list('ab Z9"\'“”‘’「」『�
 def test_any_glyph_text_encodes(host, text, regions):
     """Unmatched/mixed quotes, emoji, newlines and arbitrary Unicode: the glyph node encodes the spans
     the rule gives (quoted spans, or one per non-empty line), with finite embeddings."""
-    from glm_image_core.glyph import extract_glyph_texts
+    from glm_image_core.networks.glyph import extract_glyph_texts
     mode = "one region per line" if regions else "quoted spans of the text"
     host.run_ok({"1": LOADER, "2": {"class_type": "GLMImageGlyphText",
                                     "inputs": {"decoder": ["1", 1], "text": text, "mode": mode}},
@@ -320,7 +320,7 @@ def test_tokens_and_references_must_match(host):
 
 
 def write_token_file(host, name, grid, width, height, **meta):
-    from glm_image_core.tokens import GLMTokens, save_tokens
+    from glm_image_core.generation.tokens import GLMTokens, save_tokens
     return save_tokens(GLMTokens(grid=grid, width=width, height=height, **meta),
                        os.path.join(host.folder_paths.get_input_directory(), name))
 
@@ -342,7 +342,7 @@ def test_tokens_from_a_bigger_codebook_are_refused(host):
 
 def test_token_grid_inconsistent_with_its_size_is_refused(host):
     from safetensors.torch import save_file
-    from glm_image_core.tokens import METADATA_KEY, GLMTokens
+    from glm_image_core.generation.tokens import METADATA_KEY, GLMTokens
     meta = GLMTokens(grid=torch.zeros(1, 8, 8, dtype=torch.long), width=512, height=256).metadata()
     save_file({"grid": torch.zeros(1, 8, 8, dtype=torch.long)},
               os.path.join(host.folder_paths.get_input_directory(), "t9_grid.glmtokens.safetensors"),
@@ -359,7 +359,7 @@ def test_token_grid_inconsistent_with_its_size_is_refused(host):
 def test_broken_token_files_are_refused(host, damage, fragment):
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from glm_image_core.tokens import METADATA_KEY
+    from glm_image_core.generation.tokens import METADATA_KEY
     name = f"t9_{damage}.glmtokens.safetensors"
     path = write_token_file(host, name, torch.zeros(1, 8, 8, dtype=torch.long), 256, 256)
     if damage == "truncate":

@@ -69,7 +69,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_edit_matches_official_pipeline(host, pipe, case):
-    from glm_image_core.tokens import upsample_grid
+    from glm_image_core.generation.tokens import upsample_grid
     sizes, W, H, seed = CASES[case]
     pil = [synthetic_rgb(h, w) for h, w in sizes]
     names = [put_input(host, f"edit_parity_{case}_{i}.png", im) for i, im in enumerate(pil)]

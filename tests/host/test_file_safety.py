@@ -23,7 +23,7 @@ LOADER = {"class_type": "GLMImageLoader", "inputs": {"model": "GLM-Image-tiny", 
 def outside(host, tmp_path_factory):
     """A folder outside ComfyUI's input/output folders holding a valid token file, and symlinks to it
     from inside input/ and output/."""
-    from glm_image_core.tokens import GLMTokens, save_tokens
+    from glm_image_core.generation.tokens import GLMTokens, save_tokens
     d = tmp_path_factory.mktemp("outside")
     secret = save_tokens(GLMTokens(grid=torch.zeros(1, 8, 8, dtype=torch.long), width=256, height=256),
                          str(d / "secret.glmtokens.safetensors"))
@@ -59,7 +59,7 @@ def test_save_tokens_never_writes_outside_output(host, outside, prefix):
     before = set(os.listdir(outside))
     g = {"1": {"class_type": "GLMImageLoadTokens", "inputs": {"token_file": "t9_save_src.glmtokens.safetensors"}},
          "2": {"class_type": "GLMImageSaveTokens", "inputs": {"tokens": ["1", 0], "filename_prefix": prefix}}}
-    from glm_image_core.tokens import GLMTokens, save_tokens
+    from glm_image_core.generation.tokens import GLMTokens, save_tokens
     save_tokens(GLMTokens(grid=torch.zeros(1, 8, 8, dtype=torch.long), width=256, height=256),
                 os.path.join(host.folder_paths.get_input_directory(), "t9_save_src.glmtokens.safetensors"))
     (ok, _, _, node_errors), _ = host.validate(g)
@@ -74,7 +74,7 @@ def test_save_tokens_never_writes_outside_output(host, outside, prefix):
 def test_save_tokens_inside_output_still_works(host, outside):
     g = {"1": {"class_type": "GLMImageLoadTokens", "inputs": {"token_file": "t9_save_src.glmtokens.safetensors"}},
          "2": {"class_type": "GLMImageSaveTokens", "inputs": {"tokens": ["1", 0], "filename_prefix": "t9/sub/t"}}}
-    from glm_image_core.tokens import GLMTokens, save_tokens
+    from glm_image_core.generation.tokens import GLMTokens, save_tokens
     save_tokens(GLMTokens(grid=torch.zeros(1, 8, 8, dtype=torch.long), width=256, height=256),
                 os.path.join(host.folder_paths.get_input_directory(), "t9_save_src.glmtokens.safetensors"))
     res = host.run_ok(g)

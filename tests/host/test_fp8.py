@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import glmtest_host
-from glm_image_core import checkpoint as ckpt
+from glm_image_core.loading import checkpoint as ckpt
 
 PROMPT = 'a red fox, a sign that says "HI"'
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -89,8 +89,8 @@ def test_fp8_dit_runs_in_the_compute_dtype_close_to_fp32(host, tiny_ckpt, comput
     the latent (deterministic on the CPU: fixed random weights, fixed noise), bounded at 2× that. The
     analytic ceiling (e4m3's 3 mantissa bits move each weight matrix by ≈ 2.7%, 2 blocks of 6
     matrices) would allow ≈ 19% of the velocity: far looser than what this path does."""
-    from glm_image_core import denoise as dn
-    from glm_image_core.tokens import upsample_grid
+    from glm_image_core.generation import denoise as dn
+    from glm_image_core.generation.tokens import upsample_grid
     loader = pack_module("nodes.loader")
     glyph = pack_module("nodes.glyph")
     ref_dec = loader.load_decoder_handle(tiny_ckpt, "fp32")
@@ -133,7 +133,7 @@ def test_fp8_ar_logits_close_to_fp32(host, tiny_ckpt, reference_weights):
     CPU), bounded at 1.5× that, 12.5%. For scale: the fp8 rounding moves each block weight matrix by
     eps ≈ 2.6% (relative norm, computed below) and the text path multiplies through 12 of them, whose
     errors add about in quadrature: sqrt(12)·eps ≈ 9%."""
-    from glm_image_core import ar_generate
+    from glm_image_core.generation import ar_generate
     loader = pack_module("nodes.loader")
 
     def prefill_logits(handle):

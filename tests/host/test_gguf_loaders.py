@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 import glmtest_host
-from glm_image_core import gguf_file, gguf_ops, tiny_checkpoint
+from glm_image_core.quantization import gguf_file, gguf_ops
+from glm_image_core.testing import tiny_checkpoint
 
 ROOT = glmtest_host.ROOT
 SIZE = "tiny-gguf"
@@ -174,8 +175,8 @@ def test_a_lowvram_partial_load_streams_the_blocks_and_changes_nothing(host, mod
     """The Q4_K DiT loaded whole vs partially (ComfyUI's lowvram: layers streamed per call through
     comfy.ops' cast path, blocks moved as uint8): identical latents."""
     import comfy.model_management as mm
-    from glm_image_core import denoise as dn
-    from glm_image_core.tokens import upsample_grid
+    from glm_image_core.generation import denoise as dn
+    from glm_image_core.generation.tokens import upsample_grid
     sfn, loader, glyph = pack_module("nodes.single_file"), pack_module("nodes.loader"), pack_module("nodes.glyph")
     enc = loader.glyph_encoder_handle(sfn.open_component("text_encoders", "tg_glyph_encoder.safetensors",
                                                          "glyph_encoder"), "default")
@@ -292,7 +293,7 @@ def test_a_lora_on_gguf_weights_streams_under_lowvram_and_changes_nothing(host, 
     import comfy.model_management as mm
     import comfy.sd
     import comfy.utils
-    from glm_image_core.tokens import upsample_grid
+    from glm_image_core.generation.tokens import upsample_grid
     sfn, loader = pack_module("nodes.single_file"), pack_module("nodes.loader")
     enc = loader.glyph_encoder_handle(sfn.open_component("text_encoders", "tg_glyph_encoder.safetensors",
                                                          "glyph_encoder"), "default")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import glmtest_host
-from glm_image_core import memory_plan
+from glm_image_core.loading import memory_plan
 
 PROMPT = 'a red fox, a sign that says "HI"'
 
@@ -80,7 +80,7 @@ def test_every_network_is_in_a_model_patcher_sized_by_its_weights(host, handles,
 
 
 def test_ar_partial_load_streams_weights_and_gives_identical_tokens(host, handles):
-    from glm_image_core import ar_generate
+    from glm_image_core.generation import ar_generate
     ar, _ = handles
     patcher = ar.model.patcher
 
@@ -111,8 +111,8 @@ def test_ar_partial_load_streams_weights_and_gives_identical_tokens(host, handle
 
 
 def test_dit_partial_load_streams_weights_and_gives_identical_latents(host, handles):
-    from glm_image_core import denoise as dn
-    from glm_image_core.tokens import upsample_grid
+    from glm_image_core.generation import denoise as dn
+    from glm_image_core.generation.tokens import upsample_grid
     _, decoder = handles
     glyph = pack_module("nodes.glyph")
     cond = glyph.encode_glyph(decoder, PROMPT, mode="prompt").embeds

@@ -49,7 +49,7 @@ def test_text_to_image_matches_official_pipeline(host, pipe, seed):
     tokens = glmtest_host.node_output(host, "2")
     ref_ids, _, _ = pipe.generate_prior_tokens(prompt=PROMPT, height=H, width=W,
                                                generator=torch.Generator().manual_seed(seed))
-    from glm_image_core.tokens import upsample_grid
+    from glm_image_core.generation.tokens import upsample_grid
     assert torch.equal(upsample_grid(tokens.grid), ref_ids.cpu().view(1, -1)), "AR tokens differ from the pipeline's"
     ref = reference_image(pipe, seed)
     assert ours.shape == ref.shape == (1, H, W, 3)
@@ -60,7 +60,7 @@ def test_text_to_image_matches_official_pipeline(host, pipe, seed):
 def test_decoder_from_pipeline_tokens_matches(host, pipe, tmp_path):
     """LoadTokens → TokensToLatent → VAEDecode, given the pipeline's own prior tokens."""
     import os
-    from glm_image_core.tokens import GLMTokens, save_tokens
+    from glm_image_core.generation.tokens import GLMTokens, save_tokens
     seed = 5
     ref_ids, _, _ = pipe.generate_prior_tokens(prompt=PROMPT, height=H, width=W,
                                                generator=torch.Generator().manual_seed(seed))

@@ -181,7 +181,7 @@ def test_easycache_runs_on_the_glm_model(host):
 # ---- schedules ----------------------------------------------------------------------------------
 
 def token_file(host, px: int) -> str:
-    from glm_image_core.tokens import GLMTokens, save_tokens
+    from glm_image_core.generation.tokens import GLMTokens, save_tokens
     name = f"stock/tokens_{px}.glmtokens.safetensors"
     grid = torch.randint(0, 16384, (1, px // 32, px // 32), generator=torch.Generator().manual_seed(px))
     save_tokens(GLMTokens(grid=grid, width=px, height=px), os.path.join(host.folder_paths.get_input_directory(), name))

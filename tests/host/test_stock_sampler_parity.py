@@ -45,7 +45,7 @@ def pipe(tiny_ckpt):
 
 def pipeline_tokens(host, pipe, seed):
     """The official pipeline's prior tokens as a token file (so both paths see the oracle's tokens)."""
-    from glm_image_core.tokens import GLMTokens, save_tokens
+    from glm_image_core.generation.tokens import GLMTokens, save_tokens
     ref_ids, _, _ = pipe.generate_prior_tokens(prompt=PROMPT, height=H, width=W,
                                                generator=torch.Generator().manual_seed(seed))
     grid = ref_ids.cpu().view(1, H // 16, W // 16)[:, ::2, ::2].contiguous()

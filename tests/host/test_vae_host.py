@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import glmtest_host
-from glm_image_core.configs import GLM_LATENTS_MEAN, GLM_LATENTS_STD
+from glm_image_core.loading.configs import GLM_LATENTS_MEAN, GLM_LATENTS_STD
 from glmtest_oracle import realign
 
 MEAN = torch.tensor(GLM_LATENTS_MEAN).view(1, -1, 1, 1)
@@ -172,7 +172,7 @@ def test_bf16_weights_decode(host, adapter, vae, tiny_ckpt):
 
 def _held_out_fit_error(vae, factors, bias, seed=123):
     """(MSE of the linear preview, of predicting 0, of predicting the mean colour) on fresh latents."""
-    from glm_image_core.vae import sample_normalised_latents
+    from glm_image_core.networks.vae import sample_normalised_latents
     zn = sample_normalised_latents(16, 4, 12, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         rgb = vae.first_stage_model.decode(zn * STD + MEAN).float()
@@ -202,7 +202,7 @@ def test_preview_factors_fit(host, adapter, vae):
 def test_preview_factors_follow_latent2rgb_convention(host):
     """Factors from the fit, fed to ComfyUI's own Latent2RGBPreviewer, reproduce a linear decoder's colours."""
     import latent_preview
-    from glm_image_core.vae import fit_latent_to_rgb
+    from glm_image_core.networks.vae import fit_latent_to_rgb
     g = torch.Generator().manual_seed(12)
     true_f, true_b = torch.randn(16, 3, generator=g) * 0.3, torch.randn(3, generator=g) * 0.2
 

@@ -77,7 +77,7 @@ def expected_images(host, prompt: dict, node_id: str) -> tuple[int, int, int]:
         with Image.open(os.path.join(host.folder_paths.get_input_directory(), inp["image"])) as im:
             return im.size[0], im.size[1], 1
     if ct == "GLMImageLoadTokens":
-        from glm_image_core.tokens import load_tokens
+        from glm_image_core.generation.tokens import load_tokens
         t = load_tokens(os.path.join(host.folder_paths.get_input_directory(), inp["token_file"]))
         return t.width, t.height, t.batch_size
     if ct == "LatentUpscaleBy":               # scales the latent grid (pixels / 8), rounded
@@ -173,7 +173,7 @@ def _same_tokens(a, b) -> bool:
 
 
 def test_token_reuse_workflow_does_what_it_says(wf_host):
-    from glm_image_core.tokens import load_tokens
+    from glm_image_core.generation.tokens import load_tokens
     host = wf_host
     prompt = load(os.path.join(WORKFLOWS, "api", "glm_image_token_reuse_api.json"))
     ids = lambda ct: [k for k, v in prompt.items() if v["class_type"] == ct]

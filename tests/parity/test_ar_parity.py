@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from glm_image_core import ar_generate, ar_model, ar_prompt, image_proc
+from glm_image_core.generation import ar_generate, ar_prompt, image_proc
+from glm_image_core.networks import ar_model
 
 PROMPT = 'A photo of a cat holding a sign that says "hello"'
 EDIT_PROMPT = "Make it look like a watercolor painting"
@@ -406,7 +407,7 @@ def test_ar_seed_parity_pipeline_edit(clean_pipe, clean_ours, tok, proc_cfg, siz
 @pytest.fixture(scope="module")
 def variant(request, tmp_path_factory):
     """(pipeline, our AR) of a tiny variant config (tiny_checkpoint.SIZES), lm_head made 'clean'."""
-    from glm_image_core.tiny_checkpoint import write_checkpoint
+    from glm_image_core.testing.tiny_checkpoint import write_checkpoint
     base = tmp_path_factory.mktemp(request.param)
     src = write_checkpoint(str(base / "raw"), request.param, seed=7)
     ckpt = _patch_lm_head(src, str(base / "clean"), "clean")

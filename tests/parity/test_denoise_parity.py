@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 import glmtest_oracle
-from glm_image_core.denoise import build_reference_cache, denoise
-from glm_image_core.dit import load_dit
-from glm_image_core.glyph import glyph_for_prompt, load_glyph_encoder, load_glyph_tokenizer, uncond_glyph
-from glm_image_core.schedule import calculate_mu, glm_sigmas, glm_timesteps
+from glm_image_core.generation.denoise import build_reference_cache, denoise
+from glm_image_core.networks.dit import load_dit
+from glm_image_core.networks.glyph import glyph_for_prompt, load_glyph_encoder, load_glyph_tokenizer, uncond_glyph
+from glm_image_core.generation.schedule import calculate_mu, glm_sigmas, glm_timesteps
 
 TOL = glmtest_oracle.LATENT_TOL
 H, W = 64, 96
@@ -170,7 +170,7 @@ def test_schedule_matches_diffusers_scheduler(tiny_ckpt, steps, cfg_over, hw):
 
 def test_upsample_token_grid_matches_pipeline():
     from diffusers import GlmImagePipeline
-    from glm_image_core.denoise import upsample_token_grid
+    from glm_image_core.generation.denoise import upsample_token_grid
     g = torch.Generator().manual_seed(2)
     grid = torch.randint(0, 16384, (2, 3, 5), generator=g)
     ours = upsample_token_grid(grid)

@@ -6,8 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import glmtest_oracle
-from glm_image_core.checkpoint import CheckpointError
-from glm_image_core.dit import GlmImageDiT, ReferenceKVCache, load_dit
+from glm_image_core.loading.checkpoint import CheckpointError
+from glm_image_core.networks.dit import GlmImageDiT, ReferenceKVCache, load_dit
 
 TOL = 1e-5
 

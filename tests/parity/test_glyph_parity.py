@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import glmtest_oracle
-from glm_image_core.glyph import (ByT5Tokenizer, encode_glyph_batch, encode_glyph_texts, extract_glyph_texts,
+from glm_image_core.networks.glyph import (ByT5Tokenizer, encode_glyph_batch, encode_glyph_texts, extract_glyph_texts,
                                   glyph_for_prompt, load_glyph_encoder, load_glyph_tokenizer, uncond_glyph)
 
 TOL = 1e-5

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 import glmtest_oracle
-from glm_image_core import ar_generate, ar_model
-from glm_image_core.denoise import denoise
-from glm_image_core.dit import load_dit
-from glm_image_core.glyph import glyph_for_prompt, load_glyph_encoder, load_glyph_tokenizer, uncond_glyph
+from glm_image_core.generation import ar_generate
+from glm_image_core.networks import ar_model
+from glm_image_core.generation.denoise import denoise
+from glm_image_core.networks.dit import load_dit
+from glm_image_core.networks.glyph import glyph_for_prompt, load_glyph_encoder, load_glyph_tokenizer, uncond_glyph
 
 IMAGE_TOL, LATENT_TOL, LOGITS_TOL = glmtest_oracle.IMAGE_TOL, glmtest_oracle.LATENT_TOL, glmtest_oracle.LOGITS_TOL
 SCALE = 1 + 2 ** -9

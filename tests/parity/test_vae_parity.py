@@ -1,12 +1,12 @@
-"""glm_image_core.vae.GlmImageVAE against diffusers' AutoencoderKL (the oracle), fp32 on CPU."""
+"""glm_image_core.networks.vae.GlmImageVAE against diffusers' AutoencoderKL (the oracle), fp32 on CPU."""
 import os
 
 import pytest
 import torch
 from torch import nn
 
-from glm_image_core import checkpoint as ckpt
-from glm_image_core.vae import GlmImageVAE, load_vae
+from glm_image_core.loading import checkpoint as ckpt
+from glm_image_core.networks.vae import GlmImageVAE, load_vae
 from glmtest_oracle import realign
 
 TOL = 1e-5
@@ -145,8 +145,8 @@ def test_bf16_decode_is_close_to_fp32(tiny_ckpt):
 
 def test_preview_fit_recovers_a_linear_decoder():
     """fit_latent_to_rgb works in the DiT's normalised space and returns factors as [C][3]."""
-    from glm_image_core.configs import GLM_LATENTS_MEAN, GLM_LATENTS_STD
-    from glm_image_core.vae import fit_latent_to_rgb
+    from glm_image_core.loading.configs import GLM_LATENTS_MEAN, GLM_LATENTS_STD
+    from glm_image_core.networks.vae import fit_latent_to_rgb
     g = torch.Generator().manual_seed(11)
     true_f, true_b = torch.randn(16, 3, generator=g) * 0.2, torch.randn(3, generator=g) * 0.1
     mean = torch.tensor(GLM_LATENTS_MEAN).view(1, -1, 1, 1)

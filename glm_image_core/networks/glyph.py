@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
-from .checkpoint import CheckpointError, read_json, storage_dtypes, weight_files
-from .loading import build_loaded, default_compute_dtype
+from ..loading.checkpoint import CheckpointError, read_json, storage_dtypes, weight_files
+from ..loading.build import build_loaded, default_compute_dtype
 
 MAX_GLYPH_TOKENS = 2048  # the pipeline's max_sequence_length default
 

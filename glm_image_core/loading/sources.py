@@ -14,10 +14,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import ar_prompt
+from ..generation import ar_prompt
 from . import checkpoint as ckpt
-from .components import NETWORKS
-from .glyph import ByT5Tokenizer
+from .registry import NETWORKS
+from ..networks.glyph import ByT5Tokenizer
 
 
 # Pre-quantized releases (a diffusers / transformers ``quantization_config``): what each method is, and

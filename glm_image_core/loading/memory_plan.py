@@ -23,12 +23,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-from .ar_generate import cache_capacity
-from .ar_model import AR_PARTS, TextConfig
-from .ar_prompt import GRID_FACTOR, preview_grid, target_grid
-from .components import network
-from .dit import DEFAULT_DIT_CONFIG
-from .vae import VaeConfig
+from ..generation.ar_generate import cache_capacity
+from ..networks.ar_model import AR_PARTS, TextConfig
+from ..generation.ar_prompt import GRID_FACTOR, preview_grid, target_grid
+from .registry import network
+from ..networks.dit import DEFAULT_DIT_CONFIG
+from ..networks.vae import VaeConfig
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Un
 import torch
 from safetensors import safe_open
 
-from . import gguf_file, gguf_quant
+from ..quantization import gguf_file, gguf_quant
 
 PIPELINE_CLASS = "GlmImagePipeline"
 OFFICIAL_FOLDERS = ("vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer", "vae", "scheduler")
@@ -307,7 +307,7 @@ def iter_weights(paths: Iterable[str], device: str | torch.device = "cpu", dtype
 def load_safetensors(paths: Iterable[str], device: str | torch.device = "cpu",
                      dtype: StorageDtype = None, keep: Optional[Callable[[str], bool]] = None) -> Dict[str, torch.Tensor]:
     """Load and merge safetensors files into one dict (see :func:`iter_safetensors`; networks are
-    loaded tensor by tensor by ``loading.build_loaded`` instead)."""
+    loaded tensor by tensor by ``loading.build.build_loaded`` instead)."""
     return dict(iter_safetensors(paths, device=device, dtype=dtype, keep=keep))
 
 

@@ -19,8 +19,8 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 
-from .checkpoint import SAFETENSORS_DTYPES
-from .configs import CODEBOOK_SIZE, FULL_SIZE, SPECIAL_TOKENS, official_configs
+from ..loading.checkpoint import SAFETENSORS_DTYPES
+from ..loading.configs import CODEBOOK_SIZE, FULL_SIZE, SPECIAL_TOKENS, official_configs
 
 # --------------------------------------------------------------------------------------
 # Configurations

@@ -222,8 +222,8 @@ def generate_tokens(model, tokenizer, prompt: str, width: int, height: int, seed
                     return_logits: bool = False, decode: str = "auto") -> ARResult:
     """Sample the semantic-token grid(s) of ``prompt`` at ``width``×``height`` (multiples of 32).
 
-    ``model``: :class:`glm_image_core.ar_model.GlmImageAR`; ``tokenizer``:
-    :class:`glm_image_core.ar_prompt.GlmTokenizer`. ``reference_grids``: VQ id grids ``[gh, gw]`` of
+    ``model``: :class:`glm_image_core.networks.ar_model.GlmImageAR`; ``tokenizer``:
+    :class:`glm_image_core.generation.ar_prompt.GlmTokenizer`. ``reference_grids``: VQ id grids ``[gh, gw]`` of
     the reference images (from :func:`tokenize_reference`), in order; None/empty = text-to-image.
     ``top_k=0`` (or ≥ the lm_head size) disables top-k. ``callback(done, total, phase)`` is called
     once after the prefill (``done=0``, phase ``"prefill"``) and after every sampled token (phase
@@ -519,5 +519,5 @@ def tokenize_reference(model, image: torch.Tensor, processor_cfg: dict, device=N
     """VQ id grid [gh, gw] (int64) of one reference image (vision tower + VQ codebook).
 
     The grid is ``smart_resize``'s size / patch: (H/32, W/32) for a reference fitted with
-    :func:`glm_image_core.image_proc.fit_reference_size`."""
+    :func:`glm_image_core.generation.image_proc.fit_reference_size`."""
     return tokenize_references(model, [image], processor_cfg, device=device, dtype=dtype)[0]

@@ -39,10 +39,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from . import gguf_ops
+from ..loading import checkpoint as ckpt
+from ..quantization import gguf_ops
 from .attention import attention, cache_attention
-from .loading import build_loaded, default_compute_dtype
+from ..loading.build import build_loaded, default_compute_dtype
 
 IGNORED_KEYS = ("model.vqmodel.post_quant_conv.",)
 

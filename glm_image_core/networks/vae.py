@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt
-from .loading import build_loaded
+from ..loading import checkpoint as ckpt
+from ..loading.build import build_loaded
 
 GROUP_NORM_EPS = 1e-6
 

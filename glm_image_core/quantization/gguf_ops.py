@@ -12,7 +12,7 @@ model. An Embedding gathers the block rows of the ids first and dequantizes only
 ``quantized_ops(base)`` derives the namespace from any ``operations`` namespace (torch.nn, this
 package's no-init ops, or ComfyUI's ``comfy.ops`` classes, which the nodes subclass further so that
 ComfyUI's own cast/offload path moves the blocks): Linear and Embedding change, and the namespace
-gains ``quantized_weight``, the factory ``loading.build_loaded`` hands each block-quantized tensor to.
+gains ``quantized_weight``, the factory ``loading.build.build_loaded`` hands each block-quantized tensor to.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def quantized_ops(base, linear: Optional[type] = None, embedding: Optional[type]
     the ``quantized_weight`` factory. ``linear`` / ``embedding``: the classes to use instead of the
     plain ones (derived from :class:`QuantizedWeightMixin`; ComfyUI's, from the nodes)."""
     if base is nn:
-        from .loading import no_init_ops
+        from ..loading.build import no_init_ops
         base = no_init_ops
     plain_linear, plain_embedding = _plain_quantized(base.Linear, base.Embedding)
     linear, embedding = linear or plain_linear, embedding or plain_embedding

@@ -20,7 +20,7 @@ counts, epsilons, the schedule, latent statistics and tokenizers are not in the 
 
 :func:`open_single_file` checks such a file and returns a ``sources.SingleFileSource``: the same view
 (official file paths + weight files) as an official folder's ``sources.FolderSource``, so one set of
-functions (``glm_image_core.sources``) builds every loader's assets from either.
+functions (``glm_image_core.loading.sources``) builds every loader's assets from either.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 import torch
 
 from . import checkpoint as ckpt
-from . import gguf_file, gguf_quant
-from .components import NETWORKS
+from ..quantization import gguf_file, gguf_quant
+from .registry import NETWORKS
 from .sources import FolderSource, SingleFileSource
 
 FORMAT = "glm-image-single-file"

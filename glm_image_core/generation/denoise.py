@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .dit import GlmImageDiT, ReferenceKVCache
+from ..networks.dit import GlmImageDiT, ReferenceKVCache
 from .schedule import glm_sigmas, glm_timesteps, mu_for_latent
 
 Reference = Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]

@@ -5,7 +5,7 @@ An entry (:class:`Network`) says where the network lives (its folder in the offi
 ComfyUI models/ folder as a single file and the official files a single file carries), its official
 full-size config, which of its weights an fp8 load stores in fp8, the storage and compute dtypes it
 takes, and how to build it: ``build(config, files, dtype, device, operations, compute_dtype)`` with
-its weights streamed in from safetensors files (``loading.build_loaded``), or ``skeleton(config)``
+its weights streamed in from safetensors files (``loading.build.build_loaded``), or ``skeleton(config)``
 without weights, for the memory plan.
 """
 
@@ -18,8 +18,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from . import ar_model, configs, dit, glyph, vae
-from .loading import no_init_ops
+from ..networks import ar_model, dit, glyph, vae
+from . import configs
+from .build import no_init_ops
 
 # Storage dtypes by the names the nodes show; "default" (keep the file's) is not one of them.
 STORAGE_DTYPES: Dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,

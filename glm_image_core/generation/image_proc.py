@@ -96,7 +96,7 @@ def to_uint8_chw(image: torch.Tensor) -> torch.Tensor:
 def preprocess_reference(image: torch.Tensor, processor_cfg: dict) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """Pixel rows [gh*gw, 3*p*p] (float32) and the grid (gh, gw) of one reference image.
 
-    ``processor_cfg`` is :func:`glm_image_core.ar_prompt.read_processor_config`'s dict.
+    ``processor_cfg`` is :func:`glm_image_core.generation.ar_prompt.read_processor_config`'s dict.
     """
     p = int(processor_cfg["patch_size"])
     img = to_uint8_chw(image)[None]                       # [1, 3, H, W] uint8

@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import read_json, storage_dtypes, weight_files
+from ..loading.checkpoint import read_json, storage_dtypes, weight_files
 from .attention import attention
-from .loading import build_loaded, default_compute_dtype
+from ..loading.build import build_loaded, default_compute_dtype
 
 # Official GLM-Image DiT values (transformer/config.json); used only for keys a config lacks.
 DEFAULT_DIT_CONFIG = {

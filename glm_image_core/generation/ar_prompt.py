@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import CheckpointError, read_json
+from ..loading.checkpoint import CheckpointError, read_json
 
 GRID_FACTOR = 32            # pixels per AR token (processor ``_get_target_shape``)
 

@@ -1,0 +1,1 @@
+"""Quantization: GGUF files, ggml block formats and the quantized layers."""

@@ -1,0 +1,1 @@
+"""Test checkpoints: random weights in the official layout, tiny to full size."""

@@ -8,7 +8,7 @@ top_k 16512 (the official generation_config). Prints a Markdown table.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_ar.py [--reps 5] [--size 256] [--threads 1]
 
-Rows: ``ours`` (default loader: bit-exact with transformers), ``ours+cpu-layout`` (``load_ar(...,
+Rows: ``ours`` (default loader: bit-exact with transformers), ``ours+cpu-layout`` (``NETWORKS["ar"].load(...,
 cpu_gemv_layout=True)``: big weights stored column-major for MKL's one-row GEMM; float-rounding-level
 logit differences), ``transformers``. Peak RSS is measured per side in a fresh subprocess.
 
@@ -38,6 +38,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import PROMPT, machine_bandwidth_gbs, peak_rss_mb  # noqa: E402  (also puts the repo on sys.path)
+from glm_image_core.loading.registry import NETWORKS  # noqa: E402
 
 
 def _load(folder: str, which: str):
@@ -52,7 +53,7 @@ def _load(folder: str, which: str):
         proc = GlmImageProcessor.from_pretrained(os.path.join(folder, "processor"))
         return m, proc
     tok = ar_prompt.GlmTokenizer.from_folder(os.path.join(folder, "processor"))
-    return ar_model.load_ar(vle, cpu_gemv_layout=(which == "ours+cpu-layout")), tok
+    return NETWORKS["ar"].load(vle, cpu_gemv_layout=(which == "ours+cpu-layout")), tok
 
 
 # how each of our sides decodes (generate_tokens' decode/compile); the default is the exact step

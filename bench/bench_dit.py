@@ -29,6 +29,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import GUIDANCE, PROMPT, ROOT, current_rss_mb, peak_rss_mb, timed  # noqa: E402
+from glm_image_core.loading.registry import NETWORKS  # noqa: E402
 
 
 def _inputs(size: int):
@@ -55,12 +56,12 @@ def load_diffusers(folder: str):
 
 
 def load_ours(folder: str):
-    from glm_image_core.networks.dit import load_dit
-    from glm_image_core.networks.glyph import load_glyph_encoder, load_glyph_tokenizer
+
+    from glm_image_core.generation.glyph_text import load_glyph_tokenizer
     with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
         sched = json.load(f)
-    return dict(dit=load_dit(os.path.join(folder, "transformer")),
-                enc=load_glyph_encoder(os.path.join(folder, "text_encoder")),
+    return dict(dit=NETWORKS["dit"].load(os.path.join(folder, "transformer")),
+                enc=NETWORKS["glyph_encoder"].load(os.path.join(folder, "text_encoder")),
                 tok=load_glyph_tokenizer(os.path.join(folder, "tokenizer")), sched=sched)
 
 
@@ -72,7 +73,7 @@ def decode_diffusers(pipe, latents, ids, size, steps):
 def decode_ours(o, latents, ids, size, steps, packed=True):
     import torch
     from glm_image_core.generation.denoise import denoise
-    from glm_image_core.networks.glyph import glyph_for_prompt, uncond_glyph
+    from glm_image_core.generation.glyph_text import glyph_for_prompt, uncond_glyph
     c = glyph_for_prompt(o["enc"], o["tok"], PROMPT, "cpu", torch.float32)
     u = uncond_glyph(o["enc"], o["tok"], "cpu", torch.float32)
     return denoise(o["dit"], latents.clone(), ids, c, u, (size, size), steps, GUIDANCE, o["sched"], packed_cfg=packed)
@@ -81,7 +82,7 @@ def decode_ours(o, latents, ids, size, steps, packed=True):
 def step_fns(pipe, o, latents, ids, size):
     """Closures running one CFG step for each implementation (inputs prepared as each sampler does)."""
     import torch
-    from glm_image_core.networks.glyph import glyph_for_prompt, uncond_glyph
+    from glm_image_core.generation.glyph_text import glyph_for_prompt, uncond_glyph
     dev = torch.device("cpu")
     pe, ne = pipe.encode_prompt(PROMPT, True, device=dev, dtype=torch.float32)
     tr = pipe.transformer
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
             res["ref_decode"].append(timed(lambda: decode_diffusers(pipe, latents, ids, a.size, a.steps))[0])
             res["our_decode"].append(timed(lambda: decode_ours(ours, latents, ids, a.size, a.steps))[0])
     shared_peak = peak_rss_mb()
-    from glm_image_core.networks.glyph import glyph_for_prompt
+    from glm_image_core.generation.glyph_text import glyph_for_prompt
     glyph_len = glyph_for_prompt(ours["enc"], ours["tok"], PROMPT).shape[1]
 
     rss = {}

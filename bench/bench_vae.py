@@ -21,7 +21,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "_support")]
 
 from glm_image_core.loading.configs import GLM_LATENTS_MEAN, GLM_LATENTS_STD  # noqa: E402
 from glm_image_core.testing.tiny_checkpoint import configs_for, write_checkpoint  # noqa: E402
-from glm_image_core.networks.vae import GlmImageVAE, fit_latent_to_rgb, load_vae  # noqa: E402
+from glm_image_core.networks.vae import GlmImageVAE, fit_latent_to_rgb# noqa: E402
+from glm_image_core.loading.registry import NETWORKS  # noqa: E402
 
 
 def best_of(fn, n=3):
@@ -49,7 +50,7 @@ def main():
     work = tempfile.mkdtemp(prefix="glm-bench-vae-")
     atexit.register(shutil.rmtree, work, True)
     folder = write_checkpoint(os.path.join(work, "GLM-Image-" + a.size), a.size, seed=0)
-    ours = load_vae(os.path.join(folder, "vae"))
+    ours = NETWORKS["vae"].load(os.path.join(folder, "vae"))
     ref = realign(AutoencoderKL.from_pretrained(folder, subfolder="vae").eval())
     z = torch.randn(1, 16, a.px // 8, a.px // 8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

@@ -105,30 +105,20 @@ def gguf_path(component: str, dtype: str) -> str:
 
 def build(folder: str, component: str, dtype: str):
     """The network as the pack builds it (plain torch layers, compute bf16), weights streamed in.
-    ``dtype`` gguf_*: from the GGUF single file (``gguf_convert``), blocks kept quantized."""
-    from glm_image_core.networks import ar_model, dit, glyph, vae
-    from glm_image_core.loading import checkpoint as ckpt
+    ``component``: a registry id, or ``ar_text`` / ``ar_vision`` for one AR part; ``dtype`` gguf_*:
+    from the GGUF single file (``gguf_convert``), blocks kept quantized."""
+    from glm_image_core.quantization import gguf_ops
+    from glm_image_core.loading import sources
+    from glm_image_core.loading import single_file as sf
+    network = "ar" if component.startswith("ar_") else component
+    kw = {"parts": (component[3:],)} if network == "ar" else {}
     if dtype.startswith("gguf_"):
-        from glm_image_core.quantization import gguf_ops
-        from glm_image_core.loading import sources
-        from glm_image_core.loading import single_file as sf
-        comp = "ar" if component.startswith("ar_") else component
-        src = sf.open_single_file(gguf_path(comp, dtype), comp)
-        parts = (component[3:],) if comp == "ar" else None
-        return sources.builder(src, comp, parts)(torch.bfloat16, "cpu", gguf_ops.quantized_ops(torch.nn),
-                                                 torch.bfloat16)
+        src = sf.open_single_file(gguf_path(network, dtype), network)
+        return sources.build_network(src, network, torch.bfloat16, "cpu", gguf_ops.quantized_ops(torch.nn),
+                                     torch.bfloat16, **kw)
     storage = STORAGE[dtype]
-    if component in ("glyph_encoder", "vae") and dtype != "bf16":
-        raise SystemExit(f"{component} is never stored in {dtype}")
-    if component.startswith("ar_"):
-        d = os.path.join(folder, "vision_language_encoder")
-        return ar_model.build_ar(ckpt.read_json(os.path.join(d, "config.json")), ckpt.weight_files(d), dtype=storage,
-                                 compute_dtype=torch.bfloat16, parts=(component[3:],))
-    if component == "dit":
-        return dit.load_dit(os.path.join(folder, "transformer"), dtype=storage, compute_dtype=torch.bfloat16)
-    if component == "glyph_encoder":
-        return glyph.load_glyph_encoder(os.path.join(folder, "text_encoder"), dtype=storage)
-    return vae.load_vae(os.path.join(folder, "vae"), dtype=storage)
+    # a dtype the network does not take (glyph encoder / VAE in fp8) is refused by the registry
+    return sources.build_network(sources.FolderSource(folder), network, storage, "cpu", torch.nn, torch.bfloat16, **kw)
 
 
 def load(folder: str, component: str, dtype: str) -> dict:
@@ -267,21 +257,12 @@ def train(folder: str, dtype: str) -> dict:
 def _gguf_dit_nodes(host, folder: str, dtype: str) -> dict:
     """Load GLM-Image Glyph Encoder + Load GLM-Image DiT (node "32") on the converted GGUF DiT, the glyph
     encoder written beside it as a single file; both linked into the host's model folders."""
-    from glm_image_core.loading import single_file as sf
-    glyph = os.path.join(GGUF_DIR, "GLM-Image-full_glyph_encoder.safetensors")
-    if not os.path.isfile(glyph):
-        sf.convert_component(folder, "glyph_encoder", glyph)
-    for sub, path in (("diffusion_models", gguf_path("dit", dtype)), ("text_encoders", glyph)):
-        d = os.path.join(host.models_dir, sub)
-        os.makedirs(d, exist_ok=True)
-        host.folder_paths.add_model_folder_path(sub, d, is_default=True)
-        if not os.path.exists(os.path.join(d, os.path.basename(path))):
-            os.symlink(path, os.path.join(d, os.path.basename(path)))
-    return {"31": {"class_type": "GLMImageGlyphEncoderLoader",
-                   "inputs": {"glyph_encoder_name": os.path.basename(glyph), "weight_dtype": "default"}},
-            "32": {"class_type": "GLMImageDiTLoader",
-                   "inputs": {"dit_name": os.path.basename(gguf_path("dit", dtype)), "glyph_encoder": ["31", 0],
-                              "weight_dtype": "default", "compute_dtype": "bf16"}}}
+    import run as R
+    glyph = R.link_into_models(R.single_file(folder, "glyph_encoder", dtype, GGUF_DIR), "glyph_encoder",
+                               host.models_dir, host.folder_paths)
+    dit = R.link_into_models(gguf_path("dit", dtype), "dit", host.models_dir, host.folder_paths)
+    return {"31": R.single_file_node("glyph_encoder", glyph),
+            "32": R.single_file_node("dit", dit, glyph_encoder=["31", 0], compute_dtype="bf16")}
 
 
 # ---- full-size parity against the official classes, one network per process --------------

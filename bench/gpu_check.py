@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from glm_image_core.loading.registry import NETWORKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -142,7 +143,7 @@ def run_ar_modes(spec: dict, folder: str, dry: bool) -> dict:
     from glm_image_core.generation import ar_generate, ar_prompt
     from glm_image_core.networks import ar_model
     device, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
-    m = ar_model.load_ar(os.path.join(folder, "vision_language_encoder"), dtype=dtype, device=device,
+    m = NETWORKS["ar"].load(os.path.join(folder, "vision_language_encoder"), dtype=dtype, device=device,
                          parts=("text",))
     tok = ar_prompt.GlmTokenizer.from_folder(os.path.join(folder, "processor"))
     from _common import PROMPT
@@ -226,7 +227,7 @@ def run_job(spec: dict, folder: str, dry: bool) -> dict:
         setup_s = time.perf_counter() - t_setup
         m = side.mod
         for owner, attr, st in ((m["glm_image_core.generation.ar_generate"], "generate_tokens", "ar"),
-                                (m["glm_image_core.networks.glyph"], "encode_glyph_texts", "glyph"),
+                                (m["glm_image_core.generation.glyph_text"], "encode_glyph_texts", "glyph"),
                                 (m["glm_image_core.generation.denoise"], "denoise", "dit"),
                                 (m["nodes.vae_adapter"].GlmImageComfyVAE, "decode", "vae")):
             peaks.wrap(owner, attr, st)

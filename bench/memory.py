@@ -37,7 +37,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from glm_image_core.loading import memory_plan as mp  # noqa: E402
-from glm_image_core.loading.registry import network  # noqa: E402
+from glm_image_core.loading.registry import NETWORKS  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results")
 TINY = os.path.join(ROOT, ".cache", "models", "diffusers", "GLM-Image-tiny")
@@ -50,7 +50,7 @@ def configs_of(size: str) -> dict:
         return mp.full_size_configs()
     from glm_image_core.testing.tiny_checkpoint import configs_for
     files = configs_for(size)
-    return {c: files[f"{c}/config.json"] for c in mp.NETWORK_FOLDERS}
+    return {c: files[NETWORKS[c].config_file] for c in mp.NETWORK_IDS}
 
 
 # --------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def md_table(head, rows) -> str:
 
 def sizes_table(stats) -> str:
     rows = []
-    for c in mp.NETWORK_FOLDERS[:1] + (mp.AR_TEXT, mp.AR_VISION) + mp.NETWORK_FOLDERS[1:]:
+    for c in mp.NETWORK_IDS[:1] + (mp.AR_TEXT, mp.AR_VISION) + mp.NETWORK_IDS[1:]:
         s = stats[c]
         comp = "bf16" if s.fp8able else "bf16 (stays bf16)"
         rows.append([mp.COMPONENT_NAMES[c], f"{s.total / 1e9:.3f} B", f"{s.fp8able / max(s.total, 1):.0%}",
@@ -122,17 +122,17 @@ def comfy_host(device: str):
 
 def build_random(component: str, config: dict, weight_dtype: str, compute: torch.dtype, device, seed: int = 0):
     """The network with comfy.ops layers and random weights (std 0.02, norms 1) stored per the
-    loader's rule for ``weight_dtype`` (fp8: FP8_WEIGHT_KEYS in float8_e4m3fn, the rest in compute).
+    loader's rule for ``weight_dtype`` (fp8: the registry entry's fp8_keys in float8_e4m3fn, the rest in compute).
     The AR is its text part, the network the nodes load for text → tokens."""
     import comfy.ops
     from glm_image_core.loading import checkpoint as ckpt
-    fp8 = weight_dtype == "fp8" and network(component).fp8_keys is not None
+    fp8 = weight_dtype == "fp8" and NETWORKS[component].fp8_keys is not None
     storage = torch.float8_e4m3fn if fp8 else compute
     ops = comfy.ops.pick_operations(storage, compute, load_device=torch.device(device))
     parts = {"parts": ("text",)} if component == mp.AR else {}
-    model = network(component).skeleton(config, dtype=compute, device="meta", operations=ops, **parts)
+    model = NETWORKS[component].skeleton(config, dtype=compute, device="meta", operations=ops, **parts)
     model.to_empty(device=device)
-    rule = ckpt.storage_dtypes(storage, network(component).fp8_keys, compute) if fp8 else None
+    rule = ckpt.storage_dtypes(storage, NETWORKS[component].fp8_keys, compute) if fp8 else None
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -157,7 +157,7 @@ class Runner:
                  ar_steps: int, glyph_text: str):
         import comfy.model_patcher
         from glm_image_core.generation.ar_prompt import GlmTokenizer
-        from glm_image_core.networks.glyph import load_glyph_tokenizer
+        from glm_image_core.generation.glyph_text import load_glyph_tokenizer
         self.mm, self.configs, self.wd = mm, configs, weight_dtype
         self.load_device = mm.get_torch_device()
         self.offload = mm.unet_offload_device() if device != "cpu" else torch.device("cpu")
@@ -167,7 +167,7 @@ class Runner:
         self.byt5 = load_glyph_tokenizer(None)
         self.patchers = {}
         build_dev = self.load_device if self.load_device.type == "cuda" else "cpu"
-        for c in mp.NETWORK_FOLDERS:
+        for c in mp.NETWORK_IDS:
             model = build_random(c, configs[c], weight_dtype, self.compute, build_dev).to(self.offload)
             self.patchers[c] = comfy.model_patcher.ModelPatcher(model, load_device=self.load_device,
                                                                 offload_device=self.offload)
@@ -193,7 +193,7 @@ class Runner:
 
     def run(self, evict_each: bool) -> dict:
         from glm_image_core.generation import ar_generate, denoise
-        from glm_image_core.networks.glyph import encode_glyph_texts
+        from glm_image_core.generation.glyph_text import encode_glyph_texts
         from glm_image_core.generation.tokens import upsample_grid
         mm, W, H, cb = self.mm, self.width, self.height, self.compute.itemsize
         dev = self.load_device
@@ -209,7 +209,7 @@ class Runner:
             return res
 
         # AR: KV cache for the whole grid; stopped after ar_steps tokens (memory is set by then)
-        tcfg = self.configs["vision_language_encoder"]["text_config"]
+        tcfg = self.configs["ar"]["text_config"]
         n_prompt = len(self.tokenizer.encode(PROMPT))
         req = mp.ar_activation_bytes(tcfg, n_prompt, W, H, 1, cb)
         out["ar"] = {"memory_required": req}
@@ -217,7 +217,7 @@ class Runner:
         done = {"n": 0}
 
         def ar():
-            model, info = self._load("vision_language_encoder", req)
+            model, info = self._load("ar", req)
             out["ar"].update(info)
 
             def cb_(i, total, phase):
@@ -239,7 +239,7 @@ class Runner:
         out["glyph"] = {"memory_required": 0}
 
         def glyph():
-            model, info = self._load("text_encoder", 0)
+            model, info = self._load("glyph_encoder", 0)
             out["glyph"].update(info)
             with torch.no_grad():
                 cond = encode_glyph_texts(model, self.byt5, [self.glyph_text], device=dev, dtype=self.compute)
@@ -248,11 +248,11 @@ class Runner:
         cond, unc = stage("glyph", glyph)
 
         # DiT: `steps` CFG steps (cond + uncond in one sweep)
-        req = mp.dit_activation_bytes(self.configs["transformer"], W, H, max(cond.shape[1], unc.shape[1]), 1, 2, cb)
+        req = mp.dit_activation_bytes(self.configs["dit"], W, H, max(cond.shape[1], unc.shape[1]), 1, 2, cb)
         out["dit"] = {"memory_required": req}
 
         def dit():
-            model, info = self._load("transformer", req)
+            model, info = self._load("dit", req)
             out["dit"].update(info)
             g = torch.Generator().manual_seed(0)
             noise = torch.randn(1, 16, H // 8, W // 8, generator=g).to(dev)
@@ -373,7 +373,7 @@ def cpu_check_one(stage: str) -> dict:
     g = torch.Generator().manual_seed(0)
 
     def random_model(component, config):
-        m = network(component).skeleton(config, device="cpu")
+        m = NETWORKS[component].skeleton(config, device="cpu")
         for p in m.parameters():
             p.normal_(0.0, 0.02, generator=g)
         return m
@@ -381,9 +381,9 @@ def cpu_check_one(stage: str) -> dict:
     if stage == "ar":
         from glm_image_core.generation import ar_generate
         from glm_image_core.generation.ar_prompt import GlmTokenizer
-        cfg = cf["vision_language_encoder"]
+        cfg = cf["ar"]
         cfg["text_config"]["num_hidden_layers"], cfg["vision_config"]["depth"] = 2, 1
-        model = random_model("vision_language_encoder", cfg)
+        model = random_model("ar", cfg)
         tok = GlmTokenizer.from_folder(os.path.join(TINY, "processor"))
 
         def stop_after(k):
@@ -403,8 +403,8 @@ def cpu_check_one(stage: str) -> dict:
     elif stage == "dit":
         from glm_image_core.generation import denoise
         from glm_image_core.generation.tokens import upsample_grid
-        cfg = dict(cf["transformer"], num_layers=1)
-        model = random_model("transformer", cfg)
+        cfg = dict(cf["dit"], num_layers=1)
+        model = random_model("dit", cfg)
         L = 129
         cond, unc = torch.randn(1, L, 1472, generator=g), torch.randn(1, L, 1472, generator=g)
         sched = {"use_dynamic_shifting": True, "base_shift": 0.25, "max_shift": 0.75}

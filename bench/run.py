@@ -175,10 +175,18 @@ def pack_graph(model_name: str, res: int, steps: int, seed: int, weight_dtype: s
 
 
 # The single-file loaders' graph (what a GGUF user builds): AR, glyph encoder, DiT and VAE files.
-SINGLE_FILE_LOADERS = {"ar": ("GLMImageARLoader", "ar_name", "text_encoders"),
-                       "glyph_encoder": ("GLMImageGlyphEncoderLoader", "glyph_encoder_name", "text_encoders"),
-                       "dit": ("GLMImageDiTLoader", "dit_name", "diffusion_models"),
-                       "vae": ("GLMImageVAELoader", "vae_name", "vae")}
+# The single-file loader node of each network and its file input (the graph's vocabulary; the
+# ComfyUI models/ folder of each file is its registry entry's comfy_folder).
+SINGLE_FILE_LOADERS = {"ar": ("GLMImageARLoader", "ar_name"),
+                       "glyph_encoder": ("GLMImageGlyphEncoderLoader", "glyph_encoder_name"),
+                       "dit": ("GLMImageDiTLoader", "dit_name"),
+                       "vae": ("GLMImageVAELoader", "vae_name")}
+
+
+def single_file_node(network: str, name: str, **inputs) -> dict:
+    """The API-graph node of ``network``'s single-file loader on file ``name`` (weights as stored)."""
+    cls, key = SINGLE_FILE_LOADERS[network]
+    return {"class_type": cls, "inputs": {key: name, "weight_dtype": "default", **inputs}}
 
 
 def single_file_graph(files: dict, res: int, steps: int, seed: int) -> dict:
@@ -186,8 +194,8 @@ def single_file_graph(files: dict, res: int, steps: int, seed: int) -> dict:
     g = pack_graph("unused", res, steps, seed, "default")
     loader = next(k for k, n in g.items() if n["class_type"] == "GLMImageLoader")
     del g[loader]
-    for comp, (cls, key, _) in SINGLE_FILE_LOADERS.items():
-        g[f"sf_{comp}"] = {"class_type": cls, "inputs": {key: files[comp], "weight_dtype": "default"}}
+    for comp in SINGLE_FILE_LOADERS:
+        g[f"sf_{comp}"] = single_file_node(comp, files[comp])
     g["sf_dit"]["inputs"]["glyph_encoder"] = ["sf_glyph_encoder", 0]
     outputs = {0: ["sf_ar", 0], 1: ["sf_dit", 0], 2: ["sf_vae", 0], 3: ["sf_dit", 1]}   # Load GLM-Image's slots
     for node in g.values():
@@ -197,27 +205,44 @@ def single_file_graph(files: dict, res: int, steps: int, seed: int) -> dict:
     return g
 
 
-def gguf_files(folder: str, dtype: str, base_dir: str) -> dict:
-    """The folder's AR and DiT as ``dtype`` GGUF files, the glyph encoder and VAE as stored
-    (scripts/convert_to_single_file.py's code), beside the folder (written once, reused by later jobs)
-    and linked into the host's model folders. Returns component -> file name."""
+def single_file(folder: str, network: str, dtype: str, out_dir: str) -> str:
+    """``network`` of the official ``folder`` as one file in ``out_dir`` (scripts/convert_to_single_file.py's
+    code): GGUF ``dtype`` for the networks that take GGUF, as stored for the others; written once."""
     from glm_image_core.loading import single_file as sf
+    from glm_image_core.loading.registry import NETWORKS
+    quantized = dtype.startswith("gguf_") and NETWORKS[network].takes_gguf
+    path = os.path.join(out_dir, f"{os.path.basename(os.path.normpath(folder))}_{network}"
+                        + (f"_{dtype}.gguf" if quantized else ".safetensors"))
+    if not os.path.isfile(path):
+        os.makedirs(out_dir, exist_ok=True)
+        sf.convert_component(folder, network, path + ".tmp", None, dtype if quantized else "as_stored")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def link_into_models(path: str, network: str, models_dir: str, folder_paths=None) -> str:
+    """Link a single file into ``models_dir``/<its network's ComfyUI folder> (registered with the host's
+    ``folder_paths`` when given); returns the file name the loader node takes."""
+    from glm_image_core.loading.registry import NETWORKS
+    sub = NETWORKS[network].comfy_folder
+    d = os.path.join(models_dir, sub)
+    os.makedirs(d, exist_ok=True)
+    if folder_paths is not None:
+        folder_paths.add_model_folder_path(sub, d, is_default=True)
+    name = os.path.basename(path)
+    if not os.path.exists(os.path.join(d, name)):
+        os.symlink(path, os.path.join(d, name))
+    return name
+
+
+def gguf_files(folder: str, dtype: str, base_dir: str, folder_paths=None) -> dict:
+    """The folder's AR and DiT as ``dtype`` GGUF files, the glyph encoder and VAE as stored, beside the
+    folder (written once, reused by later jobs) and linked into the host's model folders. Returns
+    component -> file name."""
     out = os.path.normpath(folder) + f"-{dtype}"
-    os.makedirs(out, exist_ok=True)
-    files = {}
-    for comp, (_, _, sub) in SINGLE_FILE_LOADERS.items():
-        name = f"{os.path.basename(os.path.normpath(folder))}_{comp}" + (
-            f"_{dtype}.gguf" if comp in ("ar", "dit") else ".safetensors")
-        path = os.path.join(out, name)
-        if not os.path.isfile(path):
-            sf.convert_component(folder, comp, path + ".tmp", None, dtype if comp in ("ar", "dit") else "as_stored")
-            os.replace(path + ".tmp", path)
-        d = os.path.join(base_dir, "models", sub)
-        os.makedirs(d, exist_ok=True)
-        if not os.path.exists(os.path.join(d, name)):
-            os.symlink(path, os.path.join(d, name))
-        files[comp] = name
-    return files
+    return {comp: link_into_models(single_file(folder, comp, dtype, out), comp, os.path.join(base_dir, "models"),
+                                   folder_paths)
+            for comp in SINGLE_FILE_LOADERS}
 
 
 class PackSide:
@@ -234,21 +259,20 @@ class PackSide:
                 os.remove(link)
         if not os.path.exists(link):
             os.symlink(os.path.abspath(folder), link)
-        self.files = gguf_files(folder, weight_dtype, base_dir) if weight_dtype.startswith("gguf_") else None
         self.host = glmtest_host.Host(base_dir, cpu=(device == "cpu"), **(host_kwargs or {}))
-        if self.files:
-            for _, _, sub in SINGLE_FILE_LOADERS.values():
-                self.host.folder_paths.add_model_folder_path(sub, os.path.join(base_dir, "models", sub), is_default=True)
+        self.files = gguf_files(folder, weight_dtype, base_dir, self.host.folder_paths) \
+            if weight_dtype.startswith("gguf_") else None
         self.model_name, self.device, self.weight_dtype = name, device, weight_dtype
         self.sync = _sync_fn(device)
         pack = glmtest_host.PACK_DIR.replace(".", "_x_")     # ComfyUI's module name for a custom-node folder
         self.mod = {m: importlib.import_module(f"{pack}.{m}") for m in (
-            "glm_image_core.generation.ar_generate", "glm_image_core.networks.ar_model", "glm_image_core.networks.glyph", "glm_image_core.networks.dit",
+            "glm_image_core.generation.ar_generate", "glm_image_core.networks.ar_model", "glm_image_core.generation.glyph_text",
+            "glm_image_core.networks.dit",
             "glm_image_core.generation.denoise", "nodes.vae_adapter")}
 
     def run(self, seed: int, res: int, steps: int, profile=None) -> dict:
         clock, patches, sync = C.CallClock(), C.Patches(), self.sync
-        ar, gl, dit, dn = (self.mod[f"glm_image_core.{m}"] for m in ("generation.ar_generate", "networks.glyph", "networks.dit", "generation.denoise"))
+        ar, gl, dit, dn = (self.mod[f"glm_image_core.{m}"] for m in ("generation.ar_generate", "generation.glyph_text", "networks.dit", "generation.denoise"))
         patches.wrap(ar, "generate_tokens", clock, "ar", sync=sync, keep_result=True)
         # the AR model's own forward runs once per generation, for the prefill (decode steps call its
         # text model and lm_head directly); timed with syncs, so also right on a GPU

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from .api import io, ui
 
-from ..glm_image_core.networks import glyph as core_glyph
+from ..glm_image_core.generation import glyph_text as core_glyph
 from .types import CATEGORY, GlmDecoder, GlmGlyph
 
 MODE_PROMPT = "quoted spans of the text"      # official behaviour (quirks included)

@@ -10,6 +10,7 @@ import folder_paths
 
 from ..glm_image_core.loading import checkpoint as ckpt
 from ..glm_image_core.loading import sources
+from ..glm_image_core.loading.registry import NETWORKS
 from .models import (COMPUTE_DTYPES, WEIGHT_DTYPES, ComponentSpec, GLMARModel, GLMDecoderModel, GLMGlyphEncoder,
                      LazyComponent)
 from .stock_model import GLMImageLatentFormat, wrap_dit
@@ -44,20 +45,16 @@ def ar_handle(src: sources.Source, weight_dtype: str, compute_dtype: str = "auto
     """The GLM_AR payload from an official folder or an AR single file (weights read on first use)."""
     assets = sources.ar_assets(src)
 
-    def part(name: str, ar_part: str) -> LazyComponent:
-        return LazyComponent(ComponentSpec(name, src.name, src.weight_files("ar"), sources.builder(src, "ar", (ar_part,)),
-                                           weight_dtype=weight_dtype,
-                                           compute_dtype=compute_dtype))
-    return GLMARModel(folder=src.name, model=part("AR model", "text"), vision=part("AR vision tower", "vision"),
-                      tokenizer=assets.tokenizer,
+    def part(ar_part: str) -> LazyComponent:
+        return LazyComponent(ComponentSpec("ar", src, weight_dtype, compute_dtype, parts=(ar_part,)))
+    return GLMARModel(folder=src.name, model=part("text"), vision=part("vision"), tokenizer=assets.tokenizer,
                       processor_config=assets.processor_config, generation_config=assets.generation_config,
                       config=assets.config)
 
 
 def glyph_encoder_handle(src: sources.Source, weight_dtype: str = "default", compute_dtype: str = "auto") -> GLMGlyphEncoder:
     """The glyph encoder (ByT5) and its tokenizer from an official folder or a glyph-encoder single file."""
-    spec = ComponentSpec("glyph encoder", src.name, src.weight_files("glyph_encoder"), sources.builder(src, "glyph_encoder"),
-                         weight_dtype=weight_dtype, compute_dtype=compute_dtype)
+    spec = ComponentSpec("glyph_encoder", src, weight_dtype, compute_dtype)
     return GLMGlyphEncoder(source=src.name, encoder=LazyComponent(spec), tokenizer=sources.glyph_tokenizer(src))
 
 
@@ -66,9 +63,7 @@ def decoder_handle(src: sources.Source, glyph: GLMGlyphEncoder, weight_dtype: st
     """The GLM_DECODER payload: the DiT from an official folder or a DiT single file, plus a glyph encoder."""
     assets = sources.decoder_assets(src)
     latent_format = GLMImageLatentFormat(assets.latents_mean, assets.latents_std)
-    spec = ComponentSpec("DiT", src.name, src.weight_files("dit"), sources.builder(src, "dit"),
-                         weight_dtype=weight_dtype, compute_dtype=compute_dtype,
-                         wrap=wrap_dit(assets.scheduler_config, latent_format))
+    spec = ComponentSpec("dit", src, weight_dtype, compute_dtype, wrap=wrap_dit(assets.scheduler_config, latent_format))
     decoder = GLMDecoderModel(folder=src.name, dit=LazyComponent(spec), glyph_encoder=glyph.encoder,
                               glyph_tokenizer=glyph.tokenizer, dit_config=assets.dit_config,
                               scheduler_config=assets.scheduler_config, latents_mean=assets.latents_mean,
@@ -77,15 +72,16 @@ def decoder_handle(src: sources.Source, glyph: GLMGlyphEncoder, weight_dtype: st
     return decoder
 
 
+# Load GLM-Image's one weight_dtype applies to each network as its registry entry says (storage_for).
+
 def load_ar_handle(folder: str, weight_dtype: str, compute_dtype: str = "auto") -> GLMARModel:
-    return ar_handle(sources.FolderSource(folder), weight_dtype, compute_dtype)
+    return ar_handle(sources.FolderSource(folder), NETWORKS["ar"].storage_for(weight_dtype), compute_dtype)
 
 
 def load_decoder_handle(folder: str, weight_dtype: str, compute_dtype: str = "auto") -> GLMDecoderModel:
     src = sources.FolderSource(folder)
-    # The glyph encoder is small and numerically sensitive (T5): keep it as stored unless fp32 is asked.
-    glyph = glyph_encoder_handle(src, "fp32" if weight_dtype == "fp32" else "default")
-    return decoder_handle(src, glyph, weight_dtype, compute_dtype)
+    glyph = glyph_encoder_handle(src, NETWORKS["glyph_encoder"].storage_for(weight_dtype))
+    return decoder_handle(src, glyph, NETWORKS["dit"].storage_for(weight_dtype), compute_dtype)
 
 
 class GLMImageLoader(io.ComfyNode):
@@ -153,7 +149,7 @@ class GLMImageLoader(io.ComfyNode):
         ckpt.check_glm_image_folder(folder)
         ar = load_ar_handle(folder, weight_dtype, compute_dtype)
         decoder = load_decoder_handle(folder, weight_dtype, compute_dtype)
-        vae = load_glm_vae(os.path.join(folder, "vae"))
+        vae = load_glm_vae(sources.FolderSource(folder))
         # Latent previews: fitted from this VAE the first time the decoder node asks for a previewer.
         decoder.preview_fit = preview_fit_for(vae, decoder.latents_mean, decoder.latents_std)
         return io.NodeOutput(ar, decoder, vae, decoder.stock_model())

@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -27,7 +27,8 @@ from comfy.cli_args import LatentPreviewMethod, args
 
 from ..glm_image_core.loading import checkpoint as ckpt
 from ..glm_image_core.quantization import gguf_ops
-from ..glm_image_core.loading.registry import STORAGE_DTYPES
+from ..glm_image_core.loading import sources
+from ..glm_image_core.loading.registry import NETWORKS, STORAGE_DTYPES, Network
 from . import host
 
 log = logging.getLogger("GLM-Image")
@@ -208,20 +209,34 @@ def keeps_blocks(spec: "ComponentSpec") -> bool:
     return spec.weight_dtype == "default" and any(ckpt.is_gguf(f) for f in spec.weight_files)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ComponentSpec:
-    """How to build one network: ``build(weight_dtype, device, operations, compute_dtype) -> nn.Module``
-    with weights loaded from ``weight_files`` (a folder's shards or one single file; ``source`` names
-    it in logs). ``wrap(network, weight_dtype, compute_dtype)``, when given, makes the model the
-    patcher holds (the DiT: a ComfyUI BaseModel around it, see stock_model)."""
-    name: str
-    source: str
-    weight_files: Sequence[str]
-    build: Callable[[torch.dtype, torch.device, object, torch.dtype], torch.nn.Module]
+    """How to build one network: registry id ``network`` (AR: of ``parts`` only) with its config and
+    weights from ``source`` (an official folder or a single file), stored and computing as asked.
+    ``wrap(network, weight_dtype, compute_dtype)``, when given, makes the model the patcher holds
+    (the DiT: a ComfyUI BaseModel around it, see stock_model)."""
+    network: str
+    source: sources.Source
     weight_dtype: str = "default"
     compute_dtype: str = "auto"
-    supported_compute: tuple = (torch.bfloat16, torch.float16, torch.float32)
+    parts: Tuple[str, ...] = ()
     wrap: Optional[Callable[[torch.nn.Module, torch.dtype, torch.dtype], torch.nn.Module]] = None
+
+    @property
+    def entry(self) -> Network:
+        return NETWORKS[self.network]
+
+    @property
+    def name(self) -> str:
+        return f"{self.entry.short}{' (' + '+'.join(self.parts) + ')' if self.parts else ''}"
+
+    @property
+    def weight_files(self) -> Sequence[str]:
+        return self.source.weight_files(self.network)
+
+    def build(self, weight: torch.dtype, device: torch.device, operations, compute: torch.dtype) -> torch.nn.Module:
+        return sources.build_network(self.source, self.network, weight, device, operations, compute,
+                                     **({"parts": self.parts} if self.parts else {}))
 
 
 class LazyComponent:
@@ -234,13 +249,12 @@ class LazyComponent:
         self.load_device, self.offload_device = host.main_devices()
 
     def dtypes(self):
-        """(weight storage dtype, compute dtype) for this component on its load device."""
+        """(weight storage dtype, compute dtype) for this component on its load device; a compute
+        dtype the network does not run in is refused by the registry when it is built."""
         weight = WEIGHT_DTYPES[self.spec.weight_dtype] or stored_dtype(self.spec.weight_files)
         compute = COMPUTE_DTYPES[self.spec.compute_dtype]
         if compute is None:
-            compute = mm.unet_manual_cast(weight, self.load_device, list(self.spec.supported_compute)) or weight
-        elif compute not in self.spec.supported_compute:
-            raise ValueError(f"{self.spec.name} cannot compute in {compute}; supported: {self.spec.supported_compute}")
+            compute = mm.unet_manual_cast(weight, self.load_device, list(self.spec.entry.compute)) or weight
         return weight, compute
 
     @property
@@ -258,7 +272,7 @@ class LazyComponent:
         if keeps_blocks(self.spec):
             ops = gguf_operations(ops)
         log.info("GLM-Image: loading %s (%s weights, %s compute) from %s",
-                 self.spec.name, weight, compute, self.spec.source)
+                 self.spec.name, weight, compute, self.spec.source.name)
         network = self.spec.build(weight, self.offload_device, ops, compute)
         network.train(False).requires_grad_(False)
         model = network if self.spec.wrap is None else self.spec.wrap(network, weight, compute)
@@ -288,6 +302,12 @@ class LazyComponent:
         mm.load_models_gpu([p], memory_required=memory_required + p.glm_scratch_bytes)
         return p.glm_network
 
+    def patched(self, patches: dict, strength: float) -> "LazyComponent":
+        """This network with ComfyUI weight patches (a LoRA: ``comfy.lora.load_lora``'s output) added at
+        ``strength`` on a clone of its patcher, as the stock LoraLoader does for a MODEL: the weights are
+        shared, patched when ComfyUI loads the clone and restored when it loads the base."""
+        return PatchedComponent(self, patches, strength)
+
     def fully_resident(self) -> bool:
         """Every weight sits on the load device and stays there while the network runs: not partially
         loaded (lowvram streaming) and not under dynamic VRAM, which may page weights in and out
@@ -295,6 +315,23 @@ class LazyComponent:
         p = self.patcher
         dynamic = getattr(p, "is_dynamic", lambda: False)()
         return not dynamic and p.loaded_size() >= p.model_size()
+
+
+class PatchedComponent(LazyComponent):
+    """A LazyComponent whose patcher is a clone of ``base``'s carrying weight patches (see
+    :meth:`LazyComponent.patched`); built when first used, like the base."""
+
+    def __init__(self, base: LazyComponent, patches: dict, strength: float):
+        super().__init__(base.spec)
+        self.base, self.patches, self.strength = base, patches, strength
+
+    def build_patcher(self, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+        base = self.base.patcher
+        patcher = base.clone()
+        for attr in ("glm_compute_dtype", "glm_network", "glm_scratch_bytes"):
+            setattr(patcher, attr, getattr(base, attr))
+        patcher.add_patches(self.patches, self.strength)
+        return patcher
 
 
 def rebuilt_patcher(spec: ComponentSpec, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
@@ -330,7 +367,7 @@ class GLMGlyphEncoder:
     """Payload of the GLM_GLYPH_ENCODER socket (single-file glyph encoder loader -> DiT loader)."""
     source: str
     encoder: LazyComponent
-    tokenizer: object                  # glm_image_core.networks.glyph.ByT5Tokenizer
+    tokenizer: object                  # glm_image_core.generation.glyph_text.ByT5Tokenizer
 
 
 @dataclass
@@ -339,7 +376,7 @@ class GLMDecoderModel:
     folder: str
     dit: LazyComponent
     glyph_encoder: LazyComponent
-    glyph_tokenizer: object            # glm_image_core.networks.glyph.ByT5Tokenizer
+    glyph_tokenizer: object            # glm_image_core.generation.glyph_text.ByT5Tokenizer
     dit_config: dict
     scheduler_config: dict
     latents_mean: torch.Tensor         # [C]

@@ -21,16 +21,11 @@ import folder_paths
 from ..glm_image_core.loading import checkpoint as ckpt
 from ..glm_image_core.loading import single_file as sf
 from ..glm_image_core.loading import sources
-from ..glm_image_core.loading.registry import NETWORKS
+from ..glm_image_core.loading.registry import NETWORKS, Network
 from .loader import ar_handle, decoder_handle, glyph_encoder_handle
-from .models import COMPUTE_DTYPES, WEIGHT_DTYPES
+from .models import COMPUTE_DTYPES
 from .types import CATEGORY, GlmAR, GlmDecoder, GlmGlyphEncoder
-from .vae_adapter import glm_vae_from, preview_fit_for
-
-# The storage dtypes each of these loaders offers: the registry's (glyph encoder: no fp8; VAE: no fp16).
-GLYPH_WEIGHT_DTYPES = ("default",) + NETWORKS["glyph_encoder"].storage
-VAE_WEIGHT_DTYPES = ("default",) + NETWORKS["vae"].storage
-
+from .vae_adapter import load_glm_vae, preview_fit_for
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
@@ -110,10 +105,6 @@ def file_stamp(folder: str, name: str):
     return (name, st.st_size, st.st_mtime_ns)
 
 
-def _weight_dtype_input(options, tooltip: str):
-    return io.Combo.Input("weight_dtype", options=list(options), default="default", tooltip=tooltip)
-
-
 def _compute_dtype_input():
     return io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
                           tooltip="Dtype of the activations; weights stored otherwise are cast layer by layer "
@@ -126,95 +117,123 @@ _FP8_TOOLTIP = ("Storage dtype of the weights. 'default' keeps the file's dtypes
                 "rest (norms, biases, embeddings, timestep MLPs) in the compute dtype.")
 
 
-class GLMImageARLoader(io.ComfyNode):
+class SingleFileLoader(io.ComfyNode):
+    """What the four single-file loaders share: the file list, validation, the re-load fingerprint
+    and opening the file; each subclass names its network (a registry id: its models/ folder, the
+    weight dtypes it takes and why others are refused come from there), its file input and what it
+    makes of the opened file (:meth:`load`)."""
+    NETWORK: str = ""
+    FILE_INPUT: str = ""
+
+    @classmethod
+    def entry(cls) -> Network:
+        return NETWORKS[cls.NETWORK]
+
+    @classmethod
+    def schema(cls, display_name: str, description: str, inputs: list, outputs: list) -> io.Schema:
+        return io.Schema(node_id=cls.__name__, display_name=display_name, category=CATEGORY,
+                         description=description, inputs=inputs, outputs=outputs)
+
+    @classmethod
+    def file_input(cls, tooltip: str):
+        net = cls.entry()
+        folder = net.comfy_folder
+        options = weight_files(folder) if net.takes_gguf else safetensors_files(folder)
+        return io.Combo.Input(cls.FILE_INPUT, options=options, tooltip=tooltip)
+
+    @classmethod
+    def weight_dtype_input(cls, tooltip: str):
+        return io.Combo.Input("weight_dtype", options=list(cls.entry().weight_dtype_options), default="default",
+                              tooltip=tooltip)
+
+    @classmethod
+    def validate_inputs(cls, weight_dtype, compute_dtype="auto", **inputs) -> bool | str:
+        net = cls.entry()
+        dtype_ok = check_choice("weight_dtype", weight_dtype, net.weight_dtype_options)
+        if dtype_ok is not True and net.refused:
+            dtype_ok = f"{dtype_ok} ({net.refused})"
+        return first_problem(dtype_ok, check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES),
+                             check_file(net.comfy_folder, inputs.get(cls.FILE_INPUT), cls.NETWORK))
+
+    @classmethod
+    def fingerprint_inputs(cls, weight_dtype, compute_dtype="auto", **inputs):
+        return (file_stamp(cls.entry().comfy_folder, inputs.get(cls.FILE_INPUT)), weight_dtype, compute_dtype)
+
+    @classmethod
+    def execute(cls, weight_dtype, compute_dtype="auto", **inputs) -> io.NodeOutput:
+        src = open_component(cls.entry().comfy_folder, inputs.pop(cls.FILE_INPUT), cls.NETWORK)
+        return io.NodeOutput(*cls.load(src, weight_dtype, compute_dtype, **inputs))
+
+    @classmethod
+    def load(cls, src: sources.SingleFileSource, weight_dtype: str, compute_dtype: str, **links) -> tuple:
+        raise NotImplementedError
+
+
+class GLMImageARLoader(SingleFileLoader):
+    NETWORK, FILE_INPUT = "ar", "ar_name"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="GLMImageARLoader",
+        return cls.schema(
             display_name="Load GLM-Image AR (single file)",
-            category=CATEGORY,
             description="Loads GLM-Image's autoregressive model from one safetensors or GGUF file in "
                         "models/text_encoders/ (written by scripts/convert_to_single_file.py; tokenizer and configs are in its metadata). "
                         "Weights are read the first time Text → Semantic Tokens runs.",
             inputs=[
-                io.Combo.Input("ar_name", options=weight_files("text_encoders"),
-                               tooltip="A GLM-Image AR single file (…_ar.safetensors, or …_ar_gguf_q4_k.gguf etc.: quantized "
-                                       "blocks stay quantized in memory) in models/text_encoders/."),
-                _weight_dtype_input(WEIGHT_DTYPES, _FP8_TOOLTIP),
+                cls.file_input("A GLM-Image AR single file (…_ar.safetensors, or …_ar_gguf_q4_k.gguf etc.: quantized "
+                               "blocks stay quantized in memory) in models/text_encoders/."),
+                cls.weight_dtype_input(_FP8_TOOLTIP),
                 _compute_dtype_input(),
             ],
             outputs=[GlmAR.Output("ar", display_name="ar", tooltip="The autoregressive model (text → semantic tokens).")],
         )
 
     @classmethod
-    def validate_inputs(cls, ar_name, weight_dtype, compute_dtype="auto") -> bool | str:
-        return first_problem(check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES),
-                             check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES),
-                             check_file("text_encoders", ar_name, "ar"))
-
-    @classmethod
-    def fingerprint_inputs(cls, ar_name, weight_dtype, compute_dtype="auto"):
-        return (file_stamp("text_encoders", ar_name), weight_dtype, compute_dtype)
-
-    @classmethod
-    def execute(cls, ar_name, weight_dtype, compute_dtype="auto") -> io.NodeOutput:
-        return io.NodeOutput(ar_handle(open_component("text_encoders", ar_name, "ar"), weight_dtype, compute_dtype))
+    def load(cls, src, weight_dtype, compute_dtype):
+        return (ar_handle(src, weight_dtype, compute_dtype),)
 
 
-class GLMImageGlyphEncoderLoader(io.ComfyNode):
+class GLMImageGlyphEncoderLoader(SingleFileLoader):
+    NETWORK, FILE_INPUT = "glyph_encoder", "glyph_encoder_name"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="GLMImageGlyphEncoderLoader",
+        return cls.schema(
             display_name="Load GLM-Image Glyph Encoder (single file)",
-            category=CATEGORY,
             description="Loads GLM-Image's ByT5 glyph encoder (it encodes the quoted text of the prompt) from one "
                         "safetensors file in models/text_encoders/. Connect it to Load GLM-Image DiT.",
             inputs=[
-                io.Combo.Input("glyph_encoder_name", options=safetensors_files("text_encoders"),
-                               tooltip="A GLM-Image glyph encoder single file (…_glyph_encoder.safetensors) "
-                                       "in models/text_encoders/."),
-                _weight_dtype_input(GLYPH_WEIGHT_DTYPES, "Storage dtype of the glyph encoder's weights; "
-                                    "'default' keeps the file's dtype. No fp8: the T5 encoder is small and "
-                                    "numerically sensitive."),
+                cls.file_input("A GLM-Image glyph encoder single file (…_glyph_encoder.safetensors) "
+                               "in models/text_encoders/."),
+                cls.weight_dtype_input("Storage dtype of the glyph encoder's weights; 'default' keeps the file's "
+                                       f"dtype; {cls.entry().refused}."),
             ],
             outputs=[GlmGlyphEncoder.Output("glyph_encoder", display_name="glyph_encoder",
                                             tooltip="Goes into Load GLM-Image DiT's glyph_encoder input.")],
         )
 
     @classmethod
-    def validate_inputs(cls, glyph_encoder_name, weight_dtype) -> bool | str:
-        return first_problem(check_choice("weight_dtype", weight_dtype, GLYPH_WEIGHT_DTYPES),
-                             check_file("text_encoders", glyph_encoder_name, "glyph_encoder"))
-
-    @classmethod
-    def fingerprint_inputs(cls, glyph_encoder_name, weight_dtype):
-        return (file_stamp("text_encoders", glyph_encoder_name), weight_dtype)
-
-    @classmethod
-    def execute(cls, glyph_encoder_name, weight_dtype) -> io.NodeOutput:
-        src = open_component("text_encoders", glyph_encoder_name, "glyph_encoder")
-        return io.NodeOutput(glyph_encoder_handle(src, weight_dtype))
+    def load(cls, src, weight_dtype, compute_dtype):
+        return (glyph_encoder_handle(src, weight_dtype),)
 
 
-class GLMImageDiTLoader(io.ComfyNode):
+class GLMImageDiTLoader(SingleFileLoader):
+    NETWORK, FILE_INPUT = "dit", "dit_name"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="GLMImageDiTLoader",
+        return cls.schema(
             display_name="Load GLM-Image DiT (single file)",
-            category=CATEGORY,
             description="Loads GLM-Image's diffusion transformer from one safetensors or GGUF file in models/diffusion_models/ "
                         "and joins it with a glyph encoder into the decoder that Semantic Tokens → Latent takes. "
                         "Its metadata carries the schedule and the latent statistics.",
             inputs=[
-                io.Combo.Input("dit_name", options=weight_files("diffusion_models"),
-                               tooltip="A GLM-Image DiT single file (…_dit.safetensors, or …_dit_gguf_q4_k.gguf etc.: quantized "
-                                       "blocks stay quantized in memory) in models/diffusion_models/ or models/unet/."),
+                cls.file_input("A GLM-Image DiT single file (…_dit.safetensors, or …_dit_gguf_q4_k.gguf etc.: quantized "
+                               "blocks stay quantized in memory) in models/diffusion_models/ or models/unet/."),
                 GlmGlyphEncoder.Input("glyph_encoder",
                                       tooltip="From Load GLM-Image Glyph Encoder: the DiT's text conditioning "
                                               "(quoted text in the prompt) needs it."),
-                _weight_dtype_input(WEIGHT_DTYPES, _FP8_TOOLTIP),
+                cls.weight_dtype_input(_FP8_TOOLTIP),
                 _compute_dtype_input(),
                 io.Vae.Input("vae", optional=True,
                              tooltip="Optional: GLM-Image's VAE, only for latent previews while sampling (when "
@@ -229,58 +248,33 @@ class GLMImageDiTLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, dit_name, weight_dtype, compute_dtype="auto") -> bool | str:
-        return first_problem(check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES),
-                             check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES),
-                             check_file("diffusion_models", dit_name, "dit"))
-
-    @classmethod
-    def fingerprint_inputs(cls, dit_name, weight_dtype, compute_dtype="auto", glyph_encoder=None, vae=None):
-        return (file_stamp("diffusion_models", dit_name), weight_dtype, compute_dtype)
-
-    @classmethod
-    def execute(cls, dit_name, glyph_encoder, weight_dtype, compute_dtype="auto", vae=None) -> io.NodeOutput:
-        src = open_component("diffusion_models", dit_name, "dit")
+    def load(cls, src, weight_dtype, compute_dtype, glyph_encoder=None, vae=None):
         decoder = decoder_handle(src, glyph_encoder, weight_dtype, compute_dtype)
         if vae is not None:
             decoder.preview_fit = preview_fit_for(vae, decoder.latents_mean, decoder.latents_std)
-        return io.NodeOutput(decoder, decoder.stock_model())
+        return decoder, decoder.stock_model()
 
 
-class GLMImageVAELoader(io.ComfyNode):
+class GLMImageVAELoader(SingleFileLoader):
+    NETWORK, FILE_INPUT = "vae", "vae_name"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="GLMImageVAELoader",
+        return cls.schema(
             display_name="Load GLM-Image VAE (single file)",
-            category=CATEGORY,
             description="Loads GLM-Image's 16-channel VAE from one safetensors file in models/vae/ as a stock "
                         "ComfyUI VAE (VAE Decode/Encode and their tiled versions work with it).",
             inputs=[
-                io.Combo.Input("vae_name", options=safetensors_files("vae"),
-                               tooltip="A GLM-Image VAE single file (…_vae.safetensors) in models/vae/."),
-                _weight_dtype_input(VAE_WEIGHT_DTYPES, "Storage and compute dtype of the VAE: bf16 or fp32 "
-                                    "('default': bf16 where the device has it, else fp32). No fp16: GLM-Image's "
-                                    "VAE overflows in fp16."),
+                cls.file_input("A GLM-Image VAE single file (…_vae.safetensors) in models/vae/."),
+                cls.weight_dtype_input("Storage and compute dtype of the VAE ('default': bf16 where the device "
+                                       f"has it, else fp32); {cls.entry().refused}."),
             ],
             outputs=[io.Vae.Output("vae", display_name="vae", tooltip="GLM-Image's 16-channel VAE.")],
         )
 
     @classmethod
-    def validate_inputs(cls, vae_name, weight_dtype) -> bool | str:
-        if weight_dtype == "fp16":
-            return "weight_dtype fp16 is refused: GLM-Image's VAE overflows in fp16 (NaN/black images); use bf16 or fp32"
-        return first_problem(check_choice("weight_dtype", weight_dtype, VAE_WEIGHT_DTYPES),
-                             check_file("vae", vae_name, "vae"))
-
-    @classmethod
-    def fingerprint_inputs(cls, vae_name, weight_dtype):
-        return (file_stamp("vae", vae_name), weight_dtype)
-
-    @classmethod
-    def execute(cls, vae_name, weight_dtype) -> io.NodeOutput:
-        src = open_component("vae", vae_name, "vae")
-        return io.NodeOutput(glm_vae_from(sources.builder(src, "vae"), weight_dtype))
+    def load(cls, src, weight_dtype, compute_dtype):
+        return (load_glm_vae(src, weight_dtype),)
 
 
 NODES = [GLMImageARLoader, GLMImageGlyphEncoderLoader, GLMImageDiTLoader, GLMImageVAELoader]

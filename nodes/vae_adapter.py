@@ -10,8 +10,8 @@ offloading through ``comfy.model_management``, is ComfyUI's own code, so the sto
 Latent convention: RAW VAE space (posterior mode), ``[B, 16, H/8, W/8]``, as every ComfyUI VAE;
 the DiT node de-normalises its output (``z * latents_std + latents_mean``) before handing it out.
 
-GLM-Image's VAE overflows in fp16 (NaN / black images), so the working dtypes are bf16 and fp32
-only; an fp16 request (``--fp16-vae`` or ``weight_dtype="fp16"``) falls back with a warning.
+The VAE works in the dtypes of its registry entry (bf16 and fp32: it overflows in fp16); ComfyUI's
+global ``--fp16-vae`` falls back to one of them with a warning.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ import comfy.ops
 import comfy.sd
 
 from . import host
-from ..glm_image_core.loading.registry import NETWORKS
-from ..glm_image_core.networks.vae import GlmImageVAE, VaeConfig, fit_latent_to_rgb, load_vae
+from ..glm_image_core.loading import sources
+from ..glm_image_core.loading.registry import NETWORKS, STORAGE_DTYPES
+from ..glm_image_core.networks.vae import GlmImageVAE, VaeConfig, fit_latent_to_rgb
 
 log = logging.getLogger("GLM-Image")
 
-WORKING_DTYPES = list(NETWORKS["vae"].compute)      # bf16, fp32: never fp16 (it overflows)
-_EXPLICIT = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+VAE = NETWORKS["vae"]
+WORKING_DTYPES = list(VAE.compute)
 
 # The SD/SDXL KL-VAE ComfyUI's memory constants were measured on (ch 128, mult 1,2,4,4).
 _SD_BLOCKS = (128, 256, 512, 512)
@@ -52,13 +53,15 @@ def _encoder_activation_cells(blocks: Sequence[int]) -> float:
 
 
 def choose_vae_dtype(device: torch.device, weight_dtype: str = "default") -> torch.dtype:
-    """bf16 or fp32 for this device: ComfyUI's ``vae_dtype`` policy restricted to bf16/fp32."""
-    if weight_dtype not in ("default",) + tuple(_EXPLICIT):
-        raise ValueError(f"weight_dtype must be one of default, bf16, fp16, fp32; got {weight_dtype!r}")
-    dtype = _EXPLICIT.get(weight_dtype) or mm.vae_dtype(device, WORKING_DTYPES)
-    if dtype == torch.float16:
+    """bf16 or fp32 for this device: ComfyUI's ``vae_dtype`` policy restricted to the dtypes the
+    registry says the VAE works in (a global --fp16-vae falls back, with the reason, to bf16/fp32)."""
+    if weight_dtype not in VAE.weight_dtype_options:
+        raise ValueError(f"weight_dtype must be one of {', '.join(VAE.weight_dtype_options)}, got {weight_dtype!r} "
+                         f"({VAE.refused})")
+    dtype = STORAGE_DTYPES.get(weight_dtype) or mm.vae_dtype(device, WORKING_DTYPES)
+    if dtype not in WORKING_DTYPES:
         dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
-        log.warning("GLM-Image: the VAE overflows in fp16 (NaN/black images); using %s instead", dtype)
+        log.warning("GLM-Image VAE: %s; using %s instead", VAE.refused, dtype)
     if dtype == torch.bfloat16 and not mm.is_device_cpu(device) and not mm.should_use_bf16(device):
         dtype = torch.float32
     return dtype
@@ -132,22 +135,17 @@ class GlmImageComfyVAE(comfy.sd.VAE):
         self.model_size()
 
 
-def load_glm_vae(vae_dir: str, weight_dtype: str = "default") -> comfy.sd.VAE:
-    """Load ``vae_dir`` (diffusers AutoencoderKL layout: config.json + safetensors) as a ComfyUI VAE.
+def load_glm_vae(src: sources.Source, weight_dtype: str = "default") -> comfy.sd.VAE:
+    """The VAE of ``src`` (an official folder or a VAE single file) as a ComfyUI VAE: the one way the
+    pack loads a VAE.
 
     Weights are read now (like the stock VAELoader), stored in the VAE working dtype (bf16 where
     the load device supports it, else fp32) on ComfyUI's VAE offload device.
     """
-    return glm_vae_from(lambda dt, dev, ops: load_vae(vae_dir, dtype=dt, device=dev, operations=ops), weight_dtype)
-
-
-def glm_vae_from(build, weight_dtype: str = "default") -> comfy.sd.VAE:
-    """A ComfyUI VAE from ``build(dtype, device, operations) -> GlmImageVAE`` (a folder's or a
-    single file's loader); dtype and devices as in :func:`load_glm_vae`."""
     device = mm.vae_device()
     offload = mm.vae_offload_device()
     dtype = choose_vae_dtype(device, weight_dtype)
-    model = build(dtype, offload, comfy.ops.disable_weight_init)
+    model = sources.build_network(src, "vae", dtype, offload, comfy.ops.disable_weight_init)
     return GlmImageComfyVAE(model, dtype, device, offload)
 
 

@@ -34,7 +34,7 @@ Pre-allocated static KV cache, one prefill, then one-token steps; all decode MRo
 computed once; logits only for the last position; top-k skipped when 0 or ≥ vocab (the official
 16512 is a no-op); top-p needs only the sorted *values* (no argsort; exact, see
 :func:`top_p_remove_mask`). On a CPU the one-row decode is memory-bandwidth bound (every weight is
-read once per token); there, load the model with ``load_ar(..., cpu_gemv_layout=True)`` (big fp32
+read once per token); there, load the model with ``NETWORKS["ar"].load(..., cpu_gemv_layout=True)`` (big fp32
 weights stored column-major: ~1.35x faster steps, float-rounding-level logit differences).
 ``bench/bench_ar.py`` measures it against transformers' ``generate``.
 """

@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Un
 import torch
 from safetensors import safe_open
 
+from ..errors import CheckpointError  # noqa: F401  (re-exported: ckpt.CheckpointError)
 from ..quantization import gguf_file, gguf_quant
 
 PIPELINE_CLASS = "GlmImagePipeline"
@@ -33,10 +34,6 @@ SAFETENSORS_FLOAT_DTYPES = {k: v for k, v in SAFETENSORS_DTYPES.items() if v.is_
 # How a loader stores each tensor: one dtype for every floating tensor, or ``fn(key, tensor) -> dtype``
 # (None keeps the file's dtype), see :func:`storage_dtypes`.
 StorageDtype = Union[None, torch.dtype, Callable[[str, torch.Tensor], Optional[torch.dtype]]]
-
-
-class CheckpointError(ValueError):
-    """A model folder or weight file is missing, malformed or of the wrong kind."""
 
 
 def read_json(path: str) -> dict:

@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..generation.ar_generate import cache_capacity
 from ..networks.ar_model import AR_PARTS, TextConfig
 from ..generation.ar_prompt import GRID_FACTOR, preview_grid, target_grid
-from .registry import network
+from .registry import NETWORKS
 from ..networks.dit import DEFAULT_DIT_CONFIG
 from ..networks.vae import VaeConfig
 
@@ -51,23 +51,23 @@ CUDA_CONTEXT = 512 * MIB
 # --------------------------------------------------------------------------------------
 
 def full_size_configs() -> Dict[str, dict]:
-    """config.json of each network of the official checkpoint, keyed by its folder."""
-    return {f: network(f).full_size_config() for f in NETWORK_FOLDERS}
+    """config.json of each network of the official checkpoint, keyed by network id."""
+    return {n: NETWORKS[n].full_size_config() for n in NETWORK_IDS}
 
 
-# The networks the plan covers, by official folder: AR, glyph encoder, DiT, VAE.
-NETWORK_FOLDERS = ("vision_language_encoder", "text_encoder", "transformer", "vae")
-AR = "vision_language_encoder"
+# The networks the plan covers, by the registry's ids: AR, glyph encoder, DiT, VAE.
+NETWORK_IDS = ("ar", "glyph_encoder", "dit", "vae")
+AR = "ar"
 # The AR is loaded as two networks (nodes: GLMARModel.model / .vision; ar_model.AR_PARTS): the text
 # part for the AR stage, the vision part only when a Reference Edit tokenises a reference.
-AR_TEXT, AR_VISION = f"{AR}/text", f"{AR}/vision"
-COMPONENT_NAMES = {"vision_language_encoder": "AR model", "text_encoder": "glyph encoder",
-                   "transformer": "DiT", "vae": "VAE", AR_TEXT: "AR text part", AR_VISION: "AR vision part"}
+AR_TEXT, AR_VISION = "ar_text", "ar_vision"
+COMPONENT_NAMES = {**{n: NETWORKS[n].short for n in NETWORK_IDS},
+                   AR_TEXT: "AR text part", AR_VISION: "AR vision part"}
 
 
 def ar_part_key(part: str) -> str:
     """The :func:`component_stats` key of one AR part (``"text"`` or ``"vision"``)."""
-    return f"{AR}/{part}"
+    return f"{AR}_{part}"
 
 
 # --------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ ROW_LOOKUP = ("model.language_model.embed_tokens",)
 @dataclass
 class WeightStats:
     """Element counts of one network, split by how its tensors are stored in an fp8 load."""
-    fp8able: int = 0          # 2-D weights an fp8 load stores in fp8 (the loader's FP8_WEIGHT_KEYS rule)
+    fp8able: int = 0          # 2-D weights an fp8 load stores in fp8 (the registry entry's fp8_keys)
     other: int = 0            # everything else: kept in the compute dtype by an fp8 load
     largest_layer: int = 0    # elements of the largest streamable layer (weight + bias): the lowvram unit
     largest_layer_name: str = ""
@@ -133,10 +133,10 @@ def weight_stats(model: nn.Module, fp8_keys=None) -> WeightStats:
 def component_stats(configs: Dict[str, dict]) -> Dict[str, WeightStats]:
     """:func:`weight_stats` of every component, built on the meta device from ``configs``, plus each
     AR part on its own (keys :data:`AR_TEXT`, :data:`AR_VISION`)."""
-    stats = {c: weight_stats(network(c).skeleton(configs[c]), network(c).fp8_keys) for c in NETWORK_FOLDERS}
+    stats = {c: weight_stats(NETWORKS[c].skeleton(configs[c]), NETWORKS[c].fp8_keys) for c in NETWORK_IDS}
     for part in AR_PARTS:
-        stats[ar_part_key(part)] = weight_stats(network(AR).skeleton(configs[AR], parts=(part,)),
-                                                network(AR).fp8_keys)
+        stats[ar_part_key(part)] = weight_stats(NETWORKS[AR].skeleton(configs[AR], parts=(part,)),
+                                                NETWORKS[AR].fp8_keys)
     return stats
 
 
@@ -273,7 +273,7 @@ def vae_decode_activation_bytes(vae_config: dict, width: int, height: int, batch
 @dataclass
 class Stage:
     name: str
-    component: str             # checkpoint folder of the network
+    component: str             # network id (loading.registry)
     weight_dtype: str          # storage dtype of this stage's weights
     weights: int               # bytes of the whole network
     activations: int           # bytes (estimate) at the peak of the call
@@ -362,13 +362,13 @@ def plan_run(configs: Dict[str, dict], stats: Dict[str, WeightStats], weight_dty
         rw, rh = reference
         stage(f"AR vision: tokenise a {rw}×{rh} reference", AR, weight_dtype,
               vision_activation_bytes(configs[AR], (rh // GRID_FACTOR) * (rw // GRID_FACTOR), cb), AR_VISION)
-    stage("AR: text → tokens (KV cache)", "vision_language_encoder", weight_dtype,
-          ar_activation_bytes(configs["vision_language_encoder"]["text_config"], prompt_tokens, width, height,
+    stage("AR: text → tokens (KV cache)", AR, weight_dtype,
+          ar_activation_bytes(configs[AR]["text_config"], prompt_tokens, width, height,
                               batch, cb), AR_TEXT)
-    stage("glyph encoder", "text_encoder", compute,
-          glyph_activation_bytes(configs["text_encoder"], glyph_tokens + 1, 1, cb))
-    stage(f"DiT step (CFG batch {cfg_passes})", "transformer", weight_dtype,
-          dit_activation_bytes(configs["transformer"], width, height, glyph_tokens + 1, batch, cfg_passes, cb))
+    stage("glyph encoder", "glyph_encoder", compute,
+          glyph_activation_bytes(configs["glyph_encoder"], glyph_tokens + 1, 1, cb))
+    stage(f"DiT step (CFG batch {cfg_passes})", "dit", weight_dtype,
+          dit_activation_bytes(configs["dit"], width, height, glyph_tokens + 1, batch, cfg_passes, cb))
     stage(f"VAE decode {width}×{height}", "vae", compute,
           vae_decode_activation_bytes(configs["vae"], width, height, batch, cb))
     return plan

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from . import checkpoint as ckpt
 from ..quantization import gguf_file, gguf_quant
-from .registry import NETWORKS
+from . import registry
+from .registry import NETWORKS, TensorInfo
 from .sources import FolderSource, SingleFileSource
 
 FORMAT = "glm-image-single-file"
@@ -50,45 +51,22 @@ CONVERT_HINT = ("convert the official GLM-Image folder with `python scripts/conv
                 "file's metadata), or load the folder with Load GLM-Image")
 
 
-BYT5_VOCAB = 384   # 3 specials + 256 bytes + 125 sentinels: ByT5's embedding rows
-
-
 # --------------------------------------------------------------------------------------
 # Detection from tensors
 # --------------------------------------------------------------------------------------
 
-TensorInfo = Dict[str, Tuple[str, Tuple[int, ...]]]   # key -> (safetensors dtype name, shape)
-
-
-def _has(keys: Iterable[str], prefix: str) -> bool:
-    return any(k.startswith(prefix) for k in keys)
-
-
 def identify(tensors: TensorInfo) -> Tuple[Optional[str], str]:
-    """(GLM-Image component id or None, a description of what the tensors look like)."""
+    """(GLM-Image network id or None, a description of what the tensors look like): the registry's
+    signatures first, then the families a wrong file most likely comes from."""
+    found, description = registry.identify(tensors)
+    if found is not None:
+        return found, description
     keys = set(tensors)
-
-    def shape(k):
-        return tensors[k][1] if k in tensors else None
-
-    if {"image_projector.proj.weight", "prior_token_embedding.weight"} <= keys and \
-            "transformer_blocks.0.attn1.to_q.weight" in keys:
-        n = len({k.split(".")[1] for k in keys if k.startswith("transformer_blocks.")})
-        return "dit", f"a GLM-Image DiT ({n} blocks, hidden size {shape('image_projector.proj.weight')[0]})"
-    if "lm_head.weight" in keys and _has(keys, "model.language_model.layers.") and _has(keys, "model.visual.") \
-            and _has(keys, "model.vqmodel."):
-        n = len({k.split(".")[3] for k in keys if k.startswith("model.language_model.layers.")})
-        return "ar", f"a GLM-Image AR model ({n} decoder layers, vision tower, VQ codebook)"
-    if "encoder.block.0.layer.0.SelfAttention.q.weight" in keys and "encoder.final_layer_norm.weight" in keys:
-        emb = shape("shared.weight") or shape("encoder.embed_tokens.weight")
-        if emb is not None and emb[0] == BYT5_VOCAB and not _has(keys, "decoder."):
-            return "glyph_encoder", f"a GLM-Image glyph encoder (ByT5 encoder, d_model {emb[1]})"
-        vocab = emb[0] if emb is not None else "?"
+    emb = registry.t5_embedding_shape(tensors)
+    if emb is not None:
+        vocab = emb[0] if emb else "?"
         return None, (f"a T5 text encoder with a {vocab}-token vocabulary (e.g. T5-XXL of Flux/SD3), "
                       "not GLM-Image's byte-level ByT5 glyph encoder")
-    if {"encoder.conv_in.weight", "decoder.conv_in.weight"} <= keys and _has(keys, "decoder.up_blocks."):
-        c = shape("decoder.conv_in.weight")[1]
-        return "vae", f"a diffusers AutoencoderKL VAE with {c} latent channels"
     # Not GLM-Image: name the family where it is obvious, to make the message useful.
     known = (
         ("model.diffusion_model.double_blocks.", "a Flux checkpoint (DiT in ComfyUI/BFL layout)"),
@@ -104,7 +82,7 @@ def identify(tensors: TensorInfo) -> Tuple[Optional[str], str]:
         ("model.layers.", "a decoder-only language model (Llama/Qwen style)"),
     )
     for prefix, desc in known:
-        if _has(keys, prefix):
+        if registry.has_prefix(keys, prefix):
             return None, desc
     sample = ", ".join(sorted(keys)[:4]) or "no tensors"
     return None, f"not a GLM-Image file (unrecognised tensors: {sample}{' …' if len(keys) > 4 else ''})"

@@ -2,22 +2,22 @@
 (:class:`FolderSource`) or one single-file checkpoint (:class:`SingleFileSource`, opened and checked by
 ``single_file.open_single_file``) both give the official files by their path in the official layout
 and each network's weight files; from a source, :func:`ar_assets`, :func:`decoder_assets` and
-:func:`glyph_tokenizer` build everything but the networks, and :func:`builder` the networks
-(``components.NETWORKS``)."""
+:func:`glyph_tokenizer` build everything but the networks, and :func:`build_network` the networks
+(``registry.NETWORKS``)."""
 
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..generation import ar_prompt
+from ..generation.glyph_text import ByT5Tokenizer
 from . import checkpoint as ckpt
 from .registry import NETWORKS
-from ..networks.glyph import ByT5Tokenizer
 
 
 # Pre-quantized releases (a diffusers / transformers ``quantization_config``): what each method is, and
@@ -179,15 +179,10 @@ def glyph_tokenizer(src: Source):
                                       f"{src.name} (tokenizer/)")
 
 
-def builder(src: Source, component: str, ar_parts: Optional[Sequence[str]] = None) -> Callable[..., torch.nn.Module]:
-    """``build(dtype, device, operations, compute_dtype=None)`` -> the component's network with its
-    weights loaded from ``src`` (strict key check). ``ar_parts``: for ``"ar"``, the parts to build
-    (``ar_model.AR_PARTS``; default all)."""
-    if ar_parts is not None and component != "ar":
-        raise ValueError(f"ar_parts applies to the AR only, not {component!r}")
-    net = NETWORKS[component]
-    files = src.weight_files(component)
-    cfg = src.json(net.config_file)
-    what = f"{net.title} ({src.name})"
-    kw = {"parts": tuple(ar_parts)} if ar_parts else {}
-    return lambda dt, dev, ops, compute_dtype=None: net.build(cfg, files, dt, dev, ops, compute_dtype, what, **kw)
+def build_network(src: Source, network: str, dtype: Optional[torch.dtype], device, operations,
+                  compute_dtype: Optional[torch.dtype] = None, **kw) -> torch.nn.Module:
+    """The network ``network`` (a registry id) with its weights from ``src`` (strict key check), its
+    config from ``src``: ``registry.Network.build`` (``kw``: the AR's ``parts``)."""
+    net = NETWORKS[network]
+    return net.build(src.json(net.config_file), src.weight_files(network), dtype, device, operations, compute_dtype,
+                     f"{net.title} ({src.name})", **kw)

@@ -12,7 +12,7 @@ Re-implements transformers' ``GlmImageForConditionalGeneration`` for inference:
 
 State-dict keys equal the official files (``model.language_model.*``, ``model.visual.*``,
 ``model.vqmodel.*``, ``lm_head.weight``). ``model.vqmodel.post_quant_conv`` (only used to decode VQ
-codes back to features, never at inference) is not built; :func:`load_ar` skips it.
+codes back to features, never at inference) is not built; its loader skips it (``loading.registry``).
 
 The model can be built in parts (``parts=``, see :data:`AR_PARTS`): ``("text",)`` is the decoder +
 ``lm_head`` (all text-to-image needs), ``("vision",)`` the vision tower + VQ (tokenising reference
@@ -30,8 +30,6 @@ so fp32 CPU logits match the reference to float rounding.
 from __future__ import annotations
 
 import math
-import os
-import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -39,12 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..loading import checkpoint as ckpt
 from ..quantization import gguf_ops
 from .attention import attention, cache_attention
-from ..loading.build import build_loaded, default_compute_dtype
-
-IGNORED_KEYS = ("model.vqmodel.post_quant_conv.",)
+from .common import default_compute_dtype
 
 # The parts the model can be built from, and the state-dict key prefixes each one owns.
 AR_PARTS = {"text": ("model.language_model.", "lm_head."), "vision": ("model.visual.", "model.vqmodel.")}
@@ -594,7 +589,7 @@ class GlmImageAR(nn.Module):
         return out
 
 
-def _relayout_for_cpu_gemv(model: nn.Module, min_out: int = 2048) -> None:
+def relayout_for_cpu_gemv(model: nn.Module, min_out: int = 2048) -> None:
     """Store big CPU fp32 Linear weights column-major (``W.t().contiguous().t()``: same shape and
     values, transposed strides). x @ W.T then reads W row by row contiguous, which MKL's one-row GEMM
     streams ~2-3x faster than its transposed GEMV on large matrices (the AR decode step is a chain of
@@ -604,47 +599,3 @@ def _relayout_for_cpu_gemv(model: nn.Module, min_out: int = 2048) -> None:
         if isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.device.type == "cpu" \
                 and w.dtype == torch.float32 and w.dim() == 2 and w.shape[0] >= min_out and w.is_contiguous():
             w.data = w.data.t().contiguous().t()
-
-
-# Weights stored in fp8 when fp8 is asked: the Linear layers of the decoder and ViT blocks (RMSNorm /
-# LayerNorm weights are 1-D; embeddings, the VQ codebook and lm_head stay in the compute dtype).
-FP8_WEIGHT_KEYS = re.compile(r"model\.(language_model\.layers|visual\.blocks)\.\d+\.")
-
-
-def load_ar(component_dir: str, dtype: torch.dtype = torch.float32, device="cpu", operations=nn,
-            cpu_gemv_layout: bool = False, compute_dtype=None, parts: Sequence[str] = ALL_PARTS) -> GlmImageAR:
-    """Build :class:`GlmImageAR` from an official ``vision_language_encoder/`` folder (config.json +
-    safetensors, sharded or not) with strict key checking (``post_quant_conv`` is skipped).
-    ``parts``: which parts to build; only their keys are read (strictly), other parts' keys are skipped.
-
-    Weights are cast to ``dtype`` (floating tensors only) and placed on ``device``; the model is
-    built on the meta device first, so no memory is spent on initial values. ``cpu_gemv_layout``:
-    see :func:`_relayout_for_cpu_gemv` (a CPU decode speed-up; off by default for exact parity).
-    """
-    config = ckpt.read_json(os.path.join(component_dir, "config.json"))
-    return build_ar(config, ckpt.weight_files(component_dir), dtype=dtype, device=device, operations=operations,
-                    cpu_gemv_layout=cpu_gemv_layout, compute_dtype=compute_dtype,
-                    what=f"GLM-Image AR model (from {component_dir})", parts=parts)
-
-
-def build_ar(config: dict, files: Sequence[str], dtype: torch.dtype = torch.float32, device="cpu", operations=nn,
-             cpu_gemv_layout: bool = False, compute_dtype=None, what: str = "GLM-Image AR model",
-             parts: Sequence[str] = ALL_PARTS) -> GlmImageAR:
-    """:class:`GlmImageAR` from a config dict and safetensors files (a folder's shards or one single
-    file); see :func:`load_ar`. ``dtype``: storage dtype (fp8: see ``checkpoint.storage_dtypes``)."""
-    parts = check_parts(parts)
-    if parts != ALL_PARTS:
-        what = f"{what}, {'+'.join(parts)} part"
-    def make(ops):
-        m = GlmImageAR(config, dtype=dtype, device="meta", operations=ops, parts=parts)
-        if compute_dtype is not None:
-            m.compute_dtype = compute_dtype
-        return m
-    compute = compute_dtype or default_compute_dtype(dtype)
-    # Keys of the parts not built are never read; keys of no part stay in, to be reported as unexpected.
-    model = build_loaded(make, operations, files, what, storage=ckpt.storage_dtypes(dtype, FP8_WEIGHT_KEYS, compute),
-                         device=device, keep=lambda k: part_of_key(k) in parts + (None,),
-                         ignore_unexpected=IGNORED_KEYS)
-    if cpu_gemv_layout:
-        _relayout_for_cpu_gemv(model)
-    return model

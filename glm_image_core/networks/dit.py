@@ -20,17 +20,14 @@ Speed-ups that keep the reference numerics:
 from __future__ import annotations
 
 import math
-import os
-import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..loading.checkpoint import read_json, storage_dtypes, weight_files
 from .attention import attention
-from ..loading.build import build_loaded, default_compute_dtype
+from .common import default_compute_dtype
 
 # Official GLM-Image DiT values (transformer/config.json); used only for keys a config lacks.
 DEFAULT_DIT_CONFIG = {
@@ -498,26 +495,3 @@ class GlmImageDiT(nn.Module):
 
     def new_kv_cache(self) -> ReferenceKVCache:
         return ReferenceKVCache(self.num_layers)
-
-
-# Weights stored in fp8 when fp8 is asked: the Linear layers of the 30 blocks (~90% of the parameters).
-FP8_WEIGHT_KEYS = re.compile(r"transformer_blocks\.\d+\.")
-
-
-def load_dit(component_dir: str, dtype=torch.float32, device="cpu", operations=torch.nn,
-             compute_dtype=None) -> GlmImageDiT:
-    """Build ``GlmImageDiT`` from ``transformer/config.json`` and (sharded) safetensors, strict load."""
-    return build_dit(read_json(os.path.join(component_dir, "config.json")), weight_files(component_dir),
-                     dtype=dtype, device=device, operations=operations, compute_dtype=compute_dtype,
-                     what="GLM-Image DiT (transformer/)")
-
-
-def build_dit(config: dict, files: Sequence[str], dtype=torch.float32, device="cpu", operations=torch.nn,
-              compute_dtype=None, what: str = "GLM-Image DiT") -> GlmImageDiT:
-    """``GlmImageDiT`` from a config dict and safetensors files (a folder's shards or one single
-    file), strict load. ``dtype``: storage dtype (fp8: see ``checkpoint.storage_dtypes``)."""
-    def make(ops):
-        return GlmImageDiT(config, dtype=dtype, device="meta", operations=ops, compute_dtype=compute_dtype)
-    compute = compute_dtype or default_compute_dtype(dtype)
-    return build_loaded(make, operations, files, what, storage=storage_dtypes(dtype, FP8_WEIGHT_KEYS, compute),
-                        device=device)

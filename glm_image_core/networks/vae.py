@@ -21,15 +21,14 @@ This module never imports ComfyUI or diffusers.
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loading import checkpoint as ckpt
-from ..loading.build import build_loaded
+from ..errors import CheckpointError
+
 
 GROUP_NORM_EPS = 1e-6
 
@@ -40,7 +39,7 @@ def _activation(name: str):
     try:
         return _ACTIVATIONS[name.lower()]
     except KeyError:
-        raise ckpt.CheckpointError(f"vae/config.json act_fn {name!r} is not supported "
+        raise CheckpointError(f"vae/config.json act_fn {name!r} is not supported "
                                    f"(supported: {', '.join(sorted(_ACTIVATIONS))})") from None
 
 
@@ -229,11 +228,11 @@ class VaeConfig:
         for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             types = c.get(key)
             if types is not None and (len(types) != n or any(t != want for t in types)):
-                raise ckpt.CheckpointError(f"vae/config.json {key}={types} is not supported: expected "
+                raise CheckpointError(f"vae/config.json {key}={types} is not supported: expected "
                                            f"{n} × {want!r} (one per block_out_channels entry)")
         for ch in self.block_out_channels:
             if ch % self.norm_num_groups:
-                raise ckpt.CheckpointError(f"vae/config.json: block channels {ch} not divisible by "
+                raise CheckpointError(f"vae/config.json: block channels {ch} not divisible by "
                                            f"norm_num_groups {self.norm_num_groups}")
         _activation(self.act_fn)
 
@@ -289,25 +288,6 @@ class GlmImageVAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
-
-
-def load_vae(component_dir: str, dtype: Optional[torch.dtype] = None, device=None,
-             operations=nn) -> GlmImageVAE:
-    """Build the VAE from ``component_dir/config.json`` and strictly load its safetensors weights.
-
-    ``dtype``: storage dtype of the weights (None keeps float32 construction and the file's values
-    cast to float32); ``device``: where the weights live.
-    """
-    return build_vae(ckpt.read_json(os.path.join(component_dir, "config.json")), ckpt.weight_files(component_dir),
-                     dtype=dtype, device=device, operations=operations, what="GLM-Image VAE (vae/config.json)")
-
-
-def build_vae(config: dict, files: Sequence[str], dtype: Optional[torch.dtype] = None, device=None,
-              operations=nn, what: str = "GLM-Image VAE") -> GlmImageVAE:
-    """The VAE from a config dict and safetensors files (a folder's or one single file); see :func:`load_vae`."""
-    dtype = dtype or torch.float32
-    return build_loaded(lambda ops: GlmImageVAE(config, dtype=dtype, device="meta", operations=ops), operations,
-                        files, what, storage=dtype, device=device if device is not None else "cpu")
 
 
 # --------------------------------------------------------------------------------------

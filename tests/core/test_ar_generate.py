@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from glm_image_core.generation import ar_generate
 from glm_image_core.networks import ar_model
 from glm_image_core.loading.checkpoint import CheckpointError
+from glm_image_core.loading.registry import NETWORKS
 
 PROMPT = "A photo of a cat"
 
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
-    return ar_model.load_ar(os.path.join(tiny_ckpt, "vision_language_encoder"))
+    return NETWORKS["ar"].load(os.path.join(tiny_ckpt, "vision_language_encoder"))
 
 
 class _BiasedHead(torch.nn.Module):
@@ -52,7 +53,7 @@ def test_ar_load_state_dict_keys(model, tiny_ckpt):
 
 
 def test_ar_load_sharded_equals_single(tiny_ckpt, tiny_ckpt_sharded, model):
-    sharded = ar_model.load_ar(os.path.join(tiny_ckpt_sharded, "vision_language_encoder"))
+    sharded = NETWORKS["ar"].load(os.path.join(tiny_ckpt_sharded, "vision_language_encoder"))
     for k, v in model.state_dict().items():
         assert torch.equal(v, sharded.state_dict()[k]), k
 
@@ -67,7 +68,7 @@ def test_ar_load_strict_errors(tiny_ckpt, tmp_path):
     sd["model.extra.weight"] = torch.zeros(1)
     save_file(sd, str(d / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing key.*down_proj.*unexpected key.*model.extra"):
-        ar_model.load_ar(str(d))
+        NETWORKS["ar"].load(str(d))
 
 
 def test_ar_built_through_operations(tiny_ckpt):
@@ -96,13 +97,13 @@ def test_ar_built_through_operations(tiny_ckpt):
 
     ops = types.SimpleNamespace(Linear=wrap(torch.nn.Linear), Conv2d=wrap(torch.nn.Conv2d),
                                 Embedding=wrap(torch.nn.Embedding), LayerNorm=wrap(torch.nn.LayerNorm))
-    m = ar_model.load_ar(os.path.join(tiny_ckpt, "vision_language_encoder"), dtype=torch.bfloat16, operations=ops)
+    m = NETWORKS["ar"].load(os.path.join(tiny_ckpt, "vision_language_encoder"), dtype=torch.bfloat16, operations=ops)
     n_lin = sum(isinstance(x, torch.nn.Linear) for x in m.modules())
     assert made.count("Linear") == n_lin and "Conv2d" in made and "Embedding" in made and "LayerNorm" in made
     assert all(type(x).__module__ != "torch.nn.modules.linear" for x in m.modules()
                if isinstance(x, torch.nn.Linear))
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
-    ref = ar_model.load_ar(os.path.join(tiny_ckpt, "vision_language_encoder"))
+    ref = NETWORKS["ar"].load(os.path.join(tiny_ckpt, "vision_language_encoder"))
     ids = torch.tensor([[16600, 16601, 16384, 5, 6]])
     pos = torch.arange(5).expand(3, 5)
     a = m(ids, pos, dtype=torch.float32)

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from glm_image_core.generation import ar_generate, ar_prompt
 from glm_image_core.networks import ar_model
 from glm_image_core.loading.checkpoint import CheckpointError, read_json
+from glm_image_core.loading.registry import NETWORKS
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def vle(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def models(vle):
-    return (ar_model.load_ar(vle), ar_model.load_ar(vle, parts=("text",)), ar_model.load_ar(vle, parts=("vision",)))
+    return (NETWORKS["ar"].load(vle), NETWORKS["ar"].load(vle, parts=("text",)), NETWORKS["ar"].load(vle, parts=("vision",)))
 
 
 def test_parts_load_exactly_the_full_key_set(models):
@@ -70,16 +71,16 @@ def test_part_load_is_strict_within_its_part_and_skips_the_other(vle, tmp_path):
     # a file with only the text part's keys loads as the text part, not as the vision part
     only_text = {k: v for k, v in sd.items() if ar_model.part_of_key(k) == "text"}
     save_file(only_text, str(tmp_path / "text.safetensors"))
-    m = ar_model.build_ar(cfg, [str(tmp_path / "text.safetensors")], parts=("text",))
+    m = NETWORKS["ar"].build(cfg, [str(tmp_path / "text.safetensors")], parts=("text",))
     assert set(m.state_dict()) == set(only_text)
     with pytest.raises(CheckpointError, match=r"vision part.*missing key"):
-        ar_model.build_ar(cfg, [str(tmp_path / "text.safetensors")], parts=("vision",))
+        NETWORKS["ar"].build(cfg, [str(tmp_path / "text.safetensors")], parts=("vision",))
     # a missing key of the part asked for, and a key of no part, still fail
     broken = dict(sd)
     broken.pop("lm_head.weight")
     broken["model.extra.weight"] = torch.zeros(1)
     save_file(broken, str(tmp_path / "broken.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing key\(s\): lm_head.weight.*unexpected key\(s\): model.extra"):
-        ar_model.build_ar(cfg, [str(tmp_path / "broken.safetensors")], parts=("text",))
+        NETWORKS["ar"].build(cfg, [str(tmp_path / "broken.safetensors")], parts=("text",))
     with pytest.raises(CheckpointError, match=r"unexpected key\(s\): model.extra"):
-        ar_model.build_ar(cfg, [str(tmp_path / "broken.safetensors")], parts=("vision",))
+        NETWORKS["ar"].build(cfg, [str(tmp_path / "broken.safetensors")], parts=("vision",))

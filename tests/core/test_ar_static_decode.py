@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from glm_image_core.generation import ar_generate
 from glm_image_core.networks import ar_model
+from glm_image_core.loading.registry import NETWORKS
 
 PROMPT = "A photo of a cat"
 # Host reads: each is a device → host sync on a GPU.
@@ -18,7 +19,7 @@ SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
-    return ar_model.load_ar(os.path.join(tiny_ckpt, "vision_language_encoder"))
+    return NETWORKS["ar"].load(os.path.join(tiny_ckpt, "vision_language_encoder"))
 
 
 class OpCounter(TorchDispatchMode):

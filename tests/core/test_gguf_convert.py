@@ -1,15 +1,16 @@
 """scripts/convert_to_single_file.py --dtype gguf_*: the DiT of an official folder as one GGUF file,
 streamed tensor by tensor: the block Linear weights (what fp8 would store in fp8) as ggml blocks, every
 other tensor byte for byte as stored, and the safetensors single file's metadata as GGUF strings."""
+import functools
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from glm_image_core.networks import dit as dit_mod
 from glm_image_core.quantization import gguf_file, gguf_quant
 from glm_image_core.loading import single_file as sf
+from glm_image_core.loading.registry import NETWORKS
 from glm_image_core.testing import tiny_checkpoint
 
 # A DiT 256 wide (4 heads × 64), so its block matrices hold whole 256-weight K-quant blocks; the rest tiny.
@@ -46,7 +47,7 @@ def test_dit_converts_to_gguf(folder, tmp_path, dtype_name):
             quantized = 0
             for key, t in g.tensors.items():
                 src = ref.get_tensor(key)
-                eligible = src.dim() == 2 and dit_mod.FP8_WEIGHT_KEYS.match(key)
+                eligible = src.dim() == 2 and NETWORKS["dit"].fp8_keys.match(key)
                 bt = gguf_quant.block_type_for(src.shape, qt) if eligible else None
                 if bt:
                     quantized += 1
@@ -87,8 +88,8 @@ def test_a_gguf_dit_loads_and_runs_close_to_the_original(folder, tmp_path, dtype
     path = str(tmp_path / "dit.gguf")
     sf.convert_component(folder, "dit", path, None, dtype_name)
     src = sf.open_single_file(path, "dit")
-    net = sources.builder(src, "dit")(torch.float32, "cpu", torch.nn, torch.float32)
-    ref = sources.builder(sources.FolderSource(folder), "dit")(torch.float32, "cpu", torch.nn, torch.float32)
+    net = sources.build_network(src, "dit", torch.float32, "cpu", torch.nn, torch.float32)
+    ref = sources.build_network(sources.FolderSource(folder), "dit", torch.float32, "cpu", torch.nn, torch.float32)
     with gguf_file.GGUFFile(path) as g:
         for key, t in g.tensors.items():
             got = net.state_dict()[key]
@@ -109,7 +110,8 @@ def test_a_gguf_dit_stays_quantized_in_memory_and_equals_the_dequantized_load(fo
     from glm_image_core.loading import sources
     path = str(tmp_path / "dit.gguf")
     sf.convert_component(folder, "dit", path, None, dtype_name)
-    build = sources.builder(sf.open_single_file(path, "dit"), "dit")
+    src = sf.open_single_file(path, "dit")
+    build = functools.partial(sources.build_network, src, "dit")
     eager = build(None, "cpu", torch.nn, torch.float32)
     kept = build(None, "cpu", gguf_ops.quantized_ops(torch.nn), torch.float32)
     layers = dict(gguf_ops.quantized_layers(kept))
@@ -130,9 +132,9 @@ def test_a_gguf_ar_stays_quantized_in_memory_and_equals_the_dequantized_load(fol
     from glm_image_core.loading import sources
     path = str(tmp_path / "ar.gguf")
     sf.convert_component(folder, "ar", path, None, "gguf_q8_0")
-    build = sources.builder(sf.open_single_file(path, "ar"), "ar", ("text",))
-    eager = build(None, "cpu", torch.nn, torch.float32)
-    kept = build(None, "cpu", gguf_ops.quantized_ops(torch.nn), torch.float32)
+    src = sf.open_single_file(path, "ar")
+    eager = sources.build_network(src, "ar", None, "cpu", torch.nn, torch.float32, parts=("text",))
+    kept = sources.build_network(src, "ar", None, "cpu", gguf_ops.quantized_ops(torch.nn), torch.float32, parts=("text",))
     layers = dict(gguf_ops.quantized_layers(kept))
     assert "model.language_model.layers.0.self_attn.q_proj" in layers
     # the token table is blocks too; a lookup dequantizes only the rows it reads
@@ -152,7 +154,7 @@ def test_the_ar_converts_to_q8_0_and_loads(folder, tmp_path):
     info = sf.convert_component(folder, "ar", path, None, "gguf_q8_0")
     assert info["dtypes"].get("Q8_0", 0) > 0           # the 64-wide tiny AR's block matrices hold Q8_0 blocks
     src = sf.open_single_file(path, "ar")
-    net = sources.builder(src, "ar", ("text",))(torch.float32, "cpu", torch.nn, torch.float32)
+    net = sources.build_network(src, "ar", torch.float32, "cpu", torch.nn, torch.float32, parts=("text",))
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
@@ -174,8 +176,8 @@ def test_a_gguf_ar_decodes_statically_and_compiles_to_one_graph(folder, tmp_path
     from glm_image_core.loading import sources
     path = str(tmp_path / "ar.gguf")
     sf.convert_component(folder, "ar", path, None, "gguf_q8_0")
-    kept = sources.builder(sf.open_single_file(path, "ar"), "ar", ("text",))(None, "cpu", gguf_ops.quantized_ops(torch.nn),
-                                                                             torch.float32)
+    kept = sources.build_network(sf.open_single_file(path, "ar"), "ar", None, "cpu", gguf_ops.quantized_ops(torch.nn),
+                                                                             torch.float32, parts=("text",))
     exact = ar_generate.generate_tokens(kept, tok, "a cat", 256, 256, 0, decode="exact")
     static = ar_generate.generate_tokens(kept, tok, "a cat", 256, 256, 0, decode="static")
     assert torch.equal(static.grid, exact.grid)

@@ -4,8 +4,8 @@ import warnings
 import pytest
 import torch
 
-from glm_image_core.networks.glyph import (ByT5Tokenizer, GlyphT5Encoder, encode_glyph_texts, extract_glyph_texts,
-                                  load_glyph_tokenizer, pad_glyph_batch)
+from glm_image_core.networks.glyph import GlyphT5Encoder
+from glm_image_core.generation.glyph_text import ByT5Tokenizer, encode_glyph_texts, extract_glyph_texts, load_glyph_tokenizer, pad_glyph_batch
 
 
 @pytest.mark.parametrize("prompt,expected", [

@@ -9,15 +9,16 @@ import torch
 
 from glm_image_core.generation import ar_generate, ar_prompt, denoise
 from glm_image_core.networks import ar_model, dit
+from glm_image_core.loading.registry import NETWORKS
 
 
 @pytest.fixture(scope="module")
 def transformer(tiny_ckpt):
-    return dit.load_dit(os.path.join(tiny_ckpt, "transformer"))
+    return NETWORKS["dit"].load(os.path.join(tiny_ckpt, "transformer"))
 
 
 def test_prompt_beyond_context_is_refused_before_any_compute(tiny_ckpt):
-    ar = ar_model.load_ar(os.path.join(tiny_ckpt, "vision_language_encoder"))
+    ar = NETWORKS["ar"].load(os.path.join(tiny_ckpt, "vision_language_encoder"))
     tok = ar_prompt.GlmTokenizer.from_folder(os.path.join(tiny_ckpt, "processor"))
     with open(os.path.join(tiny_ckpt, "vision_language_encoder", "config.json"), encoding="utf-8") as f:
         context = json.load(f)["text_config"]["max_position_embeddings"]

@@ -129,8 +129,8 @@ def test_networks_from_single_files_equal_the_folder_ones(tiny_ckpt, converted):
     folder = sources.FolderSource(tiny_ckpt)
     for comp, path in files.items():
         src = sf.open_single_file(path, comp)
-        a = sources.builder(src, comp)(torch.float32, "cpu", torch.nn).state_dict()
-        b = sources.builder(folder, comp)(torch.float32, "cpu", torch.nn).state_dict()
+        a = sources.build_network(src, comp, torch.float32, "cpu", torch.nn).state_dict()
+        b = sources.build_network(folder, comp, torch.float32, "cpu", torch.nn).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), comp
     ar_a, ar_b = sources.ar_assets(sf.open_single_file(files["ar"], "ar")), sources.ar_assets(folder)
     assert ar_a.config == ar_b.config and ar_a.processor_config == ar_b.processor_config
@@ -146,7 +146,7 @@ def test_networks_from_single_files_equal_the_folder_ones(tiny_ckpt, converted):
 def test_fp8_single_file_builds_with_fp8_block_weights(converted):
     _, fp8 = converted
     src = sf.open_single_file(fp8["dit"], "dit")
-    model = sources.builder(src, "dit")(torch.float8_e4m3fn, "cpu", torch.nn, torch.float32)
+    model = sources.build_network(src, "dit", torch.float8_e4m3fn, "cpu", torch.nn, torch.float32)
     assert model.transformer_blocks[0].ff.net[2].weight.dtype == torch.float8_e4m3fn
     assert model.transformer_blocks[0].ff.net[2].bias.dtype == torch.float32
     assert model.time_condition_embed.timestep_embedder.linear_1.weight.dtype == torch.float32

@@ -61,7 +61,7 @@ def test_no_flag_keeps_sdpa_and_a_flag_picks_comfy(host):
 def test_installed_attention_runs_in_the_networks(host, tiny_ckpt):
     import comfy.ldm.modules.attention as ca
     core = pack_module("glm_image_core.networks.attention")
-    ar_model = pack_module("glm_image_core.networks.ar_model")
+    networks = pack_module("glm_image_core.loading.registry").NETWORKS     # the pack's copy: its attention
     ar_generate = pack_module("glm_image_core.generation.ar_generate")
     ar_prompt = pack_module("glm_image_core.generation.ar_prompt")
     adapted = pack_module("nodes.attention").adapt(ca.attention_split)
@@ -71,7 +71,7 @@ def test_installed_attention_runs_in_the_networks(host, tiny_ckpt):
         calls.append(1)
         return adapted(*a, **k)
 
-    m = ar_model.load_ar(os.path.join(tiny_ckpt, "vision_language_encoder"))
+    m = networks["ar"].load(os.path.join(tiny_ckpt, "vision_language_encoder"))
     tok = ar_prompt.GlmTokenizer.from_folder(os.path.join(tiny_ckpt, "processor"))
     want = ar_generate.generate_tokens(m, tok, "a cat", 256, 256, 3, return_logits=True)
     prev = core.use(counted)
@@ -89,9 +89,10 @@ def test_installed_attention_runs_in_the_dit_and_glyph_encoder(host, tiny_ckpt):
 
     import comfy.ldm.modules.attention as ca
     core = pack_module("glm_image_core.networks.attention")
-    dit_mod, glyph, denoise = (pack_module(f"glm_image_core.{n}") for n in ("networks.dit", "networks.glyph", "generation.denoise"))
-    dit = dit_mod.load_dit(f"{tiny_ckpt}/transformer")
-    enc = glyph.load_glyph_encoder(f"{tiny_ckpt}/text_encoder")
+    networks, glyph, denoise = (pack_module(f"glm_image_core.{n}") for n in
+                                ("loading.registry", "generation.glyph_text", "generation.denoise"))
+    dit = networks.NETWORKS["dit"].load(f"{tiny_ckpt}/transformer")
+    enc = networks.NETWORKS["glyph_encoder"].load(f"{tiny_ckpt}/text_encoder")
     tok = glyph.load_glyph_tokenizer(f"{tiny_ckpt}/tokenizer")
     with open(f"{tiny_ckpt}/scheduler/scheduler_config.json") as f:
         sched = json.load(f)

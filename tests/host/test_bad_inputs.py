@@ -198,7 +198,7 @@ GLYPHISH = st.text(alphabet=st.sampled_from(list('ab Z9"\'“”‘’「」『�
 def test_any_glyph_text_encodes(host, text, regions):
     """Unmatched/mixed quotes, emoji, newlines and arbitrary Unicode: the glyph node encodes the spans
     the rule gives (quoted spans, or one per non-empty line), with finite embeddings."""
-    from glm_image_core.networks.glyph import extract_glyph_texts
+    from glm_image_core.generation.glyph_text import extract_glyph_texts
     mode = "one region per line" if regions else "quoted spans of the text"
     host.run_ok({"1": LOADER, "2": {"class_type": "GLMImageGlyphText",
                                     "inputs": {"decoder": ["1", 1], "text": text, "mode": mode}},

@@ -7,7 +7,6 @@ On a CPU the load and offload devices are the same, so ComfyUI's load_models_gpu
 whole; the partial load is driven with the call load_models_gpu makes once it has chosen a budget
 (`LoadedModel.model_load(lowvram_model_memory)`), with a budget far below the model size."""
 import importlib
-import os
 
 import pytest
 import torch
@@ -62,7 +61,7 @@ def partial_load(patcher, keep: float = 0.5) -> int:
 def test_every_network_is_in_a_model_patcher_sized_by_its_weights(host, handles, tiny_ckpt):
     import comfy.model_patcher
     ar, decoder = handles
-    vae = pack_module("nodes.vae_adapter").load_glm_vae(os.path.join(tiny_ckpt, "vae"))
+    vae = pack_module("nodes.vae_adapter").load_glm_vae(pack_module("glm_image_core.loading.sources").FolderSource(tiny_ckpt))
     patchers = {"AR": ar.model.patcher, "AR vision": ar.vision.patcher, "DiT": decoder.dit.patcher, "glyph encoder": decoder.glyph_encoder.patcher,
                 "VAE": vae.patcher}
     for name, p in patchers.items():

@@ -2,7 +2,6 @@
 stock VAEDecode / VAEDecodeTiled / VAEEncode node classes, against diffusers' AutoencoderKL on the
 same weights; ComfyUI model management; latent-preview factors and their wiring."""
 import importlib
-import os
 
 import numpy as np
 import pytest
@@ -29,7 +28,7 @@ def adapter(host):
 
 @pytest.fixture(scope="module")
 def vae(host, adapter, tiny_ckpt):
-    return adapter.load_glm_vae(os.path.join(tiny_ckpt, "vae"))
+    return adapter.load_glm_vae(pack_module("glm_image_core.loading.sources").FolderSource(tiny_ckpt))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,8 @@ def test_is_a_real_comfy_vae(host, vae):
 
 def test_fp16_is_never_used(host, adapter):
     import comfy.model_management as mm
-    assert adapter.choose_vae_dtype(torch.device("cpu"), "fp16") != torch.float16
+    with pytest.raises(ValueError, match="overflows in fp16"):      # the registry's reason
+        adapter.choose_vae_dtype(torch.device("cpu"), "fp16")
     assert adapter.choose_vae_dtype(torch.device("cpu"), "fp32") == torch.float32
     assert adapter.choose_vae_dtype(mm.vae_device(), "default") in (torch.bfloat16, torch.float32)
     with pytest.raises(ValueError):
@@ -161,7 +161,7 @@ def test_encode_tiled_runs(host, vae):
 
 
 def test_bf16_weights_decode(host, adapter, vae, tiny_ckpt):
-    v16 = adapter.load_glm_vae(os.path.join(tiny_ckpt, "vae"), weight_dtype="bf16")
+    v16 = adapter.load_glm_vae(pack_module("glm_image_core.loading.sources").FolderSource(tiny_ckpt), weight_dtype="bf16")
     assert v16.vae_dtype == torch.bfloat16
     assert next(v16.first_stage_model.parameters()).dtype == torch.bfloat16
     z = raw_latents(1, 5, 7, seed=6)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from glm_image_core.generation import ar_generate, ar_prompt, image_proc
 from glm_image_core.networks import ar_model
+from glm_image_core.loading.registry import NETWORKS
 
 PROMPT = 'A photo of a cat holding a sign that says "hello"'
 EDIT_PROMPT = "Make it look like a watercolor painting"
@@ -61,7 +62,7 @@ def mixed_models(mixed_ckpt):
     from transformers import GlmImageForConditionalGeneration
     vle = os.path.join(mixed_ckpt, "vision_language_encoder")
     hf = glmtest_oracle.realign(GlmImageForConditionalGeneration.from_pretrained(vle, torch_dtype=torch.float32))
-    return hf.train(False), ar_model.load_ar(vle)
+    return hf.train(False), NETWORKS["ar"].load(vle)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def hf_model(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def ours(tiny_ckpt):
-    return ar_model.load_ar(os.path.join(tiny_ckpt, "vision_language_encoder"))
+    return NETWORKS["ar"].load(os.path.join(tiny_ckpt, "vision_language_encoder"))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def clean_pipe(clean_ckpt):
 
 @pytest.fixture(scope="module")
 def clean_ours(clean_ckpt):
-    return ar_model.load_ar(os.path.join(clean_ckpt, "vision_language_encoder"))
+    return NETWORKS["ar"].load(os.path.join(clean_ckpt, "vision_language_encoder"))
 
 
 def make_image(h: int, w: int, kind: str = "grad", seed: int = 0) -> np.ndarray:
@@ -351,7 +352,7 @@ def test_ar_mixed_checkpoint_exercises_non_codebook_ids(processor, tok, mixed_mo
 
 def test_ar_cpu_gemv_layout_same_tokens(tiny_ckpt, tok, ours):
     """The CPU column-major weight layout changes logits only by float rounding (same tokens here)."""
-    fast = ar_model.load_ar(os.path.join(tiny_ckpt, "vision_language_encoder"), cpu_gemv_layout=True)
+    fast = NETWORKS["ar"].load(os.path.join(tiny_ckpt, "vision_language_encoder"), cpu_gemv_layout=True)
     assert not fast.lm_head.weight.is_contiguous()
     for seed in (0, 1):
         a = ar_generate.generate_tokens(ours, tok, PROMPT, 64, 64, seed, return_logits=True)
@@ -412,7 +413,7 @@ def variant(request, tmp_path_factory):
     src = write_checkpoint(str(base / "raw"), request.param, seed=7)
     ckpt = _patch_lm_head(src, str(base / "clean"), "clean")
     return (request.param, glmtest_oracle.load_reference_pipeline(ckpt),
-            ar_model.load_ar(os.path.join(ckpt, "vision_language_encoder")))
+            NETWORKS["ar"].load(os.path.join(ckpt, "vision_language_encoder")))
 
 
 @pytest.mark.parametrize("variant", ["tiny-gqa4", "tiny-hd32"], indirect=True)

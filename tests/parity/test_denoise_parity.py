@@ -10,9 +10,10 @@ from PIL import Image
 
 import glmtest_oracle
 from glm_image_core.generation.denoise import build_reference_cache, denoise
-from glm_image_core.networks.dit import load_dit
-from glm_image_core.networks.glyph import glyph_for_prompt, load_glyph_encoder, load_glyph_tokenizer, uncond_glyph
+
+from glm_image_core.generation.glyph_text import glyph_for_prompt, load_glyph_tokenizer, uncond_glyph
 from glm_image_core.generation.schedule import calculate_mu, glm_sigmas, glm_timesteps
+from glm_image_core.loading.registry import NETWORKS
 
 TOL = glmtest_oracle.LATENT_TOL
 H, W = 64, 96
@@ -28,7 +29,7 @@ def pipe(tiny_ckpt):
 def ours(tiny_ckpt):
     with open(f"{tiny_ckpt}/scheduler/scheduler_config.json") as f:
         sched = json.load(f)
-    return dict(dit=load_dit(f"{tiny_ckpt}/transformer"), enc=load_glyph_encoder(f"{tiny_ckpt}/text_encoder"),
+    return dict(dit=NETWORKS["dit"].load(f"{tiny_ckpt}/transformer"), enc=NETWORKS["glyph_encoder"].load(f"{tiny_ckpt}/text_encoder"),
                 tok=load_glyph_tokenizer(f"{tiny_ckpt}/tokenizer"), sched=sched)
 
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import glmtest_oracle
 from glm_image_core.loading.checkpoint import CheckpointError
-from glm_image_core.networks.dit import GlmImageDiT, ReferenceKVCache, load_dit
+from glm_image_core.networks.dit import GlmImageDiT, ReferenceKVCache
+from glm_image_core.loading.registry import NETWORKS
 
 TOL = 1e-5
 
@@ -17,7 +18,7 @@ def models(tiny_ckpt):
     from diffusers import GlmImageTransformer2DModel
     ref = GlmImageTransformer2DModel.from_pretrained(tiny_ckpt, subfolder="transformer")
     glmtest_oracle.realign(ref).eval()
-    return ref, load_dit(f"{tiny_ckpt}/transformer")
+    return ref, NETWORKS["dit"].load(f"{tiny_ckpt}/transformer")
 
 
 def _inputs(cfg, B=2, h=8, w=12, L=5, seed=1):
@@ -127,7 +128,7 @@ def test_packed_passes_equal_separate_passes(models):
 
 
 def test_sharded_checkpoint_loads_same_weights(tiny_ckpt, tiny_ckpt_sharded):
-    a, b = load_dit(f"{tiny_ckpt}/transformer"), load_dit(f"{tiny_ckpt_sharded}/transformer")
+    a, b = NETWORKS["dit"].load(f"{tiny_ckpt}/transformer"), NETWORKS["dit"].load(f"{tiny_ckpt_sharded}/transformer")
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -143,7 +144,7 @@ def test_strict_load_reports_bad_keys(tmp_path, tiny_ckpt):
     sd["extra.weight"] = torch.zeros(1)
     save_file(sd, str(f))
     with pytest.raises(CheckpointError, match=r"missing key.*proj_out\.bias.*unexpected key.*extra\.weight"):
-        load_dit(str(d))
+        NETWORKS["dit"].load(str(d))
 
 
 class _CastLinear(nn.Linear):
@@ -196,7 +197,7 @@ def test_bf16_compute_close_to_reference_bf16(models):
 
 
 def test_load_dit_dtype_and_no_meta(tiny_ckpt):
-    m = load_dit(f"{tiny_ckpt}/transformer", dtype=torch.bfloat16)
+    m = NETWORKS["dit"].load(f"{tiny_ckpt}/transformer", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters())
     assert not any(p.requires_grad for p in m.parameters())
     assert m.compute_dtype == torch.bfloat16

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import glmtest_oracle
-from glm_image_core.networks.glyph import (ByT5Tokenizer, encode_glyph_batch, encode_glyph_texts, extract_glyph_texts,
-                                  glyph_for_prompt, load_glyph_encoder, load_glyph_tokenizer, uncond_glyph)
+from glm_image_core.generation.glyph_text import ByT5Tokenizer, encode_glyph_batch, encode_glyph_texts, extract_glyph_texts, glyph_for_prompt, load_glyph_tokenizer, uncond_glyph
+from glm_image_core.loading.registry import NETWORKS
 
 TOL = 1e-5
 
@@ -30,7 +30,7 @@ def pipe(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def ours(tiny_ckpt):
-    return load_glyph_encoder(f"{tiny_ckpt}/text_encoder"), load_glyph_tokenizer(f"{tiny_ckpt}/tokenizer")
+    return NETWORKS["glyph_encoder"].load(f"{tiny_ckpt}/text_encoder"), load_glyph_tokenizer(f"{tiny_ckpt}/tokenizer")
 
 
 def _diff(a, b):

@@ -18,8 +18,9 @@ import glmtest_oracle
 from glm_image_core.generation import ar_generate
 from glm_image_core.networks import ar_model
 from glm_image_core.generation.denoise import denoise
-from glm_image_core.networks.dit import load_dit
-from glm_image_core.networks.glyph import glyph_for_prompt, load_glyph_encoder, load_glyph_tokenizer, uncond_glyph
+
+from glm_image_core.generation.glyph_text import glyph_for_prompt, load_glyph_tokenizer, uncond_glyph
+from glm_image_core.loading.registry import NETWORKS
 
 IMAGE_TOL, LATENT_TOL, LOGITS_TOL = glmtest_oracle.IMAGE_TOL, glmtest_oracle.LATENT_TOL, glmtest_oracle.LOGITS_TOL
 SCALE = 1 + 2 ** -9
@@ -57,8 +58,8 @@ def test_image_tolerance_catches_a_half_ulp_vae_weight_and_another_seed(tiny_ckp
 
 
 def test_latent_tolerance_catches_a_half_ulp_dit_weight(tiny_ckpt):
-    dit = load_dit(f"{tiny_ckpt}/transformer")
-    enc, tok = load_glyph_encoder(f"{tiny_ckpt}/text_encoder"), load_glyph_tokenizer(f"{tiny_ckpt}/tokenizer")
+    dit = NETWORKS["dit"].load(f"{tiny_ckpt}/transformer")
+    enc, tok = NETWORKS["glyph_encoder"].load(f"{tiny_ckpt}/text_encoder"), load_glyph_tokenizer(f"{tiny_ckpt}/tokenizer")
     with open(f"{tiny_ckpt}/scheduler/scheduler_config.json") as f:
         sched = json.load(f)
     g = torch.Generator().manual_seed(0)
@@ -78,7 +79,7 @@ def test_latent_tolerance_catches_a_half_ulp_dit_weight(tiny_ckpt):
 
 
 def test_logits_tolerance_catches_a_half_ulp_decoder_weight(tiny_ckpt, tok):
-    m = ar_model.load_ar(os.path.join(tiny_ckpt, "vision_language_encoder"))
+    m = NETWORKS["ar"].load(os.path.join(tiny_ckpt, "vision_language_encoder"))
 
     def logits():
         return ar_generate.generate_tokens(m, tok, PROMPT, 64, 64, 0, return_logits=True).logits

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from glm_image_core.loading import checkpoint as ckpt
-from glm_image_core.networks.vae import GlmImageVAE, load_vae
+from glm_image_core.networks.vae import GlmImageVAE
 from glmtest_oracle import realign
+from glm_image_core.loading.registry import NETWORKS
 
 TOL = 1e-5
 
@@ -36,7 +37,7 @@ def _compare(ours, ref, latent_channels, h=6, w=9, batch=2, seed=0):
 
 def test_tiny_glm_vae_matches_diffusers(tiny_ckpt):
     ref = _ref(tiny_ckpt, "vae")
-    ours = load_vae(os.path.join(tiny_ckpt, "vae"))
+    ours = NETWORKS["vae"].load(os.path.join(tiny_ckpt, "vae"))
     cfg = ckpt.read_json(os.path.join(tiny_ckpt, "vae", "config.json"))
     assert not cfg["mid_block_add_attention"] and not cfg["use_quant_conv"] and not cfg["use_post_quant_conv"]
     assert ours.quant_conv is None and ours.post_quant_conv is None
@@ -74,7 +75,7 @@ ORACLE_TINY = dict(block_out_channels=(4, 8, 16, 16), latent_channels=4, norm_nu
 def test_config_driven_structure_matches_diffusers(tmp_path, cfg):
     folder = _random_diffusers_vae(str(tmp_path / "vae"), **cfg)
     ref = _ref(folder)
-    ours = load_vae(folder)
+    ours = NETWORKS["vae"].load(folder)
     config = ckpt.read_json(os.path.join(folder, "config.json"))
     assert (ours.quant_conv is not None) == config["use_quant_conv"]
     assert (ours.post_quant_conv is not None) == config["use_post_quant_conv"]
@@ -123,7 +124,7 @@ def test_strict_load_names_the_problem(tmp_path, tiny_ckpt):
     sd["quant_conv.weight"] = torch.zeros(32, 32, 1, 1)
     save_file(sd, str(dst / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(ckpt.CheckpointError, match="decoder.conv_out.weight") as e:
-        load_vae(str(dst))
+        NETWORKS["vae"].load(str(dst))
     assert "quant_conv.weight" in str(e.value)
 
 
@@ -136,7 +137,7 @@ def test_unsupported_block_types_are_refused(tiny_ckpt):
 
 def test_bf16_decode_is_close_to_fp32(tiny_ckpt):
     d = os.path.join(tiny_ckpt, "vae")
-    m32, m16 = load_vae(d), load_vae(d, dtype=torch.bfloat16)
+    m32, m16 = NETWORKS["vae"].load(d), NETWORKS["vae"].load(d, dtype=torch.bfloat16)
     z = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(7)) * 2
     with torch.no_grad():
         a, b = m32.decode(z), m16.decode(z.bfloat16()).float()

@@ -5,6 +5,7 @@ from .api import ComfyExtension, io
 
 from . import attention, models, stock_model
 from .ar import GLMImageTextToTokens
+from .ar_lora import GLMImageARLoraLoader
 from .decoder import GLMImageTokensToLatent
 from .glyph import GLMImageGlyphText
 from .image_tokens import GLMImageImageToTokens
@@ -14,7 +15,7 @@ from .sampling import GLMImageConditioning, GLMImageScheduler
 from .single_file import NODES as SINGLE_FILE_NODES
 from .tokens_io import GLMImageLoadTokens, GLMImageSaveTokens
 
-NODES = [GLMImageLoader, GLMImageTextToTokens, GLMImageImageToTokens, GLMImageGlyphText, GLMImageReferenceEdit,
+NODES = [GLMImageLoader, GLMImageARLoraLoader, GLMImageTextToTokens, GLMImageImageToTokens, GLMImageGlyphText, GLMImageReferenceEdit,
          GLMImageTokensToLatent, GLMImageConditioning, GLMImageScheduler, GLMImageSaveTokens,
          GLMImageLoadTokens] + SINGLE_FILE_NODES
 

@@ -6,6 +6,7 @@ from .api import ComfyExtension, io
 from . import attention, models, stock_model
 from .ar import GLMImageTextToTokens
 from .ar_lora import GLMImageARLoraLoader
+from .ar_train import GLMImageTrainARLoRA
 from .decoder import GLMImageTokensToLatent
 from .glyph import GLMImageGlyphText
 from .image_tokens import GLMImageImageToTokens
@@ -17,7 +18,7 @@ from .tokens_io import GLMImageLoadTokens, GLMImageSaveTokens
 
 NODES = [GLMImageLoader, GLMImageARLoraLoader, GLMImageTextToTokens, GLMImageImageToTokens, GLMImageGlyphText, GLMImageReferenceEdit,
          GLMImageTokensToLatent, GLMImageConditioning, GLMImageScheduler, GLMImageSaveTokens,
-         GLMImageLoadTokens] + SINGLE_FILE_NODES
+         GLMImageLoadTokens, GLMImageTrainARLoRA] + SINGLE_FILE_NODES
 
 
 attention.install()   # the user's attention flag applies to GLM's networks too

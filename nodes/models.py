@@ -308,6 +308,11 @@ class LazyComponent:
         shared, patched when ComfyUI loads the clone and restored when it loads the base."""
         return PatchedComponent(self, patches, strength)
 
+    def fresh(self) -> "LazyComponent":
+        """The same network built anew from its files when first used (its own weights, none shared):
+        for training, whose weights must not be the inference tensors ComfyUI's execution makes."""
+        return LazyComponent(self.spec)
+
     def fully_resident(self) -> bool:
         """Every weight sits on the load device and stays there while the network runs: not partially
         loaded (lowvram streaming) and not under dynamic VRAM, which may page weights in and out
@@ -332,6 +337,9 @@ class PatchedComponent(LazyComponent):
             setattr(patcher, attr, getattr(base, attr))
         patcher.add_patches(self.patches, self.strength)
         return patcher
+
+    def fresh(self) -> "LazyComponent":
+        return self.base.fresh().patched(self.patches, self.strength)
 
 
 def rebuilt_patcher(spec: ComponentSpec, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:

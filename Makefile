@@ -26,7 +26,7 @@ endif
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: help host host33 tiny browser-deps test test-core test-fast test-host test-server test-browser \
-        workflows-check demo bench bench-ar-deep bench-stock bench-train bench-gguf memory fullsize fullsize-gguf gpu-bundle gpu-check gpu-rehearsal gpu-rehearsal-env registry-check clean distclean
+        workflows-check demo bench bench-ar-deep bench-stock bench-train bench-ar-train bench-gguf memory fullsize fullsize-gguf gpu-bundle gpu-check gpu-rehearsal gpu-rehearsal-env registry-check clean distclean
 
 help:
 	@echo "make host          install the ComfyUI 0.3.75 test host + venv (scripts/install_host.sh; idempotent)"
@@ -43,6 +43,7 @@ help:
 	@echo "make bench-stock   the stock-sampler path and EasyCache on the DiT's MODEL, medium checkpoint (bench/bench_stock.py)"
 	@echo "make bench-ar-deep AR per-token overhead at the official depth, pack vs transformers (bench/bench_ar.py --checkpoint deep; ~6 min)"
 	@echo "make bench-train   a DiT LoRA trained with the stock Train LoRA node, medium checkpoint, ComfyUI 0.33 (bench/bench_train.py; ~4 min)"
+	@echo "make bench-ar-train  an AR LoRA trained with GLM-Image Train AR LoRA, medium checkpoint (bench/bench_ar_train.py)"
 	@echo "make bench-gguf    GGUF Q8_0/Q5_K/Q4_K vs bf16 and fp8: size, memory, speed, error (bench/bench_gguf.py; ~8 min)"
 	@echo "make memory        GPU memory plan of a 1024² t2i (bench/memory.py \$$MEMORY_ARGS, e.g. --cpu-check; measured when CUDA is there)"
 	@echo "make fullsize      the official-size random checkpoint on this machine: loading RSS, parity, whole t2i (~20 min + ~2.3 h for fp8; not in make test)"
@@ -111,6 +112,9 @@ bench-ar-deep: host
 	OMP_NUM_THREADS=1 $(PY) bench/bench_ar.py --checkpoint deep --reps 5 $(BENCH_AR_ARGS)
 
 # A DiT LoRA with the stock Train LoRA node, medium checkpoint: bench/results/train.{md,json} (~4 min).
+bench-ar-train: host
+	OMP_NUM_THREADS=1 $(PY) bench/bench_ar_train.py $(BENCH_AR_TRAIN_ARGS)
+
 bench-train: host33
 	COMFYUI_DIR=$(CURDIR)/.host33/ComfyUI OMP_NUM_THREADS=1 .venv33/bin/python bench/bench_train.py $(BENCH_TRAIN_ARGS)
 

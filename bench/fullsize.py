@@ -254,6 +254,47 @@ def train(folder: str, dtype: str) -> dict:
             "comfyui": ".".join(map(str, glmtest_host.comfy_version()))}
 
 
+AR_TRAIN_SIZE = 256
+
+
+def ar_train(folder: str, dtype: str) -> dict:
+    """GLM-Image Train AR LoRA on the full-size AR in the real ComfyUI host (in-process): one 256² training
+    image (its tokens: a 16×16 preview and an 8×8 grid after the caption), rank 16, AR computing in bf16,
+    gradient checkpointing per decoder layer, TRAIN_STEPS steps. ``dtype`` bf16: Load GLM-Image on the
+    folder; gguf_*: QLoRA, the AR from its converted GGUF file through Load GLM-Image AR (blocks kept
+    quantized). Peak RSS (VmHWM: file pages of the mapped weights included) and seconds per step."""
+    import glmtest_ar_train as A
+    import glmtest_host
+    import glmtest_train as T
+    import run as R
+    host, name = glmtest_host.host_with_checkpoint(folder, prefix="glm-fullsize-ar-")
+    A.write_dataset(host, (AR_TRAIN_SIZE, AR_TRAIN_SIZE), 1, T.CAPTIONS[:1], folder="full_ar_ds")
+    import comfy.utils
+    steps = []
+
+    def hook(v, t, preview, node_id=None):
+        if node_id == "6" and t == TRAIN_STEPS:
+            steps.append(time.perf_counter())
+            print(f"[ar-train {dtype}] step {v}/{t} at {steps[-1] - t0:.0f} s", file=sys.stderr, flush=True)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    g = A.train_graph("loras/glm_full_ar", name, folder="full_ar_ds", steps=TRAIN_STEPS, learning_rate=1e-4,
+                      rank=16, alpha=16.0, lora_dtype="bf16")
+    g["1"]["inputs"]["compute_dtype"] = "bf16"
+    if dtype.startswith("gguf_"):
+        ar = R.link_into_models(gguf_path("ar", dtype), "ar", host.models_dir, host.folder_paths)
+        g["1"] = R.single_file_node("ar", ar, compute_dtype="bf16")
+    t0 = time.perf_counter()
+    host.run_ok(g)
+    train_s = time.perf_counter() - t0
+    loss = glmtest_host.node_output(host, "6", 1)["loss"]
+    per_step = [b - a for a, b in zip(steps, steps[1:])]
+    return {"dtype": dtype, "size": AR_TRAIN_SIZE, "steps": TRAIN_STEPS, "rank": 16, "compute_dtype": "bf16",
+            "adapter_dtype": "fp32 (saved bf16)", "train_s": train_s,
+            "s_per_step": per_step[-1] if per_step else None, "peak_rss": vm_hwm(), "loss": loss,
+            "loss_finite": all(x == x and abs(x) != float("inf") for x in loss),
+            "comfyui": ".".join(map(str, glmtest_host.comfy_version()))}
+
+
 def _gguf_dit_nodes(host, folder: str, dtype: str) -> dict:
     """Load GLM-Image Glyph Encoder + Load GLM-Image DiT (node "32") on the converted GGUF DiT, the glyph
     encoder written beside it as a single file; both linked into the host's model folders."""
@@ -334,7 +375,8 @@ def _save(path: str, t: torch.Tensor) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("job", choices=["checkpoint", "load", "t2i", "train", "ar-logits", "dit-forward", "gguf-convert"])
+    ap.add_argument("job", choices=["checkpoint", "load", "t2i", "train", "ar-train", "ar-logits", "dit-forward",
+                                    "gguf-convert"])
     ap.add_argument("args", nargs="*")
     ap.add_argument("--folder", default=FOLDER)
     ap.add_argument("--out")
@@ -349,6 +391,8 @@ def main(argv=None) -> int:
         r = t2i(a.folder, *a.args)
     elif a.job == "train":
         r = train(a.folder, *a.args)
+    elif a.job == "ar-train":
+        r = ar_train(a.folder, *a.args)
     elif a.job == "gguf-convert":
         r = gguf_convert(a.folder, *a.args)
     elif a.job == "ar-logits":

@@ -68,6 +68,16 @@ def markdown(r: dict) -> str:
                        f"{_g(x['peak_rss_after_dataset'])} | {_g(x['peak_rss'])} | "
                        f"{', '.join(f'{v:.3f}' for v in x['loss'])} |")
         out.append("")
+    if r.get("ar_train"):
+        out += ["## AR LoRA training steps through GLM-Image Train AR LoRA (one 256² image: 320 target tokens, "
+                "rank 16, compute bf16, gradient checkpointing per decoder layer)", "",
+                "The image is tokenised first (vision tower), then the AR's text part trains; the peak RSS is the "
+                "process's VmHWM, file pages of the mapped weights included.", "",
+                "| storage | ComfyUI | steps | s / step | peak RSS (GiB) | losses |", "|---|---|---|---|---|---|"]
+        for x in r["ar_train"]:
+            out.append(f"| {x['dtype']} | {x.get('comfyui', '?')} | {x['steps']} | {_s(x['s_per_step'])} | "
+                       f"{_g(x['peak_rss'])} | {', '.join(f'{v:.3f}' for v in x['loss'])} |")
+        out.append("")
     gg = r.get("gguf")
     if gg and gg.get("convert"):
         c = gg["convert"]

@@ -5,7 +5,7 @@ from .api import ComfyExtension, io
 
 from . import attention, models, stock_model
 from .ar import GLMImageTextToTokens
-from .ar_lora import GLMImageARLoraLoader
+from .ar_lora import GLMImageARLoraLoader, GLMImageARLoraModelLoader
 from .ar_train import GLMImageTrainARLoRA
 from .decoder import GLMImageTokensToLatent
 from .glyph import GLMImageGlyphText
@@ -16,7 +16,7 @@ from .sampling import GLMImageConditioning, GLMImageScheduler
 from .single_file import NODES as SINGLE_FILE_NODES
 from .tokens_io import GLMImageLoadTokens, GLMImageSaveTokens
 
-NODES = [GLMImageLoader, GLMImageARLoraLoader, GLMImageTextToTokens, GLMImageImageToTokens, GLMImageGlyphText, GLMImageReferenceEdit,
+NODES = [GLMImageLoader, GLMImageARLoraLoader, GLMImageARLoraModelLoader, GLMImageTextToTokens, GLMImageImageToTokens, GLMImageGlyphText, GLMImageReferenceEdit,
          GLMImageTokensToLatent, GLMImageConditioning, GLMImageScheduler, GLMImageSaveTokens,
          GLMImageLoadTokens, GLMImageTrainARLoRA] + SINGLE_FILE_NODES
 

@@ -52,10 +52,10 @@ def lora_path(name: str) -> str:
     return path
 
 
-def peft_config_beside(path: str, name: str):
+def peft_config_beside(path, name: str):
     """The PEFT ``adapter_config.json`` in the file's folder; a clear error when it is not there."""
-    cfg = os.path.join(os.path.dirname(path), adapters.PEFT_CONFIG)
-    if not os.path.isfile(cfg):
+    cfg = os.path.join(os.path.dirname(path), adapters.PEFT_CONFIG) if path else None
+    if cfg is None or not os.path.isfile(cfg):
         raise ckpt.CheckpointError(
             f"{name} is a PEFT adapter (keys 'base_model.model.…lora_A/B') but no {adapters.PEFT_CONFIG} is beside "
             "it: its scale (lora_alpha / r) is only in that file. Keep the folder PEFT's save_pretrained wrote "
@@ -64,10 +64,11 @@ def peft_config_beside(path: str, name: str):
         return adapters.read_peft_config(f.read(), cfg)
 
 
-def ar_patches(ar: GLMARModel, path: str, name: str) -> dict:
-    """ComfyUI weight patches {AR weight key: adapter} from the LoRA file at ``path``; refuses, with what
-    was wrong, keys that fit no AR layer, shapes of another model and what cannot be applied."""
-    lora = comfy.utils.load_torch_file(path, safe_load=True)
+def ar_patches(ar: GLMARModel, lora: dict, name: str, path=None) -> dict:
+    """ComfyUI weight patches {AR weight key: adapter} from a LoRA state dict (read from the file at
+    ``path``, where a PEFT adapter's config sits beside it); refuses, with what was wrong, keys that
+    fit no AR layer, shapes of another model and what cannot be applied."""
+    lora = dict(lora)
     skeleton = AR.skeleton(ar.config)                     # meta device: names and shapes only
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     linears = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -133,7 +134,34 @@ class GLMImageARLoraLoader(io.ComfyNode):
     def execute(cls, ar, lora_name, strength=1.0) -> io.NodeOutput:
         if strength == 0:                  # the base model, bit for bit (as the stock LoraLoader does)
             return io.NodeOutput(ar)
-        return io.NodeOutput(with_lora(ar, ar_patches(ar, lora_path(lora_name), lora_name), strength))
+        path = lora_path(lora_name)
+        lora = comfy.utils.load_torch_file(path, safe_load=True)
+        return io.NodeOutput(with_lora(ar, ar_patches(ar, lora, lora_name, path), strength))
 
 
-NODES = [GLMImageARLoraLoader]
+class GLMImageARLoraModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GLMImageARLoraModelLoader",
+            display_name="Load GLM-Image AR LoRA Model",
+            category=CATEGORY,
+            description="Applies a LORA_MODEL (the output of GLM-Image Train AR LoRA) to GLM-Image's AR without a "
+                        "file, as the stock Load LoRA Model does for a MODEL.",
+            inputs=[
+                GlmAR.Input("ar", tooltip="From Load GLM-Image or another AR LoRA loader."),
+                io.Custom("LORA_MODEL").Input("lora", tooltip="From GLM-Image Train AR LoRA."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="How strongly the LoRA changes the AR; 0 gives the base model."),
+            ],
+            outputs=[GlmAR.Output("ar_with_lora", display_name="ar", tooltip="The AR with the LoRA applied.")],
+        )
+
+    @classmethod
+    def execute(cls, ar, lora, strength=1.0) -> io.NodeOutput:
+        if strength == 0:
+            return io.NodeOutput(ar)
+        return io.NodeOutput(with_lora(ar, ar_patches(ar, lora, "LORA_MODEL"), strength))
+
+
+NODES = [GLMImageARLoraLoader, GLMImageARLoraModelLoader]

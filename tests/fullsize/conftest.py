@@ -24,7 +24,7 @@ def fullsize_report():
         merged["load"] = report["load"] + [r for r in old["load"] if (r["component"], r["dtype"]) not in seen]
     if "gguf" in report and "gguf" in old:       # a partial GGUF run keeps the other GGUF figures
         merged["gguf"] = {**old["gguf"], **report["gguf"]}
-    for kind in ("t2i", "train"):               # rows per storage dtype: keep the others' last figures
+    for kind in ("t2i", "train", "ar_train"):               # rows per storage dtype: keep the others' last figures
         if kind in report and kind in old:
             seen = {r["dtype"] for r in report[kind]}
             merged[kind] = report[kind] + [r for r in old[kind] if r["dtype"] not in seen]

@@ -115,6 +115,17 @@ def test_dit_lora_training_steps_fit_this_machine(folder, fullsize_report, dtype
     assert r["peak_rss"] < 24 * GIB, r
 
 
+@pytest.mark.parametrize("dtype", ["bf16"])
+def test_ar_lora_training_steps_fit_this_machine(folder, fullsize_report, dtype):
+    """GLM-Image Train AR LoRA on the full-size AR (the 9B text part in bf16): one 256² image, rank 16,
+    gradient checkpointing per decoder layer; the peak memory the AR's GPU plan (docs/ar-lora.md) is
+    written from."""
+    r = job("ar-train", dtype, timeout=3 * 3600)
+    fullsize_report.setdefault("ar_train", []).append(r)
+    assert r["loss_finite"] and len(r["loss"]) == r["steps"], r
+    assert r["peak_rss"] < 24 * GIB, r
+
+
 # ---- GGUF at full size: the converter streams, the blocks stay quantized -------------------------
 
 GGUF = "gguf_q4_k"      # the type for 8-12 GB cards (Q5_0 where 256-weight blocks do not fit a row)
@@ -158,6 +169,15 @@ def test_gguf_dit_lora_training_steps_fit_this_machine(gguf_converted, fullsize_
     plan (docs/training.md). Needs ComfyUI 0.33's trainer (make fullsize runs on that host)."""
     r = job("train", GGUF, timeout=3 * 3600)
     fullsize_report.setdefault("train", []).append(r)
+    assert r["loss_finite"] and len(r["loss"]) == r["steps"], r
+    assert r["peak_rss"] < 24 * GIB, r
+
+
+def test_gguf_ar_lora_training_steps_fit_this_machine(gguf_converted, fullsize_report):
+    """QLoRA for the AR at full size: the Q4_K AR (blocks kept quantized) trained by GLM-Image Train AR LoRA,
+    one 256² image, gradient checkpointing per layer; the small-card row of the AR's GPU plan."""
+    r = job("ar-train", GGUF, timeout=3 * 3600)
+    fullsize_report.setdefault("ar_train", []).append(r)
     assert r["loss_finite"] and len(r["loss"]) == r["steps"], r
     assert r["peak_rss"] < 24 * GIB, r
 

@@ -332,7 +332,7 @@ def test_a_partial_lowvram_load_applies_the_lora_to_streamed_layers(host, tiny_c
     loader, ar_lora = pack_module("nodes.loader"), pack_module("nodes.ar_lora")
     base = loader.load_ar_handle(tiny_ckpt, "default")
     path = os.path.join(host.models_dir, "loras", "attn_mlp", "adapter_model.safetensors")
-    ar = ar_lora.with_lora(base, ar_lora.ar_patches(base, path, "attn_mlp"), 1.0)
+    ar = ar_lora.with_lora(base, ar_lora.ar_patches(base, load_file(path), "attn_mlp", path), 1.0)
 
     def run(patcher):
         return ar_generate.generate_tokens(patcher.model, ar.tokenizer, PROMPT, width=W, height=H, seed=SEED,

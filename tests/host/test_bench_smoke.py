@@ -104,3 +104,17 @@ def test_gguf_bench_runs_and_reports(tmp_path):
     assert all(math.isfinite(q[k]) and q[k] > 0 for k in ("ar_s_per_token", "dit_s_per_step", "peak_rss_mib"))
     assert q["full_size_gib"]["ar_text"] < 0.6 * rows["bf16"]["full_size_gib"]["ar_text"]
     assert "| gguf_q8_0 |" in (tmp_path / "gguf.md").read_text()
+
+
+def test_ar_train_bench_runs_and_reports(tmp_path):
+    """bench/bench_ar_train.py on the tiny checkpoint, a few steps: it trains through the graph, loads the
+    saved LoRA back and reports every figure (strength 0 gives the base loss exactly)."""
+    out = tmp_path / "ar-train"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_ar_train.py"), "--size", "tiny",
+                        "--steps", "3", "--images", "2", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=540, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, f"bench/bench_ar_train.py failed:\n{p.stderr[-4000:]}"
+    res = json.loads((tmp_path / "ar-train.json").read_text())
+    assert len(res["train_loss"]) == 3 and res["loss"]["strength_0"] == res["loss"]["base"]
+    assert all(math.isfinite(res[k]) and res[k] > 0 for k in ("seconds_per_step", "peak_rss_mb"))
+    assert "teacher-forced cross-entropy" in (tmp_path / "ar-train.md").read_text()

@@ -117,7 +117,8 @@ def test_every_feature_has_a_workflow():
     names = {os.path.basename(p)[:-len("_api.json")] for p in ALL_API}
     assert names >= {"glm_image_t2i", "glm_image_edit", "glm_image_multi_reference", "glm_image_text_rendering",
                      "glm_image_token_reuse", "glm_image_chain", "glm_image_t2i_official",
-                     "glm_image_stock_sampler", "glm_image_rerender", "glm_image_train_lora", "glm_image_lora"}
+                     "glm_image_stock_sampler", "glm_image_rerender", "glm_image_train_lora", "glm_image_lora",
+                     "glm_image_train_both"}
 
 
 def test_official_weights_workflow_has_the_official_settings():

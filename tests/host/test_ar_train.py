@@ -116,3 +116,53 @@ def test_an_interrupt_stops_training_and_the_next_run_trains_again(host, dataset
 
 
 
+
+
+def test_qlora_on_a_gguf_ar_learns_with_adapters_of_the_logical_shape(host, dataset, tiny_ckpt):
+    """The AR from a GGUF Q8_0 file, blocks kept quantized: the adapters have the weights' (out, in) shapes,
+    the loss falls, and the blocks stay uint8 (QLoRA, on both ComfyUI versions: the trainer is the pack's)."""
+    from safetensors.torch import load_file
+    from glm_image_core.loading import single_file as sf
+    d = os.path.join(host.models_dir, "text_encoders")
+    os.makedirs(d, exist_ok=True)
+    host.folder_paths.add_model_folder_path("text_encoders", d, is_default=True)
+    name = "ar_train_tiny_ar_gguf_q8_0.gguf"
+    if not os.path.exists(os.path.join(d, name)):
+        sf.convert_component(tiny_ckpt, "ar", os.path.join(d, name), None, "gguf_q8_0")
+    g = train_graph("loras/glm_ar_qlora", steps=40)
+    g["1"] = {"class_type": "GLMImageARLoader", "inputs": {"ar_name": name, "weight_dtype": "default"}}
+    host.run_ok(g)
+    losses = glmtest_host.node_output(host, "6", 1)["loss"]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    sd = load_file(os.path.join(T.loras_folder(host), T.saved_lora(host, "loras/glm_ar_qlora")))
+    ar = glmtest_host.node_output(host, "1")
+    shapes = {k: tuple(v.shape) for k, v in A.pack_module("glm_image_core.loading.registry").NETWORKS["ar"]
+              .skeleton(ar.config).state_dict().items()}
+    for k, up in sd.items():
+        if k.endswith(".lora_up.weight"):
+            module = k[:-len(".lora_up.weight")]
+            down = sd[f"{module}.lora_down.weight"]
+            assert (up.shape[0], down.shape[1]) == shapes[f"{module}.weight"], k
+    quantized = A.pack_module("glm_image_core.quantization.gguf_ops").quantized_layers(ar.model.patcher.glm_network)
+    assert quantized and all(layer.weight.dtype == torch.uint8 for _, layer in quantized)
+
+
+def test_images_of_other_sizes_train_each_at_its_own_grid(host):
+    """A dataset of two sizes (non-square too): each image is its own sequence (its preview and grid)."""
+    T.write_dataset(host.folder_paths.get_input_directory(), [(256, 256), (384, 256)], folder="glm_ar_mixed",
+                    captions=CAPTIONS)
+    g = train_graph("loras/glm_ar_mixed", steps=4)
+    g["2"]["inputs"]["folder"] = "glm_ar_mixed"
+    host.run_ok(g)
+    losses = glmtest_host.node_output(host, "6", 1)["loss"]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+
+
+def test_an_empty_dataset_is_a_clear_error(host):
+    os.makedirs(os.path.join(host.folder_paths.get_input_directory(), "glm_ar_empty"), exist_ok=True)
+    g = train_graph("loras/glm_ar_empty", steps=2)
+    g["2"]["inputs"]["folder"] = "glm_ar_empty"
+    ok, _ = host.run(g)
+    assert not ok
+    msg = host.execution_error()["exception_message"]
+    assert "no valid images" in msg.lower() or "no images" in msg, msg

@@ -250,3 +250,18 @@ def write_report(out: str, res: dict, md: List[str]) -> None:
     with open(out + ".md", "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))
+
+
+def training_bench_args(doc: str, px: int, steps: int, lr: float, out: str):
+    """The arguments of a LoRA-training bench (bench_train.py, bench_ar_train.py), parsed: checkpoint
+    size, square image side, image count, steps, learning rate, rank and the report's path stem."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="medium")
+    ap.add_argument("--px", type=int, default=px, help="side of the square training images")
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", out))
+    return ap.parse_args()

@@ -43,7 +43,6 @@ from glm_image_core.loading.registry import NETWORKS  # noqa: E402
 
 def _load(folder: str, which: str):
     import torch
-    from glm_image_core.networks import ar_model
     from glm_image_core.generation import ar_prompt
     vle = os.path.join(folder, "vision_language_encoder")
     if which == "hf":

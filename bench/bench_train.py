@@ -15,7 +15,6 @@ tenth of the steps; seconds per training step. Writes bench/results/train.{md,js
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
@@ -23,22 +22,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT, SUPPORT, cached_checkpoint, peak_rss_mb, write_report  # noqa: E402
+from _common import (ROOT, SUPPORT, cached_checkpoint, peak_rss_mb, training_bench_args,  # noqa: E402
+                     write_report)
 
 sys.path.insert(0, SUPPORT)
 sys.path.insert(0, ROOT)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="medium")
-    ap.add_argument("--px", type=int, default=128, help="side of the square training images")
-    ap.add_argument("--images", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=0.002)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "train"))
-    a = ap.parse_args()
+    a = training_bench_args(__doc__, px=128, steps=150, lr=0.002, out="train")
 
     import torch
     import glmtest_host

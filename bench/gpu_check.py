@@ -141,7 +141,6 @@ def run_ar_modes(spec: dict, folder: str, dry: bool) -> dict:
     """ms/token of each ``generate_tokens(decode=...)`` mode on the plain-PyTorch AR (weights resident)."""
     import torch
     from glm_image_core.generation import ar_generate, ar_prompt
-    from glm_image_core.networks import ar_model
     device, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
     m = NETWORKS["ar"].load(os.path.join(folder, "vision_language_encoder"), dtype=dtype, device=device,
                          parts=("text",))

@@ -25,7 +25,7 @@ import comfy.weight_adapter
 
 from ..glm_image_core.generation import ar_prompt, ar_training, image_proc
 from .api import io
-from .image_tokens import pair_captions, split_images
+from .image_tokens import dataset_inputs, pair_captions, split_images
 from .models import GLMARModel, LazyComponent
 from .reference import tokenize_image
 from .types import CATEGORY, GlmAR
@@ -166,13 +166,7 @@ class GLMImageTrainARLoRA(io.ComfyNode):
             is_input_list=True,
             inputs=[
                 GlmAR.Input("ar", tooltip="From Load GLM-Image or Load GLM-Image AR."),
-                io.Image.Input("image", tooltip="Training images: a batch, or a list from a dataset loader (any sizes)."),
-                io.String.Input("caption", multiline=True, default="", optional=True,
-                                tooltip="One caption for all images, or a list with one per image (a dataset "
-                                        "loader's texts): the prompt each image is learnt after."),
-                io.Combo.Input("fit", options=list(image_proc.FIT_MODES), default="crop",
-                               tooltip="Sizes that are not multiples of 32 px: 'crop' centre-crops, 'resize' resizes "
-                                       "(as in Image → Semantic Tokens)."),
+                *dataset_inputs("The prompt each image is learnt after."),
                 io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimizer steps, one image each."),
                 io.Float.Input("learning_rate", default=0.0003, min=1e-7, max=1.0, step=0.00001),
                 io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank."),

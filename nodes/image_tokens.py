@@ -50,6 +50,21 @@ def pair_captions(captions: list, count: int) -> list:
     return captions
 
 
+def dataset_inputs(caption_meaning: str) -> list:
+    """The image / caption / fit inputs of a node that takes a dataset (Image → Semantic Tokens, Train AR
+    LoRA): a batch or a dataset loader's lists, paired by ``pair_captions``, fitted by ``image_proc``."""
+    return [
+        io.Image.Input("image", tooltip="Image(s): a batch, or a list from a dataset loader (any sizes)."),
+        io.String.Input("caption", multiline=True, default="", optional=True,
+                        tooltip=f"{caption_meaning} One for all images, or a list with one per image (a dataset "
+                                "loader's texts)."),
+        io.Combo.Input("fit", options=list(image_proc.FIT_MODES), default="crop",
+                       tooltip="Sizes that are not multiples of 32 px inside the processor's range: 'crop' "
+                               "centre-crops to multiples of 32 (no resampling), 'resize' resizes to the nearest "
+                               "multiple-of-32 size of the same aspect ratio."),
+    ]
+
+
 class GLMImageImageToTokens(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -65,15 +80,8 @@ class GLMImageImageToTokens(io.ComfyNode):
             is_input_list=True,
             inputs=[
                 GlmAR.Input("ar", tooltip="From Load GLM-Image (its vision tower tokenises the image)."),
-                io.Image.Input("image", tooltip="Image(s): a batch, or a list from a dataset loader (any sizes)."),
-                io.String.Input("caption", multiline=True, default="", optional=True,
-                                tooltip="Caption of the image(s): its quoted text becomes the glyph text "
-                                        "downstream, as a prompt's does. One for all images, or a list with one "
-                                        "per image (a dataset loader's texts)."),
-                io.Combo.Input("fit", options=list(image_proc.FIT_MODES), default="crop",
-                               tooltip="Sizes that are not multiples of 32 px inside the processor's range: "
-                                       "'crop' centre-crops to multiples of 32 (no resampling), 'resize' "
-                                       "resizes to the nearest multiple-of-32 size of the same aspect ratio."),
+                *dataset_inputs("Caption of the image(s): its quoted text becomes the glyph text downstream, as a "
+                                "prompt's does."),
             ],
             outputs=[
                 GlmTokens.Output("tokens", display_name="tokens", is_output_list=True,

@@ -38,6 +38,19 @@ def write_dataset(host, size, count: int, captions, folder: str = FOLDER) -> lis
             for i in range(count)]
 
 
+def gguf_ar(host, folder: str, dtype: str = "gguf_q8_0") -> str:
+    """The AR of ``folder`` as a GGUF single file in the host's models/text_encoders/ (written once, by
+    scripts/convert_to_single_file.py's code); returns the name Load GLM-Image AR takes."""
+    from glm_image_core.loading import single_file as sf
+    d = os.path.join(host.models_dir, "text_encoders")
+    os.makedirs(d, exist_ok=True)
+    host.folder_paths.add_model_folder_path("text_encoders", d, is_default=True)
+    name = f"{os.path.basename(os.path.normpath(folder))}_ar_{dtype}.gguf"
+    if not os.path.exists(os.path.join(d, name)):
+        sf.convert_component(folder, "ar", os.path.join(d, name), None, dtype)
+    return name
+
+
 def train_graph(prefix: str, model: str = "GLM-Image-tiny", folder: str = FOLDER, steps: int = 300, **train) -> dict:
     """Load GLM-Image -> stock dataset loader -> Train AR LoRA -> Save LoRA + Plot Loss Graph."""
     return {"1": {"class_type": "GLMImageLoader", "inputs": {"model": model, "weight_dtype": "default"}},

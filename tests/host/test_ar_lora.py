@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import glmtest_ar_train as A
 import glmtest_host
 import glmtest_oracle
 
@@ -242,13 +243,7 @@ def test_the_lora_applies_to_fp8_storage(host, adapters):
 def test_the_lora_applies_to_gguf_blocks_as_to_their_dequantized_weights(host, tiny_ckpt, adapters, tmp_path):
     """A GGUF AR keeps its blocks; the LoRA is added to each dequantized weight in the forward. That
     equals patching the weights dequantized at load (weight_dtype fp32) bit for bit."""
-    from glm_image_core.loading import single_file as sf
-    d = os.path.join(host.models_dir, "text_encoders")
-    os.makedirs(d, exist_ok=True)
-    host.folder_paths.add_model_folder_path("text_encoders", d, is_default=True)
-    name = "ar_lora_tiny_ar_gguf_q8_0.gguf"
-    if not os.path.exists(os.path.join(d, name)):
-        sf.convert_component(tiny_ckpt, "ar", os.path.join(d, name), None, "gguf_q8_0")
+    name = A.gguf_ar(host, tiny_ckpt)
 
     def run(weight_dtype, lora):
         g = tokens_graph(*([(lora, 1.0)] if lora else []))

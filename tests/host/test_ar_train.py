@@ -122,13 +122,7 @@ def test_qlora_on_a_gguf_ar_learns_with_adapters_of_the_logical_shape(host, data
     """The AR from a GGUF Q8_0 file, blocks kept quantized: the adapters have the weights' (out, in) shapes,
     the loss falls, and the blocks stay uint8 (QLoRA, on both ComfyUI versions: the trainer is the pack's)."""
     from safetensors.torch import load_file
-    from glm_image_core.loading import single_file as sf
-    d = os.path.join(host.models_dir, "text_encoders")
-    os.makedirs(d, exist_ok=True)
-    host.folder_paths.add_model_folder_path("text_encoders", d, is_default=True)
-    name = "ar_train_tiny_ar_gguf_q8_0.gguf"
-    if not os.path.exists(os.path.join(d, name)):
-        sf.convert_component(tiny_ckpt, "ar", os.path.join(d, name), None, "gguf_q8_0")
+    name = A.gguf_ar(host, tiny_ckpt)
     g = train_graph("loras/glm_ar_qlora", steps=40)
     g["1"] = {"class_type": "GLMImageARLoader", "inputs": {"ar_name": name, "weight_dtype": "default"}}
     host.run_ok(g)

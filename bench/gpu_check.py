@@ -47,7 +47,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from glm_image_core.loading.registry import NETWORKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -141,9 +140,10 @@ def run_ar_modes(spec: dict, folder: str, dry: bool) -> dict:
     """ms/token of each ``generate_tokens(decode=...)`` mode on the plain-PyTorch AR (weights resident)."""
     import torch
     from glm_image_core.generation import ar_generate, ar_prompt
+    from glm_image_core.loading.registry import NETWORKS
     device, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
     m = NETWORKS["ar"].load(os.path.join(folder, "vision_language_encoder"), dtype=dtype, device=device,
-                         parts=("text",))
+                            parts=("text",))
     tok = ar_prompt.GlmTokenizer.from_folder(os.path.join(folder, "processor"))
     from _common import PROMPT
     modes, out = ("exact", "static", "graphs"), {}

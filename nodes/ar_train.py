@@ -8,8 +8,8 @@ it); the loss is the teacher-forced cross-entropy of that sequence after the cha
 The adapters are ComfyUI's own (``comfy.weight_adapter``'s LoRA ``create_train``, what Train LoRA uses),
 hung on a clone of the AR text part's patcher as weight wrappers; the pack writes no LoRA math. The
 result is a LORA_MODEL in ComfyUI's format (``<module>.lora_up/lora_down.weight`` + ``alpha``): save it
-with the stock Save LoRA, load it with Load GLM-Image AR LoRA. The vision tower stays frozen: the
-text-to-image loss does not reach it.
+with the stock Save LoRA, load it with Load GLM-Image AR LoRA. The vision tower stays frozen: the AR reads only its VQ ids (an
+argmax), so no token loss reaches it.
 """
 
 from __future__ import annotations

@@ -322,5 +322,5 @@ try {
   fs.rmSync(userDir, { recursive: true, force: true });
 }
 result.totalMs = Date.now() - t0;
-console.log("RESULT " + JSON.stringify(result));
-process.exit(result.ok ? 0 : 1);
+// exit once the line is flushed: process.exit() right after a write to a pipe cuts it at 64 KiB
+process.stdout.write("RESULT " + JSON.stringify(result) + "\n", () => process.exit(result.ok ? 0 : 1));

@@ -17,7 +17,6 @@ import glmtest_ar_train as A
 import glmtest_host
 import glmtest_oracle
 
-pytest.importorskip("peft", reason="peft is a test requirement (requirements-dev.txt); run scripts/install_host.sh")
 
 PROMPT = "a red cube on a wooden table"
 W, H, SEED = 256, 256, 7
